@@ -1,0 +1,39 @@
+# Every target creates or refreshes .venv itself (torch==2.13.0 is pinned here: a bare
+# `torch` requirement with nothing installed would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.adaptive-pp-installed
+TORCH ?= torch==2.13.0
+
+.PHONY: venv demo test lint typecheck unit bench experiments experiments-quick clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev,otel,plot]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/adaptive-pp demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check adaptive_pp controllers tests experiments
+	$(BIN)/ruff format --check adaptive_pp controllers tests experiments
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not multiprocess and not collector"
+
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_simulator.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,179 @@
+"""Timing what-if: replay a schedule with per-(stage, micro-batch) costs, no processes needed.
+
+Each stage runs its actions in order, each as soon as the stage is free and its input has
+arrived: ``F(s, m)`` needs ``F(s-1, m)`` plus the hop time, ``B(s, m)`` needs ``B(s+1, m)`` plus
+the hop time. The result is a StepReport, the same type the runtime produces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .report import QueueTrace, StageStats, StepReport, Timeline
+from .schedules import Compiled, Schedule, compile_schedule, replay
+
+CostSpec = float | Sequence[float | Sequence[float]]
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Durations in seconds: ``tau_f[s][m]``, ``tau_b[s][m]`` and ``tau_c[hop]`` (S-1 hops)."""
+
+    tau_f: tuple[tuple[float, ...], ...]
+    tau_b: tuple[tuple[float, ...], ...]
+    tau_c: tuple[float, ...]
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages the costs describe."""
+        return len(self.tau_f)
+
+    @property
+    def microbatches(self) -> int:
+        """Number of micro-batches the costs describe."""
+        return len(self.tau_f[0]) if self.tau_f else 0
+
+    @classmethod
+    def build(
+        cls,
+        num_stages: int,
+        microbatches: int,
+        tau_f: CostSpec,
+        tau_b: CostSpec,
+        tau_c: float | Sequence[float] = 0.0,
+        slowdown: Mapping[int, float] | Sequence[float] | None = None,
+    ) -> Costs:
+        """Expand scalars, per-stage lists or S x M tables; ``slowdown`` scales whole stages."""
+        factors = _stage_factors(num_stages, slowdown)
+        f = _table("tau_f", tau_f, num_stages, microbatches, factors)
+        b = _table("tau_b", tau_b, num_stages, microbatches, factors)
+        hops = max(0, num_stages - 1)
+        c = (float(tau_c),) * hops if isinstance(tau_c, int | float) else tuple(map(float, tau_c))
+        if len(c) != hops:
+            raise ValueError(f"tau_c: expected one value per hop ({hops}), got {len(c)}")
+        for i, x in enumerate(c):
+            _check_cost(f"tau_c[hop {i}]", x)
+        return cls(f, b, c)
+
+
+def _check_cost(name: str, x: float) -> None:
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x}")
+
+
+def _stage_factors(
+    num_stages: int, slowdown: Mapping[int, float] | Sequence[float] | None
+) -> list[float]:
+    factors = [1.0] * num_stages
+    if slowdown is None:
+        return factors
+    items = slowdown.items() if isinstance(slowdown, Mapping) else enumerate(slowdown)
+    for s, k in items:
+        if not 0 <= s < num_stages:
+            raise ValueError(f"slowdown names stage {s}, but stages are 0..{num_stages - 1}")
+        _check_cost(f"slowdown of stage {s}", float(k))
+        factors[s] = float(k)
+    return factors
+
+
+def _row(name: str, spec: float | Sequence[float], microbatches: int) -> list[float]:
+    if isinstance(spec, int | float):
+        return [float(spec)] * microbatches
+    vals = [float(x) for x in spec]
+    if len(vals) != microbatches:
+        raise ValueError(f"{name}: expected {microbatches} micro-batch costs, got {len(vals)}")
+    return vals
+
+
+def _table(
+    name: str, spec: CostSpec, num_stages: int, microbatches: int, factors: list[float]
+) -> tuple[tuple[float, ...], ...]:
+    if isinstance(spec, int | float):
+        rows = [_row(name, spec, microbatches) for _ in range(num_stages)]
+    else:
+        if len(spec) != num_stages:
+            raise ValueError(
+                f"{name}: expected one entry per stage ({num_stages}), got {len(spec)}"
+            )
+        rows = [_row(f"{name}[stage {s}]", row, microbatches) for s, row in enumerate(spec)]
+    for s, row in enumerate(rows):
+        for m, x in enumerate(row):
+            _check_cost(f"{name}[stage {s}, micro-batch {m}]", x)
+    return tuple(tuple(x * factors[s] for x in row) for s, row in enumerate(rows))
+
+
+def simulate(
+    schedule: Schedule, costs: Costs, *, step: int = 0, compiled: Compiled | None = None
+) -> StepReport:
+    """Replay ``schedule`` under ``costs``; raise ScheduleError on deadlock or a malformed list.
+
+    Pass ``compiled`` (from ``schedules.validate``) to skip re-checking a schedule simulated often.
+    """
+    num_stages, m_count = schedule.num_stages, schedule.microbatches
+    if costs.num_stages != num_stages or costs.microbatches != m_count:
+        raise ValueError(
+            f"costs are for {costs.num_stages} stages x {costs.microbatches} micro-batches, "
+            f"schedule is {num_stages} x {m_count}"
+        )
+    code = compiled if compiled is not None else compile_schedule(schedule)
+    run = replay(schedule, costs.tau_f, costs.tau_b, costs.tau_c, code)
+    step_time = max((en[-1] for en in run.end if en), default=0.0)
+    stages = tuple(
+        StageStats(
+            stage=s,
+            compute=math.fsum(costs.tau_f[s]) + math.fsum(costs.tau_b[s]),
+            wait=run.waited[s],
+            wall=step_time,
+            peak_stash=code.peak[s],
+        )
+        for s in range(num_stages)
+    )
+    queues: list[QueueTrace] = []
+    for hop, c in enumerate(costs.tau_c):
+        src_end, dst_start = run.end[hop], run.start[hop + 1]
+        queues.append(
+            QueueTrace(
+                hop,
+                hop + 1,
+                "act",
+                tuple([src_end[i] + c for i in code.pos_f[hop]]),
+                tuple([dst_start[i] for i in code.pos_f[hop + 1]]),
+            )
+        )
+        src_end, dst_start = run.end[hop + 1], run.start[hop]
+        queues.append(
+            QueueTrace(
+                hop + 1,
+                hop,
+                "grad",
+                tuple([src_end[i] + c for i in code.pos_b[hop + 1]]),
+                tuple([dst_start[i] for i in code.pos_b[hop]]),
+            )
+        )
+    return StepReport(
+        step=step,
+        schedule=schedule.name,
+        microbatches=m_count,
+        step_time=step_time,
+        stages=stages,
+        queues=tuple(queues),
+        timeline=Timeline(schedule.stages, tuple(run.start), tuple(run.end)),
+        source="simulator",
+    )
+
+
+def uniform_step_time(num_stages: int, microbatches: int, tau_f: float, tau_b: float) -> float:
+    """Closed form for equal stages, no hop cost: (M + S - 1)(tau_f + tau_b)."""
+    return (microbatches + num_stages - 1) * (tau_f + tau_b)
+
+
+def bubble_exact(num_stages: int, microbatches: int) -> float:
+    """Exact bubble fraction of GPipe and 1F1B with equal stages: (S-1)/(M+S-1)."""
+    return (num_stages - 1) / (microbatches + num_stages - 1)
+
+
+def bubble_approx(num_stages: int, microbatches: int) -> float:
+    """The common approximation (S-1)/M (an upper bound, close when M >> S)."""
+    return (num_stages - 1) / microbatches

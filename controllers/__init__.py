@@ -1,0 +1,1 @@
+"""Policies that read step reports and decide how to rebalance the pipeline."""
