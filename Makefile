@@ -33,7 +33,7 @@ test: lint typecheck
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python experiments/bench_simulator.py
+	$(BIN)/python -m experiments.bench_simulator
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,111 @@
+"""Command line: ``adaptive-pp simulate|demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .display import summary, timeline
+from .schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
+from .simulator import Costs, bubble_approx, bubble_exact, simulate
+
+
+def _slowdown(text: str) -> tuple[int, float]:
+    stage, sep, factor = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(stage), float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected STAGE=FACTOR such as 2=2.0, got {text!r}"
+        ) from None
+
+
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("simulate", help="simulate one step of a schedule (no processes)")
+    p.add_argument("--stages", "-S", type=int, default=4, help="pipeline stages (default 4)")
+    p.add_argument("--microbatches", "-M", type=int, default=16, help="micro-batches (default 16)")
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
+    p.add_argument("--tau-f", type=float, default=1.0, help="forward ms per stage (default 1)")
+    p.add_argument("--tau-b", type=float, default=2.0, help="backward ms per stage (default 2)")
+    p.add_argument("--tau-c", type=float, default=0.0, help="ms per hop (default 0)")
+    p.add_argument(
+        "--slow",
+        type=_slowdown,
+        action="append",
+        default=[],
+        metavar="STAGE=FACTOR",
+        help="slow a stage down, e.g. --slow 2=2.0 (repeatable)",
+    )
+    p.add_argument("--timeline", action="store_true", help="print an ASCII timeline")
+    p.add_argument("--width", type=int, default=100, help="timeline width in characters")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    sched = make_schedule(args.schedule, args.stages, args.microbatches)
+    costs = Costs.build(
+        args.stages,
+        args.microbatches,
+        args.tau_f * 1e-3,
+        args.tau_b * 1e-3,
+        args.tau_c * 1e-3,
+        slowdown=dict(args.slow),
+    )
+    report = simulate(sched, costs)
+    if args.json:
+        data = report.to_dict()
+        data["bubble_exact"] = bubble_exact(args.stages, args.microbatches)
+        data["bubble_approx"] = bubble_approx(args.stages, args.microbatches)
+        json.dump(data, sys.stdout)
+        print()
+        return 0
+    print(summary(report))
+    if args.timeline:
+        print()
+        print(timeline(report, args.width))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    print("adaptive-pp demo: simulated 4 stages x 16 micro-batches, 1 ms forward, 2 ms backward\n")
+    for name in ("gpipe", "1f1b"):
+        report = simulate(make_schedule(name, 4, 16), Costs.build(4, 16, 1e-3, 2e-3))
+        print(summary(report))
+        print()
+        print(timeline(report, 96))
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``adaptive-pp``."""
+    parser = argparse.ArgumentParser(prog="adaptive-pp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"adaptive-pp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    sub.add_parser("demo", help="show the 4 x 16 pipeline (GPipe and 1F1B)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `adaptive-pp ... | head` exits quietly
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "simulate":
+            return _run_simulate(args)
+        return _run_demo(args)
+    except (ValueError, ScheduleError) as exc:
+        print(f"adaptive-pp: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Runnable studies; each writes JSON (and PNG where it plots) under results/."""
