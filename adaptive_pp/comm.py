@@ -1,0 +1,240 @@
+"""Point-to-point messages with a fixed header, and instrumented per-link mailboxes.
+
+Every message is two tensors: a 16 x int64 header (kind, micro-batch, step, weight version,
+layer range, dtype, shape) and the payload. No pickle on the wire. Each incoming link has a
+receiver thread that timestamps arrivals into a mailbox; the stage takes messages out by
+(kind, micro-batch), so queue depth over time and time blocked on receives are measured.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import PeerGone, PipelineError, PipelineTimeout
+
+MAGIC = 0x41505030  # "APP0"
+HEADER_LEN = 16
+MAX_DIMS = HEADER_LEN - 9
+
+_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+_DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+
+
+class Kind(IntEnum):
+    """What a message carries."""
+
+    ACT = 1  # activation, stage s -> s+1
+    GRAD = 2  # gradient of an activation, stage s+1 -> s
+    STATE = 3  # a tensor of migrating layer state
+    CONTROL = 4  # JSON bytes (plans, acks)
+    STOP = 5  # the sender closes the link
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed-size description sent ahead of every payload."""
+
+    kind: Kind
+    microbatch: int
+    step: int
+    version: int
+    layer_lo: int
+    layer_hi: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def encode(self) -> torch.Tensor:
+        """As a 16 x int64 tensor."""
+        if len(self.shape) > MAX_DIMS:
+            raise ValueError(
+                f"tensors of at most {MAX_DIMS} dimensions can be sent, got {self.shape}"
+            )
+        if self.dtype not in _DTYPE_CODE:
+            raise ValueError(f"dtype {self.dtype} cannot be sent between stages")
+        vals = [
+            MAGIC,
+            int(self.kind),
+            self.microbatch,
+            self.step,
+            self.version,
+            self.layer_lo,
+            self.layer_hi,
+            _DTYPE_CODE[self.dtype],
+            len(self.shape),
+            *self.shape,
+        ]
+        return torch.tensor(vals + [0] * (HEADER_LEN - len(vals)), dtype=torch.int64)
+
+    @classmethod
+    def decode(cls, t: torch.Tensor) -> Header:
+        """Inverse of encode; raises PipelineError on a corrupt header."""
+        v = t.tolist()
+        if v[0] != MAGIC or not 0 <= v[7] < len(_DTYPES) or not 0 <= v[8] <= MAX_DIMS:
+            raise PipelineError(f"corrupt message header {v}: peers out of step?")
+        return cls(Kind(v[1]), v[2], v[3], v[4], v[5], v[6], _DTYPES[v[7]], tuple(v[9 : 9 + v[8]]))
+
+
+@dataclass
+class Message:
+    """A received message with the time it arrived (perf_counter seconds)."""
+
+    header: Header
+    payload: torch.Tensor
+    arrived: float
+
+
+@dataclass
+class LinkLog:
+    """Arrival and consumption times of ACT/GRAD messages taken this step."""
+
+    arrived: list[float] = field(default_factory=list)
+    consumed: list[float] = field(default_factory=list)
+    waited: float = 0.0
+
+
+class Link:
+    """A bidirectional connection to one neighbouring stage (one receiver thread)."""
+
+    def __init__(self, me: int, peer: int, group: dist.ProcessGroup | None = None) -> None:
+        self.me, self.peer, self.group = me, peer, group
+        self._box: dict[tuple[Kind, int], Message] = {}
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._closed_by_peer = False
+        self._pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor]] = []
+        self.log = LinkLog()
+        self._thread = threading.Thread(
+            target=self._receive_loop, name=f"adaptive_pp-rx-{peer}->{me}", daemon=True
+        )
+        self._thread.start()
+
+    def _receive_loop(self) -> None:
+        try:
+            while True:
+                raw = torch.empty(HEADER_LEN, dtype=torch.int64)
+                dist.recv(raw, self.peer, group=self.group)
+                header = Header.decode(raw)
+                if header.kind == Kind.STOP:
+                    with self._cond:
+                        self._closed_by_peer = True
+                        self._cond.notify_all()
+                    return
+                payload = torch.empty(header.shape, dtype=header.dtype)
+                dist.recv(payload, self.peer, group=self.group)
+                msg = Message(header, payload, time.perf_counter())
+                with self._cond:
+                    self._box[(header.kind, header.microbatch)] = msg
+                    self._cond.notify_all()
+        except BaseException as exc:
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def reset_log(self) -> None:
+        """Start a new step's arrival/consumption log."""
+        self.log = LinkLog()
+
+    def send(self, header: Header, payload: torch.Tensor) -> None:
+        """Post header and payload asynchronously (kept alive until ``flush``)."""
+        if header.kind != Kind.STOP and tuple(payload.shape) != header.shape:
+            raise ValueError(f"header shape {header.shape} != payload shape {tuple(payload.shape)}")
+        raw = header.encode()
+        data = payload.detach().contiguous()
+        work = dist.isend(raw, self.peer, group=self.group)
+        if work is not None:
+            self._pending.append((work, raw, raw))
+        if header.kind != Kind.STOP:
+            work = dist.isend(data, self.peer, group=self.group)
+            if work is not None:
+                self._pending.append((work, raw, data))
+
+    def flush(self) -> None:
+        """Wait until every posted send has completed."""
+        pending, self._pending = self._pending, []
+        for work, _, _ in pending:
+            work.wait()
+
+    def take(self, kind: Kind, microbatch: int, timeout: float, what: str) -> Message:
+        """Block until message (kind, microbatch) has arrived; log wait and queue times."""
+        key = (kind, microbatch)
+        t0 = time.perf_counter()
+        deadline = t0 + timeout
+        with self._cond:
+            while key not in self._box:
+                if self._error is not None:
+                    raise PeerGone(
+                        f"stage {self.peer} (rank {self.peer}) is gone while stage {self.me} "
+                        f"waited for the {what} of micro-batch {microbatch}: {self._error}",
+                        stage=self.me,
+                        peer=self.peer,
+                        microbatch=microbatch,
+                    ) from self._error
+                if self._closed_by_peer:
+                    raise PeerGone(
+                        f"stage {self.peer} closed its link while stage {self.me} "
+                        f"waited for the {what} of micro-batch {microbatch}",
+                        stage=self.me,
+                        peer=self.peer,
+                        microbatch=microbatch,
+                    )
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise PipelineTimeout(
+                        f"stage {self.me} waited {timeout:.0f} s for the {what} of micro-batch "
+                        f"{microbatch} from stage {self.peer} (rank {self.peer}); is it stuck? "
+                        "(raise PipelineConfig.recv_timeout if its work is that slow)",
+                        stage=self.me,
+                        peer=self.peer,
+                        microbatch=microbatch,
+                    )
+                self._cond.wait(min(left, 1.0))
+            msg = self._box.pop(key)
+        now = time.perf_counter()
+        if kind in (Kind.ACT, Kind.GRAD):
+            self.log.arrived.append(msg.arrived)
+            self.log.consumed.append(now)
+            self.log.waited += now - t0
+        return msg
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Tell the peer we are done, wait for our sends and for its goodbye."""
+        if self._error is None:
+            self.send(Header(Kind.STOP, -1, -1, -1, 0, 0, torch.float32, ()), torch.empty(0))
+            self.flush()
+        self._thread.join(timeout)
+
+
+def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Gather one JSON-able object from every rank, as UTF-8 bytes in tensors (no pickle)."""
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=group)
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    chunks = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(chunks, padded, group=group)
+    return [
+        json.loads(bytes(c[: int(s.item())].tolist()).decode())
+        for c, s in zip(chunks, sizes, strict=True)
+    ]

@@ -1,0 +1,52 @@
+"""PipelineConfig: every knob of a pipeline run in one keyword-only dataclass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .partition import Partition
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """Configuration of a Pipeline; every field has a default."""
+
+    stages: int | None = None
+    """Pipeline stages; defaults to the world size (one stage per process)."""
+    microbatches: int = 4
+    """M: the mini-batch is split into this many equal micro-batches."""
+    schedule: str = "1f1b"
+    """"1f1b" (default) or "gpipe"."""
+    partition: Partition | Sequence[int] | None = None
+    """Layer bounds per stage, e.g. (0, 5, 9, 16); default: balanced over layer_costs, else even."""
+    layer_costs: Sequence[float] | None = None
+    """Relative cost of each layer, used to balance the partition when none is given."""
+    init_timeout: float = 120.0
+    """Seconds the process group waits for every rank to join (and for collectives)."""
+    recv_timeout: float = 300.0
+    """Seconds a stage waits for one message before it reports the peer as stuck."""
+    run_dir: str | None = None
+    """If set, every step's report is appended to RUN_DIR/reports.jsonl (rank 0 writes)."""
+    device: str = "auto"
+    """"cpu", "cuda" or "auto" (cuda:LOCAL_RANK when CUDA is available)."""
+    telemetry: bool = False
+    """Emit OpenTelemetry spans and metrics (opentelemetry-api; no-op without an SDK)."""
+
+    def resolve_partition(self, num_layers: int, num_stages: int) -> Partition:
+        """The partition to start from, checked against the model and stage count."""
+        if self.partition is not None:
+            part = (
+                self.partition
+                if isinstance(self.partition, Partition)
+                else Partition(tuple(self.partition))
+            )
+            if part.num_layers != num_layers or part.num_stages != num_stages:
+                raise ValueError(
+                    f"partition {part} covers {part.num_layers} layers on {part.num_stages} "
+                    f"stages, but the model has {num_layers} layers and the run {num_stages} stages"
+                )
+            return part
+        if self.layer_costs is not None:
+            return Partition.balanced(list(self.layer_costs), num_stages)
+        return Partition.even(num_layers, num_stages)

@@ -1,0 +1,254 @@
+"""Pipeline: wrap a model (nn.Sequential or blocks + pre/post), train it one step at a time."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .comm import Link, all_gather_json
+from .config import PipelineConfig
+from .report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
+from .schedules import Action, Schedule, make_schedule, validate
+from .stage import LossFn, Segment, StageLog, StageWorker
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class StepOutput(NamedTuple):
+    """What Pipeline.step returns: the mini-batch loss (same on every rank) and the report."""
+
+    loss: float
+    report: StepReport
+
+
+def init_distributed(timeout_s: float) -> bool:
+    """Join the process group from torchrun-style env vars; True if this call created it."""
+    if dist.is_initialized():
+        return False
+    missing = [
+        k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
+    ]
+    if missing:
+        raise RuntimeError(
+            f"no process group and no {', '.join(missing)} in the environment: run under "
+            "`torchrun --nproc-per-node S script.py` or through adaptive_pp.launch(fn, nprocs=S)"
+        )
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def split_batch(batch: torch.Tensor, microbatches: int, what: str) -> list[torch.Tensor]:
+    """Split along dim 0 into equal micro-batches; ValueError if it does not divide."""
+    size = batch.shape[0]
+    if size % microbatches != 0:
+        raise ValueError(
+            f"the {what} batch has {size} samples, which does not split into {microbatches} "
+            f"equal micro-batches; use a batch size divisible by M={microbatches} or change M"
+        )
+    return list(torch.split(batch, size // microbatches))
+
+
+class Pipeline:
+    """One stage of a pipeline-parallel model in this process; ``step`` trains one mini-batch."""
+
+    def __init__(
+        self,
+        model: nn.Sequential | Sequence[nn.Module],
+        loss_fn: LossFn,
+        optimizer_factory: OptimizerFactory,
+        config: PipelineConfig | None = None,
+        *,
+        pre: nn.Module | None = None,
+        post: nn.Module | None = None,
+    ) -> None:
+        self.config = cfg = config or PipelineConfig()
+        self._owns_group = init_distributed(cfg.init_timeout)
+        self.rank, world = dist.get_rank(), dist.get_world_size()
+        self.num_stages = cfg.stages or world
+        if self.num_stages != world:
+            raise ValueError(
+                f"{self.num_stages} stages need {self.num_stages} processes, got {world}"
+            )
+        blocks = list(model)
+        if not blocks:
+            raise ValueError("the model has no layers to pipeline")
+        self.partition = cfg.resolve_partition(len(blocks), self.num_stages)
+        self.microbatches = cfg.microbatches
+        self.schedule = self._make_schedule(cfg.microbatches)
+        self.device = _device(cfg.device)
+        s = self.rank
+        segments = [Segment(i, f"layers.{i}", blocks[i]) for i in self.partition.layers(s)]
+        if pre is not None and s == 0:
+            segments.insert(0, Segment(-1, "pre", pre))
+        if post is not None and s == self.num_stages - 1:
+            segments.append(Segment(-2, "post", post))
+        for seg in segments:
+            seg.module.to(self.device)
+        up = Link(s, s - 1) if s > 0 else None
+        down = Link(s, s + 1) if s < self.num_stages - 1 else None
+        self.worker = StageWorker(
+            s, self.num_stages, segments, loss_fn, up, down, self.device, cfg.recv_timeout
+        )
+        self.optimizer = optimizer_factory(self.worker.parameters())
+        self.step_count = 0
+        self._closed = False
+        dist.barrier()
+
+    def _make_schedule(self, microbatches: int) -> Schedule:
+        sched = make_schedule(self.config.schedule, self.num_stages, microbatches)
+        validate(sched)
+        return sched
+
+    @property
+    def stage(self) -> int:
+        """This process's stage index."""
+        return self.rank
+
+    @property
+    def is_last(self) -> bool:
+        """True on the stage that computes the loss."""
+        return self.worker.is_last
+
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> StepOutput:
+        """Forward and backward over all micro-batches, then the optimizer; every rank calls it."""
+        m_count = self.microbatches
+        t0 = time.perf_counter()
+        ins = (
+            split_batch(inputs, m_count, "input") if inputs is not None and self.rank == 0 else None
+        )
+        tgts = split_batch(targets, m_count, "target") if targets is not None else None
+        if self.rank == 0 and ins is None:
+            raise ValueError("stage 0 needs the inputs: pass them to step() on rank 0")
+        if self.is_last and tgts is None:
+            raise ValueError(f"stage {self.rank} computes the loss: pass the targets to step()")
+        links = [ln for ln in (self.worker.up, self.worker.down) if ln is not None]
+        for ln in links:
+            ln.reset_log()
+        log = self.worker.run(
+            self.schedule.stages[self.rank],
+            ins,
+            tgts if self.is_last else None,
+            self.step_count,
+            t0,
+        )
+        for ln in links:
+            ln.flush()
+        t_opt = time.perf_counter()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.worker.version += 1
+        local = self._local_report(log, t0, time.perf_counter() - t_opt)
+        report = self._merge(all_gather_json(local), time.perf_counter() - t0)
+        self.step_count += 1
+        if self.config.run_dir is not None and self.rank == 0:
+            append_jsonl(Path(self.config.run_dir) / "reports.jsonl", report)
+        assert report.loss is not None
+        return StepOutput(report.loss, report)
+
+    def _local_report(self, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
+        layers = list(self.partition.layers(self.rank))
+        queues = []
+        for ln, kind in ((self.worker.up, "act"), (self.worker.down, "grad")):
+            if ln is not None:
+                queues.append(
+                    {
+                        "src": ln.peer,
+                        "dst": self.rank,
+                        "kind": kind,
+                        "arrived": [t - t0 for t in ln.log.arrived],
+                        "consumed": [t - t0 for t in ln.log.consumed],
+                    }
+                )
+        return {
+            "stage": self.rank,
+            "compute": log.compute,
+            "wait": log.wait,
+            "end": log.end[-1] if log.end else 0.0,
+            "peak_stash": log.peak_stash,
+            "layers": layers,
+            "layer_forward": [log.layer_forward.get(i, 0.0) for i in layers],
+            "layer_backward": [log.layer_backward.get(i, 0.0) for i in layers],
+            "actions": " ".join(map(str, log.actions)),
+            "start": log.start,
+            "stop": log.end,
+            "queues": queues,
+            "loss": log.loss_sum / self.microbatches if self.is_last else None,
+            "optimizer": optimizer_s,
+        }
+
+    def _merge(self, parts: list[dict[str, Any]], wall: float) -> StepReport:
+        step_time = max(p["end"] for p in parts)
+        stages = tuple(
+            StageStats(
+                stage=p["stage"],
+                compute=p["compute"],
+                wait=p["wait"],
+                wall=step_time,
+                peak_stash=p["peak_stash"],
+                layers=tuple(p["layers"]),
+                layer_forward=tuple(p["layer_forward"]),
+                layer_backward=tuple(p["layer_backward"]),
+            )
+            for p in parts
+        )
+        timeline = Timeline(
+            tuple(tuple(Action.parse(a) for a in p["actions"].split()) for p in parts),
+            tuple(tuple(p["start"]) for p in parts),
+            tuple(tuple(p["stop"]) for p in parts),
+        )
+        queues = tuple(
+            QueueTrace(q["src"], q["dst"], q["kind"], tuple(q["arrived"]), tuple(q["consumed"]))
+            for p in parts
+            for q in p["queues"]
+        )
+        return StepReport(
+            step=self.step_count,
+            schedule=self.schedule.name,
+            microbatches=self.microbatches,
+            step_time=step_time,
+            stages=stages,
+            queues=queues,
+            timeline=timeline,
+            partition=self.partition.bounds,
+            source="runtime",
+            loss=parts[-1]["loss"],
+            extra={"wall": wall, "optimizer": max(p["optimizer"] for p in parts)},
+        )
+
+    def local_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """This stage's module state dicts keyed by global name ("layers.3", "pre", "post")."""
+        return self.worker.state()
+
+    def close(self) -> None:
+        """Say goodbye to the neighbours, stop receiver threads, leave the process group."""
+        if self._closed:
+            return
+        self._closed = True
+        for ln in (self.worker.up, self.worker.down):
+            if ln is not None:
+                ln.close()
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()

@@ -1,0 +1,256 @@
+"""StageWorker: runs one stage's actions for a step over its links, measuring as it goes.
+
+Each layer runs as its own autograd segment (its input detached and re-attached), so forward and
+backward time are measured per layer; the values are the same as one graph's backward because
+every boundary tensor has a single consumer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .comm import Header, Kind, Link
+from .errors import NonFiniteLoss, PipelineError, StageFailure, VersionMismatch
+from .schedules import Action
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Segment:
+    """One unit the stage runs in order: ``layer`` is a global index, or -1 (pre) / -2 (post)."""
+
+    layer: int
+    name: str
+    module: nn.Module
+
+
+@dataclass
+class StageLog:
+    """What a stage measured during one step (times relative to the step's start)."""
+
+    actions: list[Action] = field(default_factory=list)
+    start: list[float] = field(default_factory=list)
+    end: list[float] = field(default_factory=list)
+    compute: float = 0.0
+    wait: float = 0.0
+    peak_stash: int = 0
+    layer_forward: dict[int, float] = field(default_factory=dict)
+    layer_backward: dict[int, float] = field(default_factory=dict)
+    loss_sum: float = 0.0
+
+
+class StageWorker:
+    """Executes forward/backward actions of one stage; owns its segments, links and version."""
+
+    def __init__(
+        self,
+        stage: int,
+        num_stages: int,
+        segments: list[Segment],
+        loss_fn: LossFn | None,
+        up: Link | None,
+        down: Link | None,
+        device: torch.device,
+        recv_timeout: float,
+    ) -> None:
+        self.stage, self.num_stages = stage, num_stages
+        self.segments = segments
+        self.loss_fn = loss_fn
+        self.up, self.down = up, down
+        self.device = device
+        self.recv_timeout = recv_timeout
+        self.version = 0
+        self._stash: dict[int, list[tuple[Segment | None, torch.Tensor | None, torch.Tensor]]] = {}
+
+    @property
+    def is_last(self) -> bool:
+        """True on the stage that computes the loss."""
+        return self.stage == self.num_stages - 1
+
+    def layer_range(self) -> tuple[int, int]:
+        """First and last global layer index this stage owns (-1, -1 if none)."""
+        idx = [s.layer for s in self.segments if s.layer >= 0]
+        return (min(idx), max(idx)) if idx else (-1, -1)
+
+    def run(
+        self,
+        actions: Sequence[Action],
+        inputs: Sequence[torch.Tensor] | None,
+        targets: Sequence[torch.Tensor] | None,
+        step: int,
+        t0: float,
+    ) -> StageLog:
+        """Run ``actions`` in order; inputs on stage 0, targets on the last stage."""
+        log = StageLog()
+        self._stash.clear()
+        m_count = len(actions) // 2
+        for action in actions:
+            t_req = time.perf_counter()
+            if action.kind == "F":
+                x = self._input(action.microbatch, inputs, step)
+            else:
+                g = self._output_grad(action.microbatch, step)
+            t_start = time.perf_counter()
+            if action.kind == "F":
+                self._forward(action.microbatch, x, targets, m_count, step, log)
+                log.peak_stash = max(log.peak_stash, len(self._stash))
+            else:
+                self._backward(action.microbatch, g, step, log)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t_end = time.perf_counter()
+            log.actions.append(action)
+            log.start.append(t_start - t0)
+            log.end.append(t_end - t0)
+            log.compute += t_end - t_start
+            log.wait += t_start - t_req
+        return log
+
+    def _check_version(self, header: Header, what: str) -> None:
+        if header.version != self.version:
+            raise VersionMismatch(
+                f"stage {self.stage} received the {what} of micro-batch {header.microbatch} "
+                f"computed by layers {header.layer_lo}-{header.layer_hi} at weight version "
+                f"{header.version}, but its weights are at version {self.version}",
+                stage=self.stage,
+                microbatch=header.microbatch,
+                layer=header.layer_lo,
+            )
+
+    def _input(self, m: int, inputs: Sequence[torch.Tensor] | None, step: int) -> torch.Tensor:
+        if self.up is None:
+            if inputs is None:
+                raise PipelineError(f"stage {self.stage} needs the inputs", stage=self.stage)
+            return inputs[m].to(self.device)
+        msg = self.up.take(Kind.ACT, m, self.recv_timeout, "activation")
+        self._check_version(msg.header, "activation")
+        return msg.payload.to(self.device)
+
+    def _output_grad(self, m: int, step: int) -> torch.Tensor | None:
+        if self.down is None:
+            return None
+        msg = self.down.take(Kind.GRAD, m, self.recv_timeout, "gradient")
+        self._check_version(msg.header, "gradient")
+        return msg.payload.to(self.device)
+
+    def _fail(self, name: str, layer: int, m: int, phase: str, exc: Exception) -> PipelineError:
+        if isinstance(exc, PipelineError):
+            return exc
+        return StageFailure(
+            f"stage {self.stage}, {name}, micro-batch {m}, {phase}: {type(exc).__name__}: {exc}",
+            stage=self.stage,
+            microbatch=m,
+            layer=layer if layer >= 0 else None,
+        )
+
+    def _forward(
+        self,
+        m: int,
+        x: torch.Tensor,
+        targets: Sequence[torch.Tensor] | None,
+        m_count: int,
+        step: int,
+        log: StageLog,
+    ) -> None:
+        chain: list[tuple[Segment | None, torch.Tensor | None, torch.Tensor]] = []
+        h = x
+        for seg in self.segments:
+            inp = h.detach().requires_grad_() if h.is_floating_point() else h
+            t = time.perf_counter()
+            try:
+                out = seg.module(inp)
+            except Exception as exc:
+                raise self._fail(seg.name, seg.layer, m, "forward", exc) from exc
+            _add(log.layer_forward, seg.layer, time.perf_counter() - t)
+            chain.append((seg, inp if inp.requires_grad else None, out))
+            h = out
+        if self.is_last:
+            inp = h.detach().requires_grad_()
+            chain.append((None, inp, self._loss(m, inp, targets, m_count, log)))
+        else:
+            if not h.is_floating_point():
+                raise PipelineError(
+                    f"stage {self.stage} output of micro-batch {m} is {h.dtype}: activations "
+                    "between stages must be floating point so gradients can flow back",
+                    stage=self.stage,
+                    microbatch=m,
+                )
+            assert self.down is not None
+            self.down.send(self._header(Kind.ACT, m, step, h), h.cpu())
+        self._stash[m] = chain
+
+    def _header(self, kind: Kind, m: int, step: int, t: torch.Tensor) -> Header:
+        lo, hi = self.layer_range()
+        return Header(kind, m, step, self.version, lo, hi, t.dtype, tuple(t.shape))
+
+    def _loss(
+        self,
+        m: int,
+        out: torch.Tensor,
+        targets: Sequence[torch.Tensor] | None,
+        m_count: int,
+        log: StageLog,
+    ) -> torch.Tensor:
+        if targets is None or self.loss_fn is None:
+            raise PipelineError(
+                f"stage {self.stage} computes the loss and needs targets", stage=self.stage
+            )
+        try:
+            loss = self.loss_fn(out, targets[m].to(self.device))
+        except Exception as exc:
+            raise self._fail("loss function", -1, m, "forward", exc) from exc
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(
+                f"stage {self.stage}: the loss of micro-batch {m} is {value}",
+                stage=self.stage,
+                microbatch=m,
+            )
+        log.loss_sum += value
+        return loss / m_count
+
+    def _backward(self, m: int, grad: torch.Tensor | None, step: int, log: StageLog) -> None:
+        g = grad  # None on the last stage, whose chain ends with the scalar loss
+        for seg, inp, out in reversed(self._stash.pop(m)):
+            name, layer = (seg.name, seg.layer) if seg is not None else ("loss function", -1)
+            t = time.perf_counter()
+            try:
+                torch.autograd.backward(out, g)
+            except Exception as exc:
+                raise self._fail(name, layer, m, "backward", exc) from exc
+            _add(log.layer_backward, layer, time.perf_counter() - t)
+            g = inp.grad if inp is not None else None
+        if self.up is not None:
+            if g is None:
+                raise PipelineError(
+                    f"stage {self.stage}: no gradient reached the input of micro-batch {m}",
+                    stage=self.stage,
+                    microbatch=m,
+                )
+            self.up.send(self._header(Kind.GRAD, m, step, g), g.cpu())
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters of every segment, in segment order."""
+        return [p for seg in self.segments for p in seg.module.parameters()]
+
+    def named_segments(self) -> dict[str, nn.Module]:
+        """Global name -> module for this stage's segments."""
+        return {seg.name: seg.module for seg in self.segments}
+
+    def state(self) -> dict[str, Any]:
+        """Global-name-keyed state dicts of this stage's modules."""
+        return {seg.name: seg.module.state_dict() for seg in self.segments}
+
+
+def _add(acc: dict[int, float], layer: int, seconds: float) -> None:
+    """Accumulate per-layer time (pre, post and the loss, layer < 0, are not layers)."""
+    if layer >= 0:
+        acc[layer] = acc.get(layer, 0.0) + seconds
