@@ -13,7 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -170,8 +171,16 @@ class Link:
     def flush(self) -> None:
         """Wait until every posted send has completed."""
         pending, self._pending = self._pending, []
-        for work, _, _ in pending:
-            work.wait()
+        try:
+            for work, _, _ in pending:
+                work.wait()
+        except RuntimeError as exc:
+            raise PeerGone(
+                f"stage {self.peer} (rank {self.peer}) is gone while stage {self.me} "
+                f"was sending to it: {exc}",
+                stage=self.me,
+                peer=self.peer,
+            ) from exc
 
     def take(self, kind: Kind, microbatch: int, timeout: float, what: str) -> Message:
         """Block until message (kind, microbatch) has arrived; log wait and queue times."""
@@ -223,8 +232,24 @@ class Link:
         self._thread.join(timeout)
 
 
+T = TypeVar("T")
+
+
+def collective(what: str, fn: Callable[[], T]) -> T:
+    """Run a collective; a peer that died or failed becomes PeerGone naming ``what``."""
+    try:
+        return fn()
+    except RuntimeError as exc:
+        rank = dist.get_rank()
+        raise PeerGone(f"stage {rank}: a peer failed during {what}: {exc}", stage=rank) from exc
+
+
 def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     """Gather one JSON-able object from every rank, as UTF-8 bytes in tensors (no pickle)."""
+    return collective("the end-of-step exchange", lambda: _all_gather_json(obj, group))
+
+
+def _all_gather_json(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
     data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]

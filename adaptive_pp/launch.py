@@ -17,6 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 GRACE_S = 10.0
+# gloo's words for a peer that went away: such an error follows from another rank's failure.
+_PEER_GONE_MARKS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class LaunchError(RuntimeError):
     """One or more ranks failed; the message leads with the root cause."""
 
     def __init__(self, failures: list[RankFailure]) -> None:
-        self.failures = sorted(failures, key=lambda f: (f.secondary, f.rank))
+        # A rank that died without a word (killed) is the likeliest root cause.
+        self.failures = sorted(failures, key=lambda f: (f.secondary, f.kind != "Died", f.rank))
         root = self.failures[0]
         others = "".join(
             f"\n  rank {f.rank}: {f.kind}: {f.message.splitlines()[0] if f.message else ''}"
@@ -54,15 +57,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(
-    fn: Callable[..., Any],
+def _call(rank: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[int, bool, Any]:
+    try:
+        buf = io.BytesIO()
+        torch.save(fn(*args), buf)  # by value: shared-memory handles die with this process
+        return rank, True, buf.getvalue()
+    except BaseException as exc:
+        from .errors import PeerGone
+
+        text = str(exc)
+        secondary = isinstance(exc, PeerGone) or any(m in text for m in _PEER_GONE_MARKS)
+        failure = RankFailure(rank, type(exc).__name__, text, traceback.format_exc(), secondary)
+        return rank, False, failure
+
+
+def _serve(
     rank: int,
     nprocs: int,
     port: int,
-    args: tuple[Any, ...],
+    jobs: Any,
     results: Any,
     threads: int,
+    init_group: bool,
 ) -> None:
+    """A spawned rank: set torchrun's env vars, then run jobs until told to stop."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -73,31 +91,125 @@ def _worker(
     )
     torch.set_num_threads(threads)
     code = 0
-    try:
-        buf = io.BytesIO()
-        torch.save(fn(*args), buf)  # by value: shared-memory handles die with this process
-        results.put((rank, True, buf.getvalue()))
-    except BaseException as exc:
-        from .errors import PeerGone
+    if init_group:
+        import datetime
 
-        code = 1
-        results.put(
-            (
-                rank,
-                False,
-                RankFailure(
-                    rank,
-                    type(exc).__name__,
-                    str(exc),
-                    traceback.format_exc(),
-                    isinstance(exc, PeerGone),
-                ),
-            )
-        )
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    while (job := jobs.get()) is not None:
+        reply = _call(rank, *job)
+        results.put(reply)
+        if not reply[1]:
+            code = 1
+            break
     results.close()
     results.join_thread()
     # Leave at once: a process group whose peers died can block interpreter shutdown.
     os._exit(code)
+
+
+class WorkerPool:
+    """``nprocs`` spawned ranks sharing one process group, running jobs together.
+
+    Spawning a rank costs seconds (each imports torch); a pool pays that once for many runs
+    (tests, parameter sweeps). A failed job breaks the pool: it is shut down, and ``run``
+    raises LaunchError.
+    """
+
+    def __init__(self, nprocs: int, threads: int = 1, _init_group: bool = True) -> None:
+        if nprocs < 1:
+            raise ValueError(f"nprocs must be >= 1, got {nprocs}")
+        ctx = mp.get_context("spawn")
+        self.nprocs = nprocs
+        self._results = ctx.Queue()
+        self._jobs = [ctx.Queue() for _ in range(nprocs)]
+        port = free_port()
+        self._procs = [
+            ctx.Process(
+                target=_serve,
+                args=(r, nprocs, port, self._jobs[r], self._results, threads, _init_group),
+            )
+            for r in range(nprocs)
+        ]
+        for p in self._procs:
+            p.start()
+        self.broken = False
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
+        """Run ``fn(*args)`` on every rank; results in rank order."""
+        if self.broken:
+            raise RuntimeError("this WorkerPool was shut down after a failure; make a new one")
+        for q in self._jobs:
+            q.put((fn, args))
+        try:
+            return _collect(self._procs, self._results, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop every rank (killing those that do not stop within a few seconds)."""
+        if self.broken:
+            return
+        self.broken = True
+        for q in self._jobs:
+            q.put(None)
+        deadline = time.monotonic() + 5
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _collect(procs: list[Any], results: Any, timeout: float | None) -> list[Any]:
+    """One reply per rank; after a failure, GRACE_S for the rest, then LaunchError."""
+    nprocs = len(procs)
+    out: dict[int, Any] = {}
+    failures: dict[int, RankFailure] = {}
+    first_failure: float | None = None
+    started = time.monotonic()
+    while len(out) + len(failures) < nprocs:
+        try:
+            rank, ok, value = results.get(timeout=0.1)
+            if ok:
+                out[rank] = torch.load(io.BytesIO(value), weights_only=False)
+            else:
+                failures[rank] = value
+        except queue.Empty:
+            for r, p in enumerate(procs):
+                if r not in out and r not in failures and p.exitcode is not None:
+                    time.sleep(0.2)  # its last message may still be in the pipe
+                    if results.empty():
+                        failures[r] = _died(r, p.exitcode)
+        now = time.monotonic()
+        if failures and first_failure is None:
+            first_failure = now
+        late = first_failure is not None and now - first_failure > GRACE_S
+        over = timeout is not None and now - started > timeout
+        if late or over:
+            why = (
+                f"still running {GRACE_S:.0f} s after a failure; killed"
+                if late
+                else f"timeout of {timeout} s exceeded; killed"
+            )
+            for r in range(nprocs):
+                if r not in out and r not in failures:
+                    failures[r] = RankFailure(r, "Timeout", why, "", late)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            break
+    if failures:
+        raise LaunchError(list(failures.values()))
+    return [out[r] for r in range(nprocs)]
 
 
 def launch(
@@ -110,68 +222,16 @@ def launch(
     """Run ``fn(*args)`` on ``nprocs`` spawned ranks; return their results in rank order.
 
     ``fn`` must be importable (defined at module level). Each rank gets RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR and MASTER_PORT as under torchrun and ``threads`` torch threads.
-    If a rank fails, the others get ``GRACE_S`` seconds to exit, then are killed, and a
-    LaunchError leads with the root cause (a peer's "stage N is gone" comes after it).
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT as under torchrun and ``threads`` torch threads;
+    ``fn`` creates the process group (Pipeline does). If a rank fails, the others get
+    ``GRACE_S`` seconds to exit, then are killed, and a LaunchError leads with the root cause
+    (a peer's "stage N is gone" comes after it).
     """
-    if nprocs < 1:
-        raise ValueError(f"nprocs must be >= 1, got {nprocs}")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(fn, r, nprocs, port, args, results, threads))
-        for r in range(nprocs)
-    ]
-    for p in procs:
-        p.start()
-    out: dict[int, Any] = {}
-    failures: dict[int, RankFailure] = {}
-    first_failure: float | None = None
-    started = time.monotonic()
+    pool = WorkerPool(nprocs, threads, _init_group=False)
     try:
-        while len(out) + len(failures) < nprocs:
-            try:
-                rank, ok, value = results.get(timeout=0.1)
-                if ok:
-                    out[rank] = torch.load(io.BytesIO(value), weights_only=False)
-                else:
-                    failures[rank] = value
-            except queue.Empty:
-                for r, p in enumerate(procs):
-                    if r not in out and r not in failures and p.exitcode is not None:
-                        time.sleep(0.2)  # its last message may still be in the pipe
-                        if results.empty():
-                            failures[r] = _died(r, p.exitcode)
-            now = time.monotonic()
-            if failures and first_failure is None:
-                first_failure = now
-            if first_failure is not None and now - first_failure > GRACE_S:
-                for r in range(nprocs):
-                    if r not in out and r not in failures:
-                        failures[r] = RankFailure(
-                            r,
-                            "Timeout",
-                            f"still running {GRACE_S:.0f} s after a failure; killed",
-                            "",
-                            True,
-                        )
-                break
-            if timeout is not None and now - started > timeout:
-                for r in range(nprocs):
-                    if r not in out and r not in failures:
-                        failures[r] = RankFailure(
-                            r, "Timeout", f"launch timeout of {timeout:.0f} s exceeded", "", False
-                        )
-                break
+        return pool.run(fn, *args, timeout=timeout)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-    if failures:
-        raise LaunchError(list(failures.values()))
-    return [out[r] for r in range(nprocs)]
+        pool.close()
 
 
 def _died(rank: int, exitcode: int) -> RankFailure:

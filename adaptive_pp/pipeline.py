@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import Link, all_gather_json
+from .comm import Link, all_gather_json, collective
 from .config import PipelineConfig
 from .report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
 from .schedules import Action, Schedule, make_schedule, validate
@@ -105,10 +105,12 @@ class Pipeline:
         self.worker = StageWorker(
             s, self.num_stages, segments, loss_fn, up, down, self.device, cfg.recv_timeout
         )
-        self.optimizer = optimizer_factory(self.worker.parameters())
+        params = self.worker.parameters()
+        # A stage of parameter-free layers has nothing to optimise (torch refuses empty lists).
+        self.optimizer = optimizer_factory(params) if params else None
         self.step_count = 0
         self._closed = False
-        dist.barrier()
+        collective("start-up", dist.barrier)
 
     def _make_schedule(self, microbatches: int) -> Schedule:
         sched = make_schedule(self.config.schedule, self.num_stages, microbatches)
@@ -150,8 +152,9 @@ class Pipeline:
         for ln in links:
             ln.flush()
         t_opt = time.perf_counter()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.worker.version += 1
         local = self._local_report(log, t0, time.perf_counter() - t_opt)
         report = self._merge(all_gather_json(local), time.perf_counter() - t0)

@@ -1,0 +1,209 @@
+"""Jobs that stage processes run in the multi-process tests (importable by spawned ranks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptive_pp import Pipeline, PipelineConfig
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training run: model, split and optimizer, all derived from ``seed``."""
+
+    seed: int
+    widths: tuple[int, ...]
+    bounds: tuple[int, ...]
+    microbatches: int
+    schedule: str
+    optimizer: str
+    steps: int
+    per_microbatch: int = 2
+
+    @property
+    def batch(self) -> int:
+        """Mini-batch size."""
+        return self.microbatches * self.per_microbatch
+
+
+def build_model(case: Case) -> nn.Sequential:
+    """Random MLP: Linear(w_i, w_i+1) + an activation per layer, seeded."""
+    torch.manual_seed(case.seed)
+    acts = (nn.Tanh, nn.ReLU, nn.Sigmoid)
+    return nn.Sequential(
+        *(
+            nn.Sequential(nn.Linear(a, b), acts[i % 3]())
+            for i, (a, b) in enumerate(zip(case.widths, case.widths[1:], strict=False))
+        )
+    )
+
+
+def make_optimizer(case: Case, params: Any) -> torch.optim.Optimizer:
+    """SGD with momentum or Adam."""
+    if case.optimizer == "adam":
+        return torch.optim.Adam(params, lr=1e-2)
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def batches(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same inputs and targets on every rank and in the reference."""
+    g = torch.Generator().manual_seed(case.seed + 1)
+    return [
+        (
+            torch.randn(case.batch, case.widths[0], generator=g),
+            torch.randn(case.batch, case.widths[-1], generator=g),
+        )
+        for _ in range(case.steps)
+    ]
+
+
+def train_pipelined(case: Case) -> dict[str, Any]:
+    """Rank job: train ``case`` pipelined; return losses, this stage's state, last report."""
+    model = build_model(case)
+    cfg = PipelineConfig(
+        microbatches=case.microbatches, schedule=case.schedule, partition=case.bounds
+    )
+    pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
+    losses, report = [], None
+    for x, y in batches(case):
+        out = pipe.step(x, y)
+        losses.append(out.loss)
+        report = out.report
+    state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
+    opt_state = pipe.optimizer.state_dict() if pipe.optimizer is not None else None
+    pipe.close()
+    return {"losses": losses, "state": state, "optimizer": opt_state, "report": report.to_dict()}
+
+
+def train_reference(case: Case) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+    """Single process, same micro-batch split and accumulation order as the pipeline."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the stage processes: same kernels, same bits
+    try:
+        model = build_model(case)
+        opt = make_optimizer(case, model.parameters())
+        losses = []
+        m = case.microbatches
+        for x, y in batches(case):
+            total = 0.0
+            for xm, ym in zip(
+                torch.split(x, case.batch // m), torch.split(y, case.batch // m), strict=True
+            ):
+                loss = nn.functional.mse_loss(model(xm), ym)
+                total += float(loss.detach())
+                (loss / m).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total / m)
+        return losses, model.state_dict(), opt
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- failure jobs (each run through adaptive_pp.launch) -----------------------------------
+
+
+def _mlp(width: int, layers: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        *(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(layers))
+    )
+
+
+def _pipe(model: nn.Sequential, **cfg: Any) -> Pipeline:
+    return Pipeline(
+        model,
+        nn.functional.mse_loss,
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        PipelineConfig(**cfg),
+    )
+
+
+def job_indivisible_batch() -> None:
+    """Batch of 10 with M=4."""
+    pipe = _pipe(_mlp(4, 4), microbatches=4)
+    pipe.step(torch.randn(10, 4), torch.randn(10, 4))
+
+
+class _Raises(nn.Module):
+    """Identity that raises on its ``when``-th call."""
+
+    def __init__(self, when: int) -> None:
+        super().__init__()
+        self.calls, self.when = 0, when
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.when:
+            raise RuntimeError("injected failure")
+        return x
+
+
+def job_shape_mismatch() -> None:
+    """Stage 0 outputs width 8; stage 1's first layer expects 6."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(6, 4), nn.Linear(4, 4))
+    pipe = _pipe(model, microbatches=2, partition=(0, 1, 2, 3))
+    pipe.step(torch.randn(4, 4), torch.randn(4, 4))
+
+
+def job_nan_loss() -> None:
+    """Targets with a NaN in micro-batch 1."""
+    pipe = _pipe(_mlp(4, 3), microbatches=2)
+    y = torch.randn(4, 4)
+    y[3, 0] = float("nan")
+    pipe.step(torch.randn(4, 4), y)
+
+
+def job_layer_raises() -> None:
+    """Layer 2 (on stage 1 of 3) raises on its 3rd forward call: micro-batch 2 of step 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), _Raises(3), nn.Linear(4, 4))
+    pipe = _pipe(model, microbatches=4, partition=(0, 1, 3, 4))
+    pipe.step(torch.randn(8, 4), torch.randn(8, 4))
+
+
+class _KillSelf(nn.Module):
+    """Identity that SIGKILLs its own process on the ``when``-th call."""
+
+    def __init__(self, when: int) -> None:
+        super().__init__()
+        self.calls, self.when = 0, when
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.when:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+
+def job_killed_stage() -> None:
+    """Stage 2 of 4 is killed during its 3rd forward."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4), nn.Linear(4, 4), _KillSelf(3), nn.Linear(4, 4)]
+    pipe = _pipe(nn.Sequential(*layers), microbatches=4, partition=(0, 1, 2, 3, 4))
+    for _ in range(3):
+        pipe.step(torch.randn(8, 4), torch.randn(8, 4))
+
+
+class _Hang(nn.Module):
+    """Identity that sleeps far longer than the receive timeout on its first call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(60)
+        return x
+
+
+def job_stuck_stage() -> None:
+    """Stage 1 of 2 hangs in its forward; stage 0 times out waiting for its gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _Hang())
+    pipe = _pipe(model, microbatches=2, recv_timeout=2.0)
+    pipe.step(torch.randn(4, 4), torch.randn(4, 4))

@@ -1,0 +1,174 @@
+"""Multi-process: the pipeline trains exactly like one process, and fails loudly and quickly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_pp.launch import LaunchError, WorkerPool, launch
+from adaptive_pp.report import StepReport
+from adaptive_pp.schedules import make_schedule, validate
+
+import runtime_cases as rc
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def pools() -> Iterator[dict[int, WorkerPool]]:
+    """One pool of ranks per stage count, started on first use and kept for the module."""
+    made: dict[int, WorkerPool] = {}
+    yield made
+    for pool in made.values():
+        pool.close()
+
+
+def _pool(pools: dict[int, WorkerPool], stages: int) -> WorkerPool:
+    if stages not in pools or pools[stages].broken:
+        pools[stages] = WorkerPool(stages)
+    return pools[stages]
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> rc.Case:
+    """Random small MLPs on 1-4 stages, random partitions, both schedules, SGD and Adam."""
+    stages = draw(st.integers(1, 4))
+    layers = draw(st.integers(stages, 7))
+    cuts = sorted(
+        draw(st.sets(st.integers(1, max(1, layers - 1)), min_size=stages - 1, max_size=stages - 1))
+    )
+    return rc.Case(
+        seed=draw(st.integers(0, 10_000)),
+        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
+        bounds=(0, *cuts, layers),
+        microbatches=draw(st.integers(1, 8)),
+        schedule=draw(st.sampled_from(["1f1b", "gpipe"])),
+        optimizer=draw(st.sampled_from(["sgd", "adam"])),
+        steps=draw(st.integers(1, 3)),
+        per_microbatch=draw(st.integers(1, 3)),
+    )
+
+
+def _check_equal(case: rc.Case, ranks: list[dict]) -> None:
+    ref_losses, ref_state, ref_opt = rc.train_reference(case)
+    for r in ranks:
+        # Same micro-batch split and accumulation order: bit-for-bit equal, no tolerance.
+        assert r["losses"] == ref_losses
+        for name, sd in r["state"].items():
+            layer = int(name.split(".")[1])
+            for key, tensor in sd.items():
+                assert torch.equal(tensor, ref_state[f"{layer}.{key}"]), (name, key)
+    # Optimizer state (momentum buffers / Adam moments and step counts), parameter by parameter.
+    ref_params = dict(zip(ref_state.keys(), [p for g in ref_opt.param_groups for p in g["params"]]))
+    ref_by_name = {n: ref_opt.state[p] for n, p in ref_params.items() if p in ref_opt.state}
+    for r, (lo, hi) in zip(ranks, zip(case.bounds, case.bounds[1:])):
+        names = [k for k in ref_state if lo <= int(k.split(".")[0]) < hi]
+        stage_state = r["optimizer"]["state"]
+        assert len(stage_state) == len([n for n in names if n in ref_by_name])
+        for idx, name in enumerate(names):
+            for key, value in ref_by_name.get(name, {}).items():
+                assert torch.equal(
+                    torch.as_tensor(stage_state[idx][key]), torch.as_tensor(value)
+                ), (
+                    name,
+                    key,
+                )
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=cases())
+def test_pipelined_training_equals_single_process(
+    pools: dict[int, WorkerPool], case: rc.Case
+) -> None:
+    ranks = _pool(pools, len(case.bounds) - 1).run(rc.train_pipelined, case, timeout=120)
+    _check_equal(case, ranks)
+
+
+def test_report_matches_schedule_shape(pools: dict[int, WorkerPool]) -> None:
+    """Measured peak stash is the schedule's; queues and timeline are complete and sane."""
+    for schedule in ("1f1b", "gpipe"):
+        case = rc.Case(3, (4,) * 5, (0, 1, 2, 3, 4), 6, schedule, "sgd", 2)
+        ranks = _pool(pools, 4).run(rc.train_pipelined, case, timeout=120)
+        report = StepReport.from_dict(ranks[0]["report"])
+        assert report.source == "runtime" and report.step == 1
+        expected = make_schedule(schedule, 4, 6)
+        assert report.peak_stash == validate(expected).peak
+        assert [len(a) for a in report.timeline.actions] == [12] * 4
+        for s in range(4):
+            t = report.timeline.stage(s)
+            assert [x.action for x in t] == list(expected.stages[s])
+            assert all(a.end <= b.start for a, b in zip(t, t[1:]))
+        assert {(q.src, q.dst) for q in report.queues} == {
+            (0, 1),
+            (1, 2),
+            (2, 3),
+            (1, 0),
+            (2, 1),
+            (3, 2),
+        }
+        for q in report.queues:
+            assert len(q.arrived) == 6
+            assert all(c >= a for a, c in zip(q.arrived, q.consumed))
+            assert q.depth_series()[-1][1] == 0
+        for s in report.stages:
+            assert 0 < s.utilization <= 1 and s.compute > 0 and len(s.layer_forward) == 1
+        assert report.loss == ranks[-1]["losses"][-1]
+
+
+_RANKS = {rc.job_killed_stage: 4, rc.job_stuck_stage: 2}
+
+
+def _failure(job) -> tuple[LaunchError, float]:
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(job, _RANKS.get(job, 3), timeout=90)
+    return info.value, time.monotonic() - t0
+
+
+def test_indivisible_batch_is_a_clear_error() -> None:
+    err, _ = _failure(rc.job_indivisible_batch)
+    assert err.root.kind == "ValueError"
+    assert "10 samples" in err.root.message and "M=4" in err.root.message
+
+
+def test_shape_mismatch_names_stage_layer_and_microbatch() -> None:
+    err, _ = _failure(rc.job_shape_mismatch)
+    assert err.root.rank == 1 and err.root.kind == "StageFailure"
+    assert "stage 1, layers.1, micro-batch 0, forward" in err.root.message
+
+
+def test_non_finite_loss_names_stage_and_microbatch() -> None:
+    err, _ = _failure(rc.job_nan_loss)
+    assert err.root.rank == 2 and err.root.kind == "NonFiniteLoss"
+    assert "stage 2: the loss of micro-batch 1 is nan" in err.root.message
+
+
+def test_exception_in_a_layer_names_it() -> None:
+    err, _ = _failure(rc.job_layer_raises)
+    assert err.root.rank == 1 and err.root.kind == "StageFailure"
+    assert "stage 1, layers.2, micro-batch 2, forward: RuntimeError: injected failure" in str(err)
+    peers = {f.rank: f for f in err.failures[1:]}
+    assert peers and all(f.secondary for f in peers.values())
+
+
+def test_killed_stage_ends_every_rank_quickly() -> None:
+    err, elapsed = _failure(rc.job_killed_stage)
+    assert err.root.rank == 2 and "died (signal SIGKILL)" in err.root.message
+    gone = [f for f in err.failures if f.kind == "PeerGone"]
+    assert gone and all(
+        "stage 2 (rank 2) is gone" in f.message or "is gone" in f.message for f in gone
+    )
+    assert elapsed < 60  # a hang would run into the 90 s launch timeout
+
+
+def test_stuck_stage_times_out_naming_the_peer() -> None:
+    err, _ = _failure(rc.job_stuck_stage)
+    assert err.root.rank == 0 and err.root.kind == "PipelineTimeout"
+    assert "gradient of micro-batch 0 from stage 1" in err.root.message
