@@ -244,7 +244,7 @@ def read_jsonl(path: str | Path) -> list[StepReport]:
                 continue
             try:
                 reports.append(StepReport.from_dict(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
                 raise ValueError(f"{path}:{lineno}: not a step report ({exc})") from exc
     return reports
 

@@ -23,7 +23,7 @@ Kind = Literal["F", "B"]
 KINDS: tuple[Kind, ...] = ("F", "B")
 SCHEDULE_NAMES = ("1f1b", "gpipe")
 
-_ACTION_RE = re.compile(r"^(\d+)([FB])(\d+)$")
+_ACTION_RE = re.compile(r"^(\d+)([FB])(\d+)$", re.ASCII)  # ASCII digits only
 
 
 class ScheduleError(ValueError):

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import runtime_cases as rc
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,8 +14,6 @@ from hypothesis import strategies as st
 from adaptive_pp.launch import LaunchError, WorkerPool, launch
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule, validate
-
-import runtime_cases as rc
 
 pytestmark = pytest.mark.multiprocess
 
