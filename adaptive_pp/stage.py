@@ -68,7 +68,7 @@ class StageWorker:
         self.device = device
         self.recv_timeout = recv_timeout
         self.version = 0
-        self._stash: dict[int, list[tuple[Segment | None, torch.Tensor | None, torch.Tensor]]] = {}
+        self._stash: dict[int, tuple[list[torch.Tensor], torch.Tensor, list[float]]] = {}
 
     @property
     def is_last(self) -> bool:
@@ -160,21 +160,24 @@ class StageWorker:
         step: int,
         log: StageLog,
     ) -> None:
-        chain: list[tuple[Segment | None, torch.Tensor | None, torch.Tensor]] = []
-        h = x
+        # One autograd graph per micro-batch; a gradient hook on every segment boundary
+        # timestamps the backward, so per-layer backward time costs no extra backward calls.
+        h = x.requires_grad_() if x.is_floating_point() and self.up is not None else x
+        marks: list[float] = []
+        boundaries = [h]
         for seg in self.segments:
-            inp = h.detach().requires_grad_() if h.is_floating_point() else h
             t = time.perf_counter()
             try:
-                out = seg.module(inp)
+                h = seg.module(h)
             except Exception as exc:
                 raise self._fail(seg.name, seg.layer, m, "forward", exc) from exc
             _add(log.layer_forward, seg.layer, time.perf_counter() - t)
-            chain.append((seg, inp if inp.requires_grad else None, out))
-            h = out
+            boundaries.append(h)
+        for b in boundaries:
+            if b.requires_grad:
+                b.register_hook(_stamp(marks))  # type: ignore[no-untyped-call]
         if self.is_last:
-            inp = h.detach().requires_grad_()
-            chain.append((None, inp, self._loss(m, inp, targets, m_count, log)))
+            top = self._loss(m, h, targets, m_count, log)
         else:
             if not h.is_floating_point():
                 raise PipelineError(
@@ -184,8 +187,9 @@ class StageWorker:
                     microbatch=m,
                 )
             assert self.down is not None
-            self.down.send(self._header(Kind.ACT, m, step, h), h.cpu())
-        self._stash[m] = chain
+            self.down.send(self._header(Kind.ACT, m, step, h), h.detach().cpu())
+            top = h
+        self._stash[m] = (boundaries, top, marks)
 
     def _header(self, kind: Kind, m: int, step: int, t: torch.Tensor) -> Header:
         lo, hi = self.layer_range()
@@ -218,24 +222,46 @@ class StageWorker:
         return loss / m_count
 
     def _backward(self, m: int, grad: torch.Tensor | None, step: int, log: StageLog) -> None:
-        g = grad  # None on the last stage, whose chain ends with the scalar loss
-        for seg, inp, out in reversed(self._stash.pop(m)):
-            name, layer = (seg.name, seg.layer) if seg is not None else ("loss function", -1)
-            t = time.perf_counter()
-            try:
-                torch.autograd.backward(out, g)
-            except Exception as exc:
-                raise self._fail(name, layer, m, "backward", exc) from exc
-            _add(log.layer_backward, layer, time.perf_counter() - t)
-            g = inp.grad if inp is not None else None
+        boundaries, top, marks = self._stash.pop(m)
+        t0 = time.perf_counter()
+        try:
+            torch.autograd.backward(top, grad)  # grad is None on the last stage: top is the loss
+        except Exception as exc:
+            raise self._fail(
+                _backward_culprit(self.segments, boundaries, marks), -1, m, "backward", exc
+            ) from exc
+        t_end = time.perf_counter()
+        self._layer_backward_times(boundaries, marks, t0, t_end, log)
+        x = boundaries[0]
         if self.up is not None:
-            if g is None:
+            if x.grad is None:
                 raise PipelineError(
                     f"stage {self.stage}: no gradient reached the input of micro-batch {m}",
                     stage=self.stage,
                     microbatch=m,
                 )
-            self.up.send(self._header(Kind.GRAD, m, step, g), g.cpu())
+            self.up.send(self._header(Kind.GRAD, m, step, x.grad), x.grad.cpu())
+
+    def _layer_backward_times(
+        self,
+        boundaries: list[torch.Tensor],
+        marks: list[float],
+        t0: float,
+        t_end: float,
+        log: StageLog,
+    ) -> None:
+        """Segment i's backward ran from its output's gradient to its input's gradient."""
+        # Hooks fire from the top boundary down; boundaries without grad get no mark.
+        times = iter(marks)
+        when: list[float | None] = [
+            next(times, None) if b.requires_grad else None for b in reversed(boundaries)
+        ]
+        when.reverse()
+        for i, seg in enumerate(self.segments):
+            above, below = when[i + 1], when[i]
+            start = t0 if above is None else above
+            stop = t_end if below is None else below
+            _add(log.layer_backward, seg.layer, max(0.0, stop - start))
 
     def parameters(self) -> list[nn.Parameter]:
         """Parameters of every segment, in segment order."""
@@ -254,3 +280,24 @@ def _add(acc: dict[int, float], layer: int, seconds: float) -> None:
     """Accumulate per-layer time (pre, post and the loss, layer < 0, are not layers)."""
     if layer >= 0:
         acc[layer] = acc.get(layer, 0.0) + seconds
+
+
+def _stamp(marks: list[float]) -> Callable[[torch.Tensor], None]:
+    """A gradient hook that records when it fired."""
+
+    def hook(_grad: torch.Tensor) -> None:
+        marks.append(time.perf_counter())
+
+    return hook
+
+
+def _backward_culprit(
+    segments: list[Segment], boundaries: list[torch.Tensor], marks: list[float]
+) -> str:
+    """Name the segment whose backward raised: the one below the last boundary that got grad."""
+    done = len(marks)
+    with_grad = [i for i, b in enumerate(boundaries) if b.requires_grad]
+    # boundaries with_grad[-done:] got their gradient; the failing segment sits just below.
+    reached = with_grad[-done] if done else len(boundaries)
+    idx = min(max(reached - 1, 0), len(segments) - 1)
+    return segments[idx].name if done else "loss or last segment"

@@ -1,0 +1,200 @@
+"""Runtime vs torch.distributed.pipelining: same model, partition, M; ratios from one run.
+
+16-layer MLP (width 256), batch 64, S=4 stages (4 layers each), M=16, EMULATED kernels: each layer
+is a real Linear+tanh plus a sleep of 1 ms forward / 2 ms backward standing for accelerator time
+(see adaptive_pp.emulation). Every configuration runs in the same 4 processes, in alternating
+rounds, and the median step wall time is compared. Also: measured bubble vs (S-1)/(M+S-1), and
+measured step time vs the simulator's prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from adaptive_pp import Pipeline, PipelineConfig
+from adaptive_pp.emulation import emulated_mlp
+from adaptive_pp.launch import WorkerPool
+from adaptive_pp.report import StepReport
+from adaptive_pp.schedules import make_schedule
+from adaptive_pp.simulator import Costs, bubble_exact, simulate
+from experiments.common import write_json
+
+CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
+
+
+def _model(args: dict[str, Any]) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = emulated_mlp(
+        args["layers"], args["width"], args["fwd_ms"] * 1e-3, args["bwd_ms"] * 1e-3
+    )
+    for i, factor in args.get("slow", {}).items():
+        stage_layers = args["layers"] // args["stages"]
+        for layer in model[int(i) * stage_layers : (int(i) + 1) * stage_layers]:
+            layer.slowdown = factor  # type: ignore[assignment]
+    return model
+
+
+def _data(args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(args["batch"], args["width"], generator=g),
+        torch.randn(args["batch"], args["width"], generator=g),
+    )
+
+
+def run_ours(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]:
+    """Rank job: time ``steps`` steps of our runtime; rank 0 returns walls and reports."""
+    model = _model(args)
+    cfg = PipelineConfig(microbatches=args["microbatches"], schedule=schedule)
+    x, y = _data(args)
+    walls, reports = [], []
+    with Pipeline(
+        model, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=1e-3), cfg
+    ) as pipe:
+        for _ in range(steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            out = pipe.step(x, y)
+            walls.append(time.perf_counter() - t0)
+            reports.append(out.report.to_dict())
+    return {"walls": walls, "reports": reports}
+
+
+def run_torch(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]:
+    """Rank job: the same with torch.distributed.pipelining's PipelineStage and schedule."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    rank, stages = dist.get_rank(), dist.get_world_size()
+    model = _model(args)
+    per = args["layers"] // stages
+    sub = nn.Sequential(*list(model)[rank * per : (rank + 1) * per])
+    stage = PipelineStage(sub, rank, stages, torch.device("cpu"))
+    cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
+    sched = cls(stage, args["microbatches"], loss_fn=nn.functional.mse_loss)
+    opt = torch.optim.SGD(sub.parameters(), lr=1e-3)
+    x, y = _data(args)
+    walls = []
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            sched.step(x)
+        elif rank == stages - 1:
+            sched.step(target=y, losses=[])
+        else:
+            sched.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        walls.append(time.perf_counter() - t0)
+    return {"walls": walls, "reports": []}
+
+
+def _job(kind: str, args: dict[str, Any], steps: int) -> dict[str, Any]:
+    ours, schedule = kind.split("-")
+    return (run_ours if ours == "ours" else run_torch)(args, schedule, steps)
+
+
+def main() -> None:
+    """Run every configuration in alternating rounds on one pool of 4 ranks; print ratios."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--steps", type=int, default=6, help="steps per round (first round's first dropped)"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
+    p.add_argument("--slow", type=str, default="", help="STAGE=FACTOR to slow one stage, e.g. 2=2")
+    ns = p.parse_args()
+    args: dict[str, Any] = dict(
+        layers=16, width=256, batch=64, stages=4, microbatches=16, fwd_ms=1.0, bwd_ms=2.0
+    )
+    if ns.slow:
+        stage, factor = ns.slow.split("=")
+        args["slow"] = {int(stage): float(factor)}
+    if ns.quick:
+        ns.rounds, ns.steps = 1, 2
+        args.update(microbatches=4, fwd_ms=0.2, bwd_ms=0.4)
+    walls: dict[str, list[float]] = {k: [] for k in CONFIGS}
+    reports: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS}
+    with WorkerPool(args["stages"]) as pool:
+        for rnd in range(ns.rounds):
+            for kind in CONFIGS:
+                res = pool.run(_job, kind, args, ns.steps + 1, timeout=600)[0]
+                walls[kind] += res["walls"][1:]  # the first step of each run warms up
+                reports[kind] += res["reports"][1:]
+            print(f"round {rnd + 1}/{ns.rounds} done", flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    s, m = args["stages"], args["microbatches"]
+    per_stage = args["layers"] // s
+    nominal = simulate(
+        make_schedule("1f1b", s, m),
+        Costs.build(
+            s,
+            m,
+            per_stage * args["fwd_ms"] * 1e-3,
+            per_stage * args["bwd_ms"] * 1e-3,
+            slowdown=args.get("slow"),
+        ),
+    )
+    out: dict[str, Any] = {
+        "setup": args,
+        "median_step_s": med,
+        "ratios": {},
+        "bubble": {},
+        "simulator": {},
+    }
+    print(
+        f"\nEMULATED kernels: {args['layers']} layers x ({args['fwd_ms']} ms fwd, {args['bwd_ms']} ms bwd), "
+        f"S={s}, M={m}, batch {args['batch']}, width {args['width']}; median of {len(walls['ours-1f1b'])} steps"
+    )
+    for sched in ("1f1b", "gpipe"):
+        ratio = med[f"ours-{sched}"] / med[f"torch-{sched}"]
+        out["ratios"][sched] = ratio
+        print(
+            f"{sched:6s} ours {med[f'ours-{sched}'] * 1e3:8.1f} ms   torch {med[f'torch-{sched}'] * 1e3:8.1f} ms"
+            f"   ratio ours/torch {ratio:.3f} (target <= 0.95)"
+        )
+    for sched in ("1f1b", "gpipe"):
+        reps = [StepReport.from_dict(r) for r in reports[f"ours-{sched}"]]
+        bubble = statistics.median(r.bubble_fraction for r in reps)
+        flush = statistics.median(r.step_time for r in reps)
+        # Prediction from the durations the run measured (kernel + framework time per action).
+        measured = _simulate_measured(reps[-1])
+        out["bubble"][sched] = {"measured": bubble, "exact": bubble_exact(s, m)}
+        out["simulator"][sched] = {
+            "measured_flush_s": flush,
+            "predicted_nominal_s": nominal.step_time,
+            "predicted_from_measured_durations_s": measured,
+        }
+        print(
+            f"{sched:6s} bubble measured {bubble:6.2%} vs exact (S-1)/(M+S-1) {bubble_exact(s, m):6.2%}"
+            f" (diff {100 * (bubble - bubble_exact(s, m)):+.2f} pp; target within 2 pp)"
+        )
+        print(
+            f"{sched:6s} step (flush) measured {flush * 1e3:7.1f} ms; simulator: nominal "
+            f"{nominal.step_time * 1e3:7.1f} ms ({flush / nominal.step_time - 1:+.1%}), from measured "
+            f"action durations {measured * 1e3:7.1f} ms ({flush / measured - 1:+.1%}); target within 5%"
+        )
+    path = write_json("bench_runtime", out)
+    print(f"wrote {path}")
+
+
+def _simulate_measured(report: StepReport) -> float:
+    """Simulate the report's schedule with each action's measured duration; hop cost 0."""
+    s, m = report.num_stages, report.microbatches
+    tf = [[0.0] * m for _ in range(s)]
+    tb = [[0.0] * m for _ in range(s)]
+    for t in report.timeline:
+        (tf if t.kind == "F" else tb)[t.stage][t.microbatch] = t.end - t.start
+    sched = make_schedule(report.schedule, s, m)
+    return simulate(sched, Costs.build(s, m, tf, tb)).step_time
+
+
+if __name__ == "__main__":
+    main()
