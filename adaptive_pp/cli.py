@@ -73,13 +73,20 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    print("adaptive-pp demo: simulated 4 stages x 16 micro-batches, 1 ms forward, 2 ms backward\n")
+    print("== simulated: 4 stages x 16 micro-batches, 1 ms forward, 2 ms backward per stage ==\n")
     for name in ("gpipe", "1f1b"):
         report = simulate(make_schedule(name, 4, 16), Costs.build(4, 16, 1e-3, 2e-3))
         print(summary(report))
         print()
         print(timeline(report, 96))
         print()
+    if args.simulate_only:
+        return 0
+    from .demo import train_rank
+    from .launch import launch
+
+    print(f"== live: starting {args.stages} stage processes (each imports torch: a few seconds) ==")
+    launch(train_rank, args.stages, args.steps, args.microbatches, args.schedule)
     return 0
 
 
@@ -89,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adaptive-pp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
-    sub.add_parser("demo", help="show the 4 x 16 pipeline (GPipe and 1F1B)")
+    demo = sub.add_parser("demo", help="simulate the 4 x 16 pipeline, then train on 4 processes")
+    demo.add_argument("--stages", type=int, default=4)
+    demo.add_argument("--microbatches", type=int, default=8)
+    demo.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
+    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--simulate-only", action="store_true", help="skip the live training run")
     return parser
 
 
