@@ -1,0 +1,44 @@
+"""Shared test configuration: hypothesis profiles.
+
+- ``dev`` (the default here): 60 examples per property, no deadline.
+- ``ci``: hypothesis's built-in profile (derandomised, no deadline, no example database).
+  Hypothesis loads it by itself when the ``CI`` environment variable (or a vendor's CI variable)
+  is set; versions that predate the built-in profile get an equivalent one registered here.
+- ``HYPOTHESIS_PROFILE=<name>`` picks a profile explicitly.
+
+No profile has a deadline: these tests make no timing assertions.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis.errors import InvalidArgument
+
+settings.register_profile("dev", max_examples=60, deadline=None)
+
+try:
+    settings.get_profile("ci")
+except InvalidArgument:  # hypothesis without a built-in "ci" profile
+    settings.register_profile(
+        "ci",
+        derandomize=True,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+def _current_profile() -> str | None:
+    getter = getattr(settings, "get_current_profile_name", None)
+    return getter() if getter is not None else None
+
+
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
+elif "CI" in os.environ or _current_profile() == "ci":
+    settings.load_profile("ci")
+else:
+    settings.load_profile("dev")
