@@ -193,9 +193,21 @@ class Pipeline:
             "queues": queues,
             "loss": log.loss_sum / self.microbatches if self.is_last else None,
             "optimizer": optimizer_s,
+            "t0": t0,
         }
 
     def _merge(self, parts: list[dict[str, Any]], wall: float) -> StepReport:
+        # perf_counter is one system-wide monotonic clock on a host: put every rank's times
+        # on the earliest rank's step start, so cross-stage gaps (hop latency) are real.
+        base = min(p["t0"] for p in parts)
+        for p in parts:
+            d = p["t0"] - base
+            p["end"] += d
+            p["start"] = [t + d for t in p["start"]]
+            p["stop"] = [t + d for t in p["stop"]]
+            for q in p["queues"]:
+                q["arrived"] = [t + d for t in q["arrived"]]
+                q["consumed"] = [t + d for t in q["consumed"]]
         step_time = max(p["end"] for p in parts)
         stages = tuple(
             StageStats(

@@ -186,14 +186,28 @@ def main() -> None:
 
 
 def _simulate_measured(report: StepReport) -> float:
-    """Simulate the report's schedule with each action's measured duration; hop cost 0."""
+    """Simulate the report's schedule with each action's measured duration and hop latency.
+
+    Hop latency per link: the median gap between the producer finishing an action and the
+    consumer starting the dependent one, over the messages the consumer had to wait for.
+    """
     s, m = report.num_stages, report.microbatches
     tf = [[0.0] * m for _ in range(s)]
     tb = [[0.0] * m for _ in range(s)]
+    start: dict[tuple[int, str, int], float] = {}
+    end: dict[tuple[int, str, int], float] = {}
     for t in report.timeline:
         (tf if t.kind == "F" else tb)[t.stage][t.microbatch] = t.end - t.start
+        start[(t.stage, t.kind, t.microbatch)] = t.start
+        end[(t.stage, t.kind, t.microbatch)] = t.end
+    hops = []
+    for h in range(s - 1):
+        gaps = [start[(h + 1, "F", i)] - end[(h, "F", i)] for i in range(m)]
+        gaps += [start[(h, "B", i)] - end[(h + 1, "B", i)] for i in range(m)]
+        waited = sorted(g for g in gaps if g >= 0)
+        hops.append(waited[len(waited) // 2] if waited else 0.0)
     sched = make_schedule(report.schedule, s, m)
-    return simulate(sched, Costs.build(s, m, tf, tb)).step_time
+    return simulate(sched, Costs.build(s, m, tf, tb, hops)).step_time
 
 
 if __name__ == "__main__":
