@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,11 +15,13 @@ from torch import nn
 
 from .comm import Link, all_gather_json, collective
 from .config import PipelineConfig
+from .decisions import Decision
+from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
+from .migration import MigrationAborted, apply_decision
+from .partition import Partition
 from .report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
 from .schedules import Action, Schedule, make_schedule, validate
 from .stage import LossFn, Segment, StageLog, StageWorker
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 class StepOutput(NamedTuple):
@@ -85,32 +87,83 @@ class Pipeline:
             raise ValueError(
                 f"{self.num_stages} stages need {self.num_stages} processes, got {world}"
             )
-        blocks = list(model)
-        if not blocks:
+        self.blocks = list(model)
+        if not self.blocks:
             raise ValueError("the model has no layers to pipeline")
-        self.partition = cfg.resolve_partition(len(blocks), self.num_stages)
+        self._pre, self._post, self._factory = pre, post, optimizer_factory
+        self.partition = cfg.resolve_partition(len(self.blocks), self.num_stages)
         self.microbatches = cfg.microbatches
         self.schedule = self._make_schedule(cfg.microbatches)
         self.device = _device(cfg.device)
+        self.last_batch_size: int | None = None
+        self._events: list[str] = []
+        self._change_s = 0.0
         s = self.rank
-        segments = [Segment(i, f"layers.{i}", blocks[i]) for i in self.partition.layers(s)]
-        if pre is not None and s == 0:
-            segments.insert(0, Segment(-1, "pre", pre))
-        if post is not None and s == self.num_stages - 1:
-            segments.append(Segment(-2, "post", post))
-        for seg in segments:
-            seg.module.to(self.device)
+        segments = self._segments(self.partition)
+        for i, block in enumerate(self.blocks):
+            if i not in self.partition.layers(s):
+                block.to("meta")  # a twin without storage: materialised if it migrates here
         up = Link(s, s - 1) if s > 0 else None
         down = Link(s, s + 1) if s < self.num_stages - 1 else None
         self.worker = StageWorker(
             s, self.num_stages, segments, loss_fn, up, down, self.device, cfg.recv_timeout
         )
-        params = self.worker.parameters()
-        # A stage of parameter-free layers has nothing to optimise (torch refuses empty lists).
-        self.optimizer = optimizer_factory(params) if params else None
+        self.optimizer = rebuild_optimizer(
+            optimizer_factory, self.worker.named_segments(), None, {}
+        )
         self.step_count = 0
         self._closed = False
         collective("start-up", dist.barrier)
+
+    def _segments(self, partition: Partition) -> list[Segment]:
+        """This rank's segments under ``partition`` (pre first on stage 0, post last at the end)."""
+        s = self.rank
+        segments = [Segment(i, layer_name(i), self.blocks[i]) for i in partition.layers(s)]
+        if self._pre is not None and s == 0:
+            segments.insert(0, Segment(-1, "pre", self._pre))
+        if self._post is not None and s == self.num_stages - 1:
+            segments.append(Segment(-2, "post", self._post))
+        for seg in segments:
+            seg.module.to(self.device)
+        return segments
+
+    def apply(self, decision: Decision) -> str | None:
+        """Apply a decision now, between steps, on every rank alike; return what changed.
+
+        MoveLayers migrates boundary layers (two-phase; MigrationAborted leaves every rank on
+        the old plan), SetMicrobatches changes M. The next step's report lists the change.
+        """
+        t0 = time.perf_counter()
+        try:
+            event = apply_decision(self, decision)
+        except MigrationAborted as exc:
+            self._events.append(f"aborted: {exc}")
+            raise
+        finally:
+            self._change_s += time.perf_counter() - t0
+        if event is not None:
+            self._events.append(event)
+        return event
+
+    def adopt_partition(self, partition: Partition, carried: dict[str, dict[str, Any]]) -> None:
+        """Commit a new partition: swap segments and rebuild the optimizer, keeping all state."""
+        old = self.worker.named_segments()
+        kept = optimizer_state(self.optimizer, old)
+        self.partition = partition
+        self.worker.segments = self._segments(partition)
+        new = self.worker.named_segments()
+        if set(new) != set(old):
+            self.optimizer = rebuild_optimizer(
+                self._factory, new, self.optimizer, {**kept, **carried}
+            )
+            for name, module in old.items():
+                if name not in new:
+                    module.to("meta")  # freed only after the commit
+
+    def set_microbatches(self, microbatches: int) -> None:
+        """Run the next steps with ``microbatches`` micro-batches (schedule rebuilt and checked)."""
+        self.schedule = self._make_schedule(microbatches)
+        self.microbatches = microbatches
 
     def _make_schedule(self, microbatches: int) -> Schedule:
         sched = make_schedule(self.config.schedule, self.num_stages, microbatches)
@@ -131,6 +184,9 @@ class Pipeline:
         """Forward and backward over all micro-batches, then the optimizer; every rank calls it."""
         m_count = self.microbatches
         t0 = time.perf_counter()
+        batch = inputs if inputs is not None else targets
+        if batch is not None:
+            self.last_batch_size = int(batch.shape[0])
         ins = (
             split_batch(inputs, m_count, "input") if inputs is not None and self.rank == 0 else None
         )
@@ -158,6 +214,7 @@ class Pipeline:
         self.worker.version += 1
         local = self._local_report(log, t0, time.perf_counter() - t_opt)
         report = self._merge(all_gather_json(local), time.perf_counter() - t0)
+        self._events, self._change_s = [], 0.0
         self.step_count += 1
         if self.config.run_dir is not None and self.rank == 0:
             append_jsonl(Path(self.config.run_dir) / "reports.jsonl", report)
@@ -243,7 +300,12 @@ class Pipeline:
             partition=self.partition.bounds,
             source="runtime",
             loss=parts[-1]["loss"],
-            extra={"wall": wall, "optimizer": max(p["optimizer"] for p in parts)},
+            events=tuple(self._events),
+            extra={
+                "wall": wall,
+                "optimizer": max(p["optimizer"] for p in parts),
+                "change": self._change_s,
+            },
         )
 
     def local_state(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
+from adaptive_pp.decisions import Decision
 
 
 @dataclass(frozen=True)
@@ -64,22 +65,35 @@ def batches(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def train_pipelined(case: Case) -> dict[str, Any]:
-    """Rank job: train ``case`` pipelined; return losses, this stage's state, last report."""
+def train_pipelined(case: Case, changes: dict[int, list[Decision]] | None = None) -> dict[str, Any]:
+    """Rank job: train ``case`` pipelined, applying ``changes[k]`` before step k.
+
+    Returns losses, this stage's module and optimizer state, the final partition, last report.
+    """
     model = build_model(case)
     cfg = PipelineConfig(
         microbatches=case.microbatches, schedule=case.schedule, partition=case.bounds
     )
     pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
-    losses, report = [], None
-    for x, y in batches(case):
+    losses, report, events = [], None, []
+    for k, (x, y) in enumerate(batches(case)):
+        for decision in (changes or {}).get(k, []):
+            pipe.apply(decision)
         out = pipe.step(x, y)
         losses.append(out.loss)
         report = out.report
+        events += list(report.events)
     state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
     opt_state = pipe.optimizer.state_dict() if pipe.optimizer is not None else None
     pipe.close()
-    return {"losses": losses, "state": state, "optimizer": opt_state, "report": report.to_dict()}
+    return {
+        "losses": losses,
+        "state": state,
+        "optimizer": opt_state,
+        "report": report.to_dict(),
+        "bounds": pipe.partition.bounds,
+        "events": events,
+    }
 
 
 def train_reference(case: Case) -> tuple[list[float], dict[str, torch.Tensor], Any]:

@@ -1,0 +1,228 @@
+"""Applying decisions at a step boundary: move boundary layers (two-phase) or change M.
+
+Protocol for MoveLayers(src, dst, n), run by every rank between two steps:
+
+1. agree: every rank states the decision and its partition; any difference is refused;
+   the new plan is validated and simulated first (an invalid plan is refused everywhere);
+2. transfer: ``src`` sends the layers' parameters, buffers, optimizer state and version to
+   ``dst`` over their link (a JSON manifest, then one tensor per message; no pickle);
+3. load: ``dst`` checks names, shapes and versions, loads into its own copy of those layers,
+   and acknowledges;
+4. commit: every rank states ok/failed; only if all are ok do ``src`` and ``dst`` switch
+   segments (``src`` frees the layers only now) and every rank adopts the new partition.
+   Otherwise everyone keeps the old plan, the error is reported, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .comm import Header, Kind, Link, all_gather_json
+from .decisions import Decision, Keep, MoveLayers, Plan, SetMicrobatches, apply, describe, to_dict
+from .errors import PipelineError, VersionMismatch
+from .layerstate import layer_name, load_module_state, module_state, optimizer_state
+from .simulator import Costs, simulate
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+MANIFEST, ACK = 0, 1
+
+
+class MigrationAborted(PipelineError):
+    """A migration failed before its commit; every rank kept the old plan."""
+
+
+def apply_decision(pipe: Pipeline, decision: Decision) -> str | None:
+    """Apply ``decision`` on every rank (all must call it alike); return the event text."""
+    if isinstance(decision, Keep):
+        return None
+    plan = Plan(pipe.partition, pipe.microbatches, pipe.schedule.name)
+    new = apply(plan, decision)  # ValueError on every rank alike for an invalid decision
+    _agree(pipe, decision)
+    if isinstance(decision, SetMicrobatches):
+        if pipe.last_batch_size is not None and pipe.last_batch_size % decision.microbatches:
+            raise ValueError(
+                f"cannot use M={decision.microbatches}: the batch of {pipe.last_batch_size} "
+                "samples does not split into that many equal micro-batches"
+            )
+        _simulate_plan(new)
+        pipe.set_microbatches(decision.microbatches)
+        return f"set micro-batches {plan.microbatches} -> {decision.microbatches}"
+    _simulate_plan(new)
+    t0 = time.perf_counter()
+    nbytes = _move(pipe, decision, new)
+    ms = (time.perf_counter() - t0) * 1e3
+    layers = _moving_layers(plan, decision)
+    return (
+        f"moved layers {layers[0]}-{layers[-1]} from stage {decision.src} to stage "
+        f"{decision.dst} ({nbytes} bytes, {ms:.1f} ms); partition {plan.partition} -> "
+        f"{new.partition}"
+    )
+
+
+def _agree(pipe: Pipeline, decision: Decision) -> None:
+    mine = {
+        "decision": to_dict(decision),
+        "partition": list(pipe.partition.bounds),
+        "m": pipe.microbatches,
+    }
+    views = all_gather_json(mine)
+    if any(v != views[0] for v in views):
+        raise PipelineError(
+            f"stage {pipe.stage}: ranks disagree on {describe(decision)}: {views}; refused"
+        )
+
+
+def _simulate_plan(plan: Plan) -> None:
+    """Run the simulator on the new plan (unit costs): a schedule that cannot run is refused."""
+    from .schedules import make_schedule
+
+    s = plan.partition.num_stages
+    simulate(
+        make_schedule(plan.schedule, s, plan.microbatches),
+        Costs.build(s, plan.microbatches, 1.0, 2.0),
+    )
+
+
+def _moving_layers(plan: Plan, move: MoveLayers) -> list[int]:
+    own = list(plan.partition.layers(move.src))
+    return own[-move.count :] if move.dst == move.src + 1 else own[: move.count]
+
+
+def _link_to(pipe: Pipeline, peer: int) -> Link:
+    link = pipe.worker.down if peer == pipe.stage + 1 else pipe.worker.up
+    if link is None or link.peer != peer:
+        raise PipelineError(f"stage {pipe.stage} has no link to stage {peer}")
+    return link
+
+
+def _send_json(link: Link, ident: int, obj: Any, step: int, version: int) -> None:
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    link.send(
+        Header(Kind.CONTROL, ident, step, version, -1, -1, torch.uint8, (data.numel(),)), data
+    )
+
+
+def _take_json(link: Link, ident: int, timeout: float, what: str) -> Any:
+    msg = link.take(Kind.CONTROL, ident, timeout, what)
+    return json.loads(bytes(msg.payload.tolist()).decode())
+
+
+def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
+    layers = _moving_layers(Plan(pipe.partition, pipe.microbatches, pipe.schedule.name), move)
+    names = {layer_name(i): pipe.blocks[i] for i in layers}
+    ok, error, nbytes = True, "", 0
+    carried: dict[str, dict[str, Any]] = {}
+    timeout = pipe.config.recv_timeout
+    if pipe.stage == move.src:
+        nbytes = _send_layers(pipe, _link_to(pipe, move.dst), names)
+        reply = _take_json(_link_to(pipe, move.dst), ACK, timeout, "migration acknowledgement")
+        ok, error = bool(reply["ok"]), str(reply["error"])
+    elif pipe.stage == move.dst:
+        link = _link_to(pipe, move.src)
+        try:
+            carried, nbytes = _receive_layers(pipe, link, names, timeout)
+        except (PipelineError, KeyError, ValueError) as exc:
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+        _send_json(link, ACK, {"ok": ok, "error": error}, pipe.step_count, pipe.worker.version)
+        link.flush()
+    votes = all_gather_json({"ok": ok, "error": error, "bytes": nbytes})
+    nbytes = max(int(v["bytes"]) for v in votes)
+    failed = [v["error"] for v in votes if not v["ok"]]
+    if failed:
+        raise MigrationAborted(
+            f"migration {describe(move)} aborted before commit, every stage keeps partition "
+            f"{pipe.partition}: {failed[0]}",
+            stage=pipe.stage,
+        )
+    pipe.adopt_partition(new.partition, carried)
+    return nbytes
+
+
+def _send_layers(pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module]) -> int:
+    """Manifest (names, shapes, scalar optimizer state, version), then one tensor each."""
+    tensors: list[torch.Tensor] = []
+    entries: list[dict[str, Any]] = []
+    for name, t in module_state(modules).items():
+        entries.append({"name": name, "opt": None, "tensor": len(tensors)})
+        tensors.append(t)
+    for pname, st in optimizer_state(pipe.optimizer, modules).items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                entries.append(
+                    {
+                        "name": pname,
+                        "opt": key,
+                        "tensor": len(tensors),
+                        "scalar_tensor": value.dim() == 0,
+                    }
+                )
+                tensors.append(value.detach().reshape(-1) if value.dim() == 0 else value.detach())
+            elif isinstance(value, numbers.Number):
+                entries.append({"name": pname, "opt": key, "tensor": None, "value": value})
+            else:
+                raise PipelineError(
+                    f"cannot migrate optimizer state {pname}[{key!r}] of type "
+                    f"{type(value).__name__}",
+                    stage=pipe.stage,
+                )
+    versions = {name: pipe.worker.version for name in modules}
+    _send_json(
+        link,
+        MANIFEST,
+        {"entries": entries, "versions": versions},
+        pipe.step_count,
+        pipe.worker.version,
+    )
+    for i, t in enumerate(tensors):
+        link.send(
+            Header(
+                Kind.STATE, i, pipe.step_count, pipe.worker.version, -1, -1, t.dtype, tuple(t.shape)
+            ),
+            t.cpu(),
+        )
+    link.flush()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _receive_layers(
+    pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module], timeout: float
+) -> tuple[dict[str, dict[str, Any]], int]:
+    manifest = _take_json(link, MANIFEST, timeout, "migration manifest")
+    entries = manifest["entries"]
+    count = sum(1 for e in entries if e["tensor"] is not None)
+    # Take every announced tensor before any check, so a refusal leaves no stale messages.
+    tensors = [link.take(Kind.STATE, i, timeout, "migrating tensor").payload for i in range(count)]
+    for name, version in manifest["versions"].items():
+        if version != pipe.worker.version:
+            raise VersionMismatch(
+                f"stage {pipe.stage} received {name} at weight version {version}, "
+                f"but its own layers are at version {pipe.worker.version}",
+                stage=pipe.stage,
+                layer=int(name.split(".")[1]),
+            )
+    for module in modules.values():
+        if any(t.is_meta for t in module.state_dict().values()):
+            module.to_empty(device=pipe.device)  # materialise the twin; loaded just below
+    state = {e["name"]: tensors[e["tensor"]] for e in entries if e["opt"] is None}
+    load_module_state(modules, state, f"stage {pipe.stage} loading migrated layers")
+    carried: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e["opt"] is None:
+            continue
+        if e["tensor"] is None:
+            value: Any = e["value"]
+        else:
+            value = tensors[e["tensor"]]
+            if e.get("scalar_tensor"):
+                value = value.reshape(())
+        carried.setdefault(e["name"], {})[e["opt"]] = (
+            value.to(pipe.device) if isinstance(value, torch.Tensor) else value
+        )
+    return carried, sum(t.numel() * t.element_size() for t in tensors)
