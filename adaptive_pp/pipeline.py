@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import checkpoint
 from .comm import Link, all_gather_json, collective
 from .config import PipelineConfig
 from .decisions import Decision
@@ -159,6 +160,14 @@ class Pipeline:
             for name, module in old.items():
                 if name not in new:
                     module.to("meta")  # freed only after the commit
+
+    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Checkpoint every stage (all ranks call it); ``extra`` (controller state) rides along."""
+        return checkpoint.save(self, path, extra)
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Resume from a checkpoint saved with any stage count or partition; return its meta."""
+        return checkpoint.load(self, path)
 
     def set_microbatches(self, microbatches: int) -> None:
         """Run the next steps with ``microbatches`` micro-batches (schedule rebuilt and checked)."""

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.decisions import Decision
+from adaptive_pp.decisions import Decision, MoveLayers
+from adaptive_pp.migration import MigrationAborted
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,13 @@ def train_pipelined(case: Case, changes: dict[int, list[Decision]] | None = None
     }
 
 
-def train_reference(case: Case) -> tuple[list[float], dict[str, torch.Tensor], Any]:
-    """Single process, same micro-batch split and accumulation order as the pipeline."""
+def train_reference(
+    case: Case, m_from: dict[int, int] | None = None
+) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+    """Single process, same micro-batch split and accumulation order as the pipeline.
+
+    ``m_from[k] = M`` switches to M micro-batches from step k on.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the stage processes: same kernels, same bits
     try:
@@ -105,10 +111,11 @@ def train_reference(case: Case) -> tuple[list[float], dict[str, torch.Tensor], A
         opt = make_optimizer(case, model.parameters())
         losses = []
         m = case.microbatches
-        for x, y in batches(case):
+        for k, (x, y) in enumerate(batches(case)):
+            m = (m_from or {}).get(k, m)
             total = 0.0
             for xm, ym in zip(
-                torch.split(x, case.batch // m), torch.split(y, case.batch // m), strict=True
+                torch.split(x, len(x) // m), torch.split(y, len(y) // m), strict=True
             ):
                 loss = nn.functional.mse_loss(model(xm), ym)
                 total += float(loss.detach())
@@ -119,6 +126,38 @@ def train_reference(case: Case) -> tuple[list[float], dict[str, torch.Tensor], A
         return losses, model.state_dict(), opt
     finally:
         torch.set_num_threads(threads)
+
+
+def assert_matches_reference(
+    case: Case, ranks: list[dict[str, Any]], m_from: dict[int, int] | None = None
+) -> None:
+    """Losses, parameters and optimizer state of every rank equal the single-process run's."""
+    ref_losses, ref_state, ref_opt = train_reference(case, m_from)
+    ref_params = [p for g in ref_opt.param_groups for p in g["params"]]
+    ref_by_name = dict(zip(ref_state.keys(), ref_params, strict=True))
+    seen: set[str] = set()
+    for r in ranks:
+        # Same micro-batch split and accumulation order: bit-for-bit equal, no tolerance.
+        assert r["losses"] == ref_losses
+        names = []
+        for name, sd in r["state"].items():
+            layer = int(name.split(".")[1])
+            for key, tensor in sd.items():
+                assert torch.equal(tensor, ref_state[f"{layer}.{key}"]), (name, key)
+                seen.add(f"{layer}.{key}")
+                names.append(f"{layer}.{key}")
+        if r["optimizer"] is None:
+            continue
+        # The stage's optimizer holds its parameters in layer order, as the reference does
+        # (these models have parameters only, no buffers).
+        stage_state = r["optimizer"]["state"]
+        for idx, name in enumerate(names):
+            expected = ref_opt.state.get(ref_by_name[name], {})
+            got = stage_state.get(idx, {})
+            assert set(got) == set(expected), name
+            for key, value in expected.items():
+                assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(value)), (name, key)
+    assert seen == set(ref_state), "some layer is missing or held twice"
 
 
 # --- failure jobs (each run through adaptive_pp.launch) -----------------------------------
@@ -221,3 +260,83 @@ def job_stuck_stage() -> None:
     model = nn.Sequential(nn.Linear(4, 4), _Hang())
     pipe = _pipe(model, microbatches=2, recv_timeout=2.0)
     pipe.step(torch.randn(4, 4), torch.randn(4, 4))
+
+
+# --- migration, version and checkpoint jobs ---------------------------------------------
+
+
+def job_version_mismatch() -> None:
+    """Stage 1 pretends its weights are one optimizer step ahead; stage 2 must refuse."""
+    pipe = _pipe(_mlp(4, 3), microbatches=2)
+    if pipe.stage == 1:
+        pipe.worker.version += 1
+    pipe.step(torch.randn(4, 4), torch.randn(4, 4))
+
+
+def job_invalid_move() -> None:
+    """Moving every layer off stage 1 would empty it: refused on every rank, no hang."""
+    pipe = _pipe(_mlp(4, 6), microbatches=2, partition=(0, 2, 4, 6))
+    pipe.apply(MoveLayers(1, 2, 2))
+
+
+def job_aborted_move(case: Case) -> dict[str, Any]:
+    """The receiver's twin of layer 2 has the wrong shape: the move aborts, training goes on."""
+    model = build_model(case)
+    cfg = PipelineConfig(microbatches=case.microbatches, partition=case.bounds)
+    pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
+    data = batches(case)
+    pipe.step(*data[0])
+    if pipe.stage == 0:
+        pipe.blocks[2] = nn.Sequential(nn.Linear(1, 1), nn.Tanh())  # a twin that cannot fit
+    error = ""
+    try:
+        pipe.apply(MoveLayers(1, 0, 1))
+    except MigrationAborted as exc:
+        error = str(exc)
+    losses = [pipe.step(x, y).loss for x, y in data[1:]]
+    state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
+    bounds = pipe.partition.bounds
+    pipe.close()
+    return {"error": error, "losses": losses, "state": state, "bounds": bounds}
+
+
+def job_checkpoint_then_resume(case: Case, save_at: int, path: str, phase: str) -> dict[str, Any]:
+    """phase "save": train save_at steps and checkpoint; "resume": load and train the rest."""
+    model = build_model(case)
+    cfg = PipelineConfig(microbatches=case.microbatches, partition=case.bounds)
+    pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
+    data = batches(case)
+    losses = []
+    if phase == "save":
+        for x, y in data[:save_at]:
+            losses.append(pipe.step(x, y).loss)
+        pipe.save_checkpoint(path, extra={"controller": {"note": "saved"}})
+    else:
+        meta = pipe.load_checkpoint(path)
+        assert meta["extra"]["controller"] == {"note": "saved"}
+        for x, y in data[meta["step"] :]:
+            losses.append(pipe.step(x, y).loss)
+    state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
+    pipe.close()
+    return {"losses": losses, "state": state}
+
+
+def job_receiver_killed(case: Case, path: str) -> None:
+    """Checkpoint after step 1, then stage 1 dies while receiving migrating layers."""
+    from adaptive_pp import migration
+
+    model = build_model(case)
+    cfg = PipelineConfig(microbatches=case.microbatches, partition=case.bounds)
+    pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
+    data = batches(case)
+    pipe.step(*data[0])
+    pipe.save_checkpoint(path, extra={"controller": {"note": "saved"}})
+    if pipe.stage == 1:
+        real = migration._receive_layers
+
+        def dying(*args: Any, **kwargs: Any) -> Any:
+            os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        migration._receive_layers = dying  # type: ignore[assignment]
+    pipe.apply(MoveLayers(0, 1, 1))

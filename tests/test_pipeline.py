@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 import runtime_cases as rc
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,32 +52,6 @@ def cases(draw: st.DrawFn) -> rc.Case:
     )
 
 
-def _check_equal(case: rc.Case, ranks: list[dict]) -> None:
-    ref_losses, ref_state, ref_opt = rc.train_reference(case)
-    for r in ranks:
-        # Same micro-batch split and accumulation order: bit-for-bit equal, no tolerance.
-        assert r["losses"] == ref_losses
-        for name, sd in r["state"].items():
-            layer = int(name.split(".")[1])
-            for key, tensor in sd.items():
-                assert torch.equal(tensor, ref_state[f"{layer}.{key}"]), (name, key)
-    # Optimizer state (momentum buffers / Adam moments and step counts), parameter by parameter.
-    ref_params = dict(zip(ref_state.keys(), [p for g in ref_opt.param_groups for p in g["params"]]))
-    ref_by_name = {n: ref_opt.state[p] for n, p in ref_params.items() if p in ref_opt.state}
-    for r, (lo, hi) in zip(ranks, zip(case.bounds, case.bounds[1:])):
-        names = [k for k in ref_state if lo <= int(k.split(".")[0]) < hi]
-        stage_state = r["optimizer"]["state"]
-        assert len(stage_state) == len([n for n in names if n in ref_by_name])
-        for idx, name in enumerate(names):
-            for key, value in ref_by_name.get(name, {}).items():
-                assert torch.equal(
-                    torch.as_tensor(stage_state[idx][key]), torch.as_tensor(value)
-                ), (
-                    name,
-                    key,
-                )
-
-
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -87,7 +60,7 @@ def test_pipelined_training_equals_single_process(
     pools: dict[int, WorkerPool], case: rc.Case
 ) -> None:
     ranks = _pool(pools, len(case.bounds) - 1).run(rc.train_pipelined, case, timeout=120)
-    _check_equal(case, ranks)
+    rc.assert_matches_reference(case, ranks)
 
 
 def test_report_matches_schedule_shape(pools: dict[int, WorkerPool]) -> None:

@@ -1,0 +1,189 @@
+"""Multi-process: live migration, M changes, the version guard and checkpoints keep the math."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import runtime_cases as rc
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_pp.decisions import Decision, MoveLayers, SetMicrobatches
+from adaptive_pp.launch import LaunchError, WorkerPool, launch
+from adaptive_pp.partition import Partition
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def pools() -> Iterator[dict[int, WorkerPool]]:
+    """One pool of ranks per stage count, kept for the module."""
+    made: dict[int, WorkerPool] = {}
+    yield made
+    for pool in made.values():
+        pool.close()
+
+
+def _pool(pools: dict[int, WorkerPool], stages: int) -> WorkerPool:
+    if stages not in pools or pools[stages].broken:
+        pools[stages] = WorkerPool(stages)
+    return pools[stages]
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> tuple[rc.Case, dict[int, list[Decision]], dict[int, int]]:
+    """A random model and partition, and random valid moves and M changes at random steps."""
+    stages = draw(st.integers(2, 4))
+    layers = draw(st.integers(stages + 1, 8))
+    cuts = sorted(
+        draw(st.sets(st.integers(1, layers - 1), min_size=stages - 1, max_size=stages - 1))
+    )
+    m = draw(st.sampled_from([1, 2, 4]))
+    case = rc.Case(
+        seed=draw(st.integers(0, 10_000)),
+        widths=tuple(draw(st.lists(st.integers(1, 6), min_size=layers + 1, max_size=layers + 1))),
+        bounds=(0, *cuts, layers),
+        microbatches=m,
+        schedule=draw(st.sampled_from(["1f1b", "gpipe"])),
+        optimizer=draw(st.sampled_from(["sgd", "adam"])),
+        steps=draw(st.integers(2, 4)),
+        per_microbatch=2,
+    )
+    part = Partition(case.bounds)
+    changes: dict[int, list[Decision]] = {}
+    m_from: dict[int, int] = {}
+    for k in range(1, case.steps):
+        for _ in range(draw(st.integers(0, 2))):
+            movable = [s for s in range(stages) if part.sizes[s] > 1]
+            if not movable:
+                break
+            src = draw(st.sampled_from(movable))
+            dst = draw(st.sampled_from([d for d in (src - 1, src + 1) if 0 <= d < stages]))
+            count = draw(st.integers(1, part.sizes[src] - 1))
+            part = part.move(src, dst, count)
+            changes.setdefault(k, []).append(MoveLayers(src, dst, count))
+        if draw(st.booleans()):
+            new_m = draw(st.sampled_from([d for d in (1, 2, 4, 8) if case.batch % d == 0]))
+            changes.setdefault(k, []).append(SetMicrobatches(new_m))
+            m_from[k] = new_m
+    return case, changes, m_from
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(run=runs())
+def test_migrations_and_m_changes_keep_training_exact(pools: dict[int, WorkerPool], run) -> None:
+    case, changes, m_from = run
+    ranks = _pool(pools, len(case.bounds) - 1).run(rc.train_pipelined, case, changes, timeout=120)
+    rc.assert_matches_reference(case, ranks, m_from)
+    moves = [d for ds in changes.values() for d in ds if isinstance(d, MoveLayers)]
+    assert sum("moved layers" in e for e in ranks[0]["events"]) == len(moves)
+    assert len({r["bounds"] for r in ranks}) == 1
+
+
+def test_migration_step_is_marked_in_the_report(pools: dict[int, WorkerPool]) -> None:
+    case = rc.Case(1, (4,) * 7, (0, 2, 4, 6), 2, "1f1b", "adam", 3)
+    ranks = _pool(pools, 3).run(rc.train_pipelined, case, {2: [MoveLayers(2, 1, 1)]}, timeout=120)
+    assert ranks[0]["bounds"] == (0, 2, 5, 6)
+    (event,) = ranks[0]["events"]
+    assert event.startswith("moved layers 4-4 from stage 2 to stage 1 (") and "bytes" in event
+    assert ranks[0]["report"]["step"] == 2 and list(ranks[0]["report"]["events"]) == [event]
+
+
+def test_aborted_migration_keeps_the_old_plan_and_loses_nothing(
+    pools: dict[int, WorkerPool],
+) -> None:
+    case = rc.Case(2, (3, 4, 5, 4, 3), (0, 2, 4), 2, "1f1b", "adam", 3)
+    ranks = _pool(pools, 2).run(rc.job_aborted_move, case, timeout=120)
+    for r in ranks:
+        assert "aborted before commit" in r["error"] and "layers.2" in r["error"]
+        assert r["bounds"] == case.bounds
+    ref_losses, ref_state, _ = rc.train_reference(case)
+    assert ranks[-1]["losses"] == ref_losses[1:]
+    # Stage 1 still holds layer 2 with its trained weights; stage 0's broken twin was never used.
+    for key, tensor in ranks[1]["state"]["layers.2"].items():
+        assert torch.equal(tensor, ref_state[f"2.{key}"])
+
+
+def test_version_mismatch_is_a_loud_error() -> None:
+    with pytest.raises(LaunchError) as info:
+        launch(rc.job_version_mismatch, 3, timeout=90)
+    root = info.value.root
+    # Stage 1 is first to see a message from other weights than its own.
+    assert root.rank == 1 and root.kind == "VersionMismatch"
+    assert "stage 1 received the activation of micro-batch 0" in root.message
+    assert "layers 0-0 at weight version 0" in root.message and "at version 1" in root.message
+
+
+def test_invalid_move_is_refused_on_every_rank() -> None:
+    with pytest.raises(LaunchError) as info:
+        launch(rc.job_invalid_move, 3, timeout=90)
+    assert len(info.value.failures) == 3
+    assert all(f.kind == "ValueError" and "empty" in f.message for f in info.value.failures)
+
+
+@pytest.mark.parametrize("resume_bounds", [(0, 3, 8), (0, 1, 5, 8), (0, 2, 4, 6, 8)])
+def test_checkpoint_resumes_on_other_stage_counts_exactly(tmp_path: Path, resume_bounds) -> None:
+    saved = rc.Case(3, (4, 5, 6, 5, 4, 5, 6, 5, 4), (0, 2, 4, 6, 8), 2, "1f1b", "adam", 4)
+    launch(rc.job_checkpoint_then_resume, 4, saved, 2, str(tmp_path / "ck"), "save", timeout=90)
+    resumed = rc.Case(**{**saved.__dict__, "bounds": resume_bounds})
+    ranks = launch(
+        rc.job_checkpoint_then_resume,
+        len(resume_bounds) - 1,
+        resumed,
+        2,
+        str(tmp_path / "ck"),
+        "resume",
+        timeout=90,
+    )
+    ref_losses, ref_state, _ = rc.train_reference(saved)
+    assert ranks[-1]["losses"] == ref_losses[2:]
+    held = {}
+    for r in ranks:
+        for name, sd in r["state"].items():
+            for key, tensor in sd.items():
+                held[f"{name.split('.')[1]}.{key}"] = tensor
+    assert set(held) == set(ref_state)
+    for key, tensor in held.items():
+        assert torch.equal(tensor, ref_state[key]), key
+
+
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    case = rc.Case(3, (4, 4, 4, 4), (0, 1, 3), 2, "1f1b", "sgd", 2)
+    ck = tmp_path / "ck"
+    launch(rc.job_checkpoint_then_resume, 2, case, 1, str(ck), "save", timeout=90)
+    shard = ck / "stage-1-of-2.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(LaunchError) as info:
+        launch(rc.job_checkpoint_then_resume, 2, case, 1, str(ck), "resume", timeout=90)
+    assert info.value.root.kind == "CheckpointError"
+    assert "stage-1-of-2.pt is corrupt or truncated" in info.value.root.message
+    (ck / "meta.json").write_text("{not json")
+    with pytest.raises(LaunchError) as info:
+        launch(rc.job_checkpoint_then_resume, 2, case, 1, str(ck), "resume", timeout=90)
+    assert "meta.json is corrupt" in info.value.root.message
+
+
+def test_receiver_killed_mid_migration_then_resume_has_every_layer(tmp_path: Path) -> None:
+    case = rc.Case(4, (4,) * 7, (0, 2, 4, 6), 2, "1f1b", "adam", 3)
+    ck = str(tmp_path / "ck")
+    with pytest.raises(LaunchError) as info:
+        launch(rc.job_receiver_killed, 3, case, ck, timeout=90)
+    assert info.value.root.rank == 1 and "died (signal SIGKILL)" in info.value.root.message
+    assert all(f.secondary for f in info.value.failures[1:])
+    resumed = rc.Case(**{**case.__dict__, "bounds": (0, 3, 6)})
+    ranks = launch(rc.job_checkpoint_then_resume, 2, resumed, 1, ck, "resume", timeout=90)
+    ref_losses, ref_state, _ = rc.train_reference(case)
+    assert ranks[-1]["losses"] == ref_losses[1:]
+    held = {
+        f"{n.split('.')[1]}.{k}": t
+        for r in ranks
+        for n, sd in r["state"].items()
+        for k, t in sd.items()
+    }
+    assert set(held) == set(ref_state)
+    assert all(torch.equal(t, ref_state[k]) for k, t in held.items())
