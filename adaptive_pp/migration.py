@@ -20,6 +20,7 @@ import numbers
 import time
 from typing import TYPE_CHECKING, Any
 
+import structlog
 import torch
 
 from .comm import Header, Kind, Link, all_gather_json
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 MANIFEST, ACK = 0, 1
+log = structlog.get_logger("adaptive_pp.migration")
 
 
 class MigrationAborted(PipelineError):
@@ -53,12 +55,26 @@ def apply_decision(pipe: Pipeline, decision: Decision) -> str | None:
             )
         _simulate_plan(new)
         pipe.set_microbatches(decision.microbatches)
+        log.info("microbatches.change", old=plan.microbatches, new=decision.microbatches)
         return f"set micro-batches {plan.microbatches} -> {decision.microbatches}"
     _simulate_plan(new)
-    t0 = time.perf_counter()
-    nbytes = _move(pipe, decision, new)
-    ms = (time.perf_counter() - t0) * 1e3
     layers = _moving_layers(plan, decision)
+    log.info("migration.begin", decision=describe(decision), layers=layers, step=pipe.step_count)
+    t0 = time.perf_counter()
+    try:
+        nbytes = _move(pipe, decision, new)
+    except MigrationAborted as exc:
+        log.warning("migration.abort", decision=describe(decision), error=str(exc))
+        raise
+    ms = (time.perf_counter() - t0) * 1e3
+    log.info(
+        "migration.commit",
+        decision=describe(decision),
+        layers=layers,
+        bytes=nbytes,
+        ms=round(ms, 3),
+        partition=list(new.partition.bounds),
+    )
     return (
         f"moved layers {layers[0]}-{layers[-1]} from stage {decision.src} to stage "
         f"{decision.dst} ({nbytes} bytes, {ms:.1f} ms); partition {plan.partition} -> "
@@ -115,6 +131,7 @@ def _take_json(link: Link, ident: int, timeout: float, what: str) -> Any:
 
 
 def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
+    t_start = time.perf_counter()
     layers = _moving_layers(Plan(pipe.partition, pipe.microbatches, pipe.schedule.name), move)
     names = {layer_name(i): pipe.blocks[i] for i in layers}
     ok, error, nbytes = True, "", 0
@@ -132,7 +149,9 @@ def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
             ok, error = False, f"{type(exc).__name__}: {exc}"
         _send_json(link, ACK, {"ok": ok, "error": error}, pipe.step_count, pipe.worker.version)
         link.flush()
+    t_moved = time.perf_counter()
     votes = all_gather_json({"ok": ok, "error": error, "bytes": nbytes})
+    t_voted = time.perf_counter()
     nbytes = max(int(v["bytes"]) for v in votes)
     failed = [v["error"] for v in votes if not v["ok"]]
     if failed:
@@ -142,6 +161,13 @@ def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
             stage=pipe.stage,
         )
     pipe.adopt_partition(new.partition, carried)
+    log.debug(
+        "migration.phases",
+        stage=pipe.stage,
+        transfer_ms=round((t_moved - t_start) * 1e3, 3),
+        vote_ms=round((t_voted - t_moved) * 1e3, 3),
+        commit_ms=round((time.perf_counter() - t_voted) * 1e3, 3),
+    )
     return nbytes
 
 
