@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
+import structlog
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -16,13 +17,31 @@ from torch import nn
 from . import checkpoint
 from .comm import Link, all_gather_json, collective
 from .config import PipelineConfig
-from .decisions import Decision
+from .decisions import Decision, Keep, Plan, describe, from_dict, to_dict
 from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
 from .migration import MigrationAborted, apply_decision
 from .partition import Partition
 from .report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
 from .schedules import Action, Schedule, make_schedule, validate
 from .stage import LossFn, Segment, StageLog, StageWorker
+
+log = structlog.get_logger("adaptive_pp.pipeline")
+
+
+class DecisionSource(Protocol):
+    """What Pipeline needs of a controller (see the controllers package)."""
+
+    def decide(self, report: StepReport, plan: Plan) -> Decision:
+        """The change to make before the next step."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state for checkpoints."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore state_dict()."""
+        ...
 
 
 class StepOutput(NamedTuple):
@@ -79,6 +98,7 @@ class Pipeline:
         *,
         pre: nn.Module | None = None,
         post: nn.Module | None = None,
+        controller: DecisionSource | None = None,
     ) -> None:
         self.config = cfg = config or PipelineConfig()
         self._owns_group = init_distributed(cfg.init_timeout)
@@ -92,6 +112,7 @@ class Pipeline:
         if not self.blocks:
             raise ValueError("the model has no layers to pipeline")
         self._pre, self._post, self._factory = pre, post, optimizer_factory
+        self.controller = controller
         self.partition = cfg.resolve_partition(len(self.blocks), self.num_stages)
         self.microbatches = cfg.microbatches
         self.schedule = self._make_schedule(cfg.microbatches)
@@ -163,11 +184,16 @@ class Pipeline:
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Checkpoint every stage (all ranks call it); ``extra`` (controller state) rides along."""
+        if self.controller is not None:
+            extra = {**(extra or {}), "controller": self.controller.state_dict()}
         return checkpoint.save(self, path, extra)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Resume from a checkpoint saved with any stage count or partition; return its meta."""
-        return checkpoint.load(self, path)
+        meta = checkpoint.load(self, path)
+        if self.controller is not None and "controller" in meta["extra"]:
+            self.controller.load_state_dict(meta["extra"]["controller"])
+        return meta
 
     def set_microbatches(self, microbatches: int) -> None:
         """Run the next steps with ``microbatches`` micro-batches (schedule rebuilt and checked)."""
@@ -227,8 +253,30 @@ class Pipeline:
         self.step_count += 1
         if self.config.run_dir is not None and self.rank == 0:
             append_jsonl(Path(self.config.run_dir) / "reports.jsonl", report)
+        if self.controller is not None:
+            self._consult(report)
         assert report.loss is not None
         return StepOutput(report.loss, report)
+
+    @property
+    def plan(self) -> Plan:
+        """The current partition, micro-batches and schedule."""
+        return Plan(self.partition, self.microbatches, self.schedule.name)
+
+    def _consult(self, report: StepReport) -> None:
+        """Rank 0's controller decides; every rank applies the same decision now."""
+        assert self.controller is not None
+        mine = to_dict(self.controller.decide(report, self.plan)) if self.rank == 0 else None
+        decision = from_dict(all_gather_json(mine)[0])
+        if isinstance(decision, Keep):
+            return
+        log.info("decision", step=report.step, decision=describe(decision), reason=decision.reason)
+        try:
+            self.apply(decision)
+        except (MigrationAborted, ValueError) as exc:
+            # Refused or aborted: every rank keeps the old plan and training goes on.
+            log.warning("decision.refused", decision=describe(decision), error=str(exc))
+            self._events.append(f"refused {describe(decision)}: {exc}")
 
     def _local_report(self, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
         layers = list(self.partition.layers(self.rank))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.decisions import Decision, MoveLayers
+from adaptive_pp.decisions import Decision, Keep, MoveLayers
 from adaptive_pp.migration import MigrationAborted
 
 
@@ -340,3 +340,50 @@ def job_receiver_killed(case: Case, path: str) -> None:
 
         migration._receive_layers = dying  # type: ignore[assignment]
     pipe.apply(MoveLayers(0, 1, 1))
+
+
+class Scripted:
+    """A controller that plays back fixed decisions by step (deterministic, with state)."""
+
+    def __init__(self, script: dict[int, Decision]) -> None:
+        self.script, self.seen = script, 0
+
+    def decide(self, report: Any, plan: Any) -> Decision:
+        self.seen += 1
+        return self.script.get(report.step, Keep())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.seen = int(state["seen"])
+
+
+def train_with_controller(case: Case, script: dict[int, Decision]) -> dict[str, Any]:
+    """Rank job: train with a scripted controller; it acts after the steps named in script."""
+    model = build_model(case)
+    cfg = PipelineConfig(microbatches=case.microbatches, partition=case.bounds)
+    pipe = Pipeline(
+        model,
+        nn.functional.mse_loss,
+        lambda p: make_optimizer(case, p),
+        cfg,
+        controller=Scripted(script),
+    )
+    losses, events = [], []
+    for x, y in batches(case):
+        out = pipe.step(x, y)
+        losses.append(out.loss)
+        events += list(out.report.events)
+    state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
+    opt_state = pipe.optimizer.state_dict() if pipe.optimizer is not None else None
+    result = {
+        "losses": losses,
+        "state": state,
+        "optimizer": opt_state,
+        "events": events,
+        "bounds": pipe.partition.bounds,
+        "m": pipe.microbatches,
+    }
+    pipe.close()
+    return result

@@ -187,3 +187,17 @@ def test_receiver_killed_mid_migration_then_resume_has_every_layer(tmp_path: Pat
     }
     assert set(held) == set(ref_state)
     assert all(torch.equal(t, ref_state[k]) for k, t in held.items())
+
+
+def test_controller_decisions_are_applied_live(pools: dict[int, WorkerPool]) -> None:
+    """Rank 0's controller decides after a step; every rank applies it before the next one."""
+    case = rc.Case(6, (4,) * 7, (0, 2, 4, 6), 2, "1f1b", "adam", 4)
+    script = {0: MoveLayers(0, 1, 1), 1: SetMicrobatches(4), 2: MoveLayers(1, 2, 5)}
+    ranks = _pool(pools, 3).run(rc.train_with_controller, case, script, timeout=120)
+    # step 0 -> move; step 1 -> M=4 from step 2 on; step 2 -> an invalid move, refused.
+    assert all(r["bounds"] == (0, 1, 4, 6) and r["m"] == 4 for r in ranks)
+    events = ranks[0]["events"]
+    assert events[0].startswith("moved layers 1-1 from stage 0 to stage 1")
+    assert events[1] == "set micro-batches 2 -> 4"
+    assert events[2].startswith("refused move 5 layer(s) 1->2")
+    rc.assert_matches_reference(case, ranks, {2: 4})
