@@ -1,7 +1,10 @@
 """Point-to-point messages with a fixed header, and instrumented per-link mailboxes.
 
-Every message is two tensors: a 16 x int64 header (kind, micro-batch, step, weight version,
-layer range, dtype, shape) and the payload. No pickle on the wire. Each incoming link has a
+Every message is one byte frame: a 16 x int64 header (kind, micro-batch, step, weight version,
+layer range, dtype, shape) followed by the payload's bytes. No pickle on the wire. The receiver
+posts each receive into a reusable buffer of an agreed capacity (gloo accepts a buffer larger
+than the message); a message that would not fit is preceded by a GROW frame that raises the
+capacity on both sides. Each incoming link has a
 receiver thread that timestamps arrivals into a mailbox; the stage takes messages out by
 (kind, micro-batch), so queue depth over time and time blocked on receives are measured.
 """
@@ -23,7 +26,9 @@ from .errors import PeerGone, PipelineError, PipelineTimeout
 
 MAGIC = 0x41505030  # "APP0"
 HEADER_LEN = 16
+HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = HEADER_LEN - 9
+INITIAL_CAPACITY = 1 << 20
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -48,6 +53,7 @@ class Kind(IntEnum):
     STATE = 3  # a tensor of migrating layer state
     CONTROL = 4  # JSON bytes (plans, acks)
     STOP = 5  # the sender closes the link
+    GROW = 6  # the next frame needs a larger receive buffer (layer_lo = new capacity)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,13 @@ class Header:
         return cls(Kind(v[1]), v[2], v[3], v[4], v[5], v[6], _DTYPES[v[7]], tuple(v[9 : 9 + v[8]]))
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass
 class Message:
     """A received message with the time it arrived (perf_counter seconds)."""
@@ -121,7 +134,8 @@ class Link:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._closed_by_peer = False
-        self._pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._send_capacity = INITIAL_CAPACITY
         self.log = LinkLog()
         self._thread = threading.Thread(
             target=self._receive_loop, name=f"adaptive_pp-rx-{peer}->{me}", daemon=True
@@ -129,23 +143,29 @@ class Link:
         self._thread.start()
 
     def _receive_loop(self) -> None:
+        capacity = INITIAL_CAPACITY
+        buf = torch.empty(capacity, dtype=torch.uint8)
         try:
             while True:
-                raw = torch.empty(HEADER_LEN, dtype=torch.int64)
-                dist.recv(raw, self.peer, group=self.group)
-                header = Header.decode(raw)
+                dist.recv(buf, self.peer, group=self.group)
+                header = Header.decode(buf[:HEADER_BYTES].view(torch.int64))
+                if header.kind == Kind.GROW:
+                    capacity = header.layer_lo
+                    buf = torch.empty(capacity, dtype=torch.uint8)
+                    continue
                 if header.kind == Kind.STOP:
                     with self._cond:
                         self._closed_by_peer = True
                         self._cond.notify_all()
                     return
-                payload = torch.empty(header.shape, dtype=header.dtype)
-                dist.recv(payload, self.peer, group=self.group)
+                nbytes = _nbytes(header.shape, header.dtype)
+                raw = buf[HEADER_BYTES : HEADER_BYTES + nbytes].clone()  # buf is reused
+                payload = raw.view(header.dtype).reshape(header.shape)
                 msg = Message(header, payload, time.perf_counter())
                 with self._cond:
                     self._box[(header.kind, header.microbatch)] = msg
                     self._cond.notify_all()
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the stage thread
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
@@ -155,24 +175,32 @@ class Link:
         self.log = LinkLog()
 
     def send(self, header: Header, payload: torch.Tensor) -> None:
-        """Post header and payload asynchronously (kept alive until ``flush``)."""
+        """Post one frame (header + payload bytes) asynchronously; kept alive until ``flush``."""
         if header.kind != Kind.STOP and tuple(payload.shape) != header.shape:
             raise ValueError(f"header shape {header.shape} != payload shape {tuple(payload.shape)}")
-        raw = header.encode()
-        data = payload.detach().contiguous()
-        work = dist.isend(raw, self.peer, group=self.group)
+        data = payload.detach().contiguous().reshape(-1).view(torch.uint8)
+        size = HEADER_BYTES + data.numel()
+        if size > self._send_capacity:
+            self._send_capacity = max(size, 2 * self._send_capacity)
+            grow = Header(
+                Kind.GROW, -1, header.step, header.version, self._send_capacity, 0, torch.uint8, ()
+            )
+            self._post(grow.encode().view(torch.uint8))
+        frame = torch.empty(size, dtype=torch.uint8)
+        frame[:HEADER_BYTES] = header.encode().view(torch.uint8)
+        frame[HEADER_BYTES:] = data
+        self._post(frame)
+
+    def _post(self, frame: torch.Tensor) -> None:
+        work = dist.isend(frame, self.peer, group=self.group)
         if work is not None:
-            self._pending.append((work, raw, raw))
-        if header.kind != Kind.STOP:
-            work = dist.isend(data, self.peer, group=self.group)
-            if work is not None:
-                self._pending.append((work, raw, data))
+            self._pending.append((work, frame))
 
     def flush(self) -> None:
         """Wait until every posted send has completed."""
         pending, self._pending = self._pending, []
         try:
-            for work, _, _ in pending:
+            for work, _ in pending:
                 work.wait()
         except RuntimeError as exc:
             raise PeerGone(
