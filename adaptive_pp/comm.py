@@ -217,22 +217,16 @@ class Link:
         deadline = t0 + timeout
         with self._cond:
             while key not in self._box:
-                if self._error is not None:
+                if self._error is not None or self._closed_by_peer:
+                    how = "is gone" if self._error is not None else "closed its link"
+                    cause = f": {self._error}" if self._error is not None else ""
                     raise PeerGone(
-                        f"stage {self.peer} (rank {self.peer}) is gone while stage {self.me} "
-                        f"waited for the {what} of micro-batch {microbatch}: {self._error}",
+                        f"stage {self.peer} (rank {self.peer}) {how} while stage {self.me} "
+                        f"waited for the {what} of micro-batch {microbatch}{cause}",
                         stage=self.me,
                         peer=self.peer,
                         microbatch=microbatch,
                     ) from self._error
-                if self._closed_by_peer:
-                    raise PeerGone(
-                        f"stage {self.peer} closed its link while stage {self.me} "
-                        f"waited for the {what} of micro-batch {microbatch}",
-                        stage=self.me,
-                        peer=self.peer,
-                        microbatch=microbatch,
-                    )
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     raise PipelineTimeout(

@@ -12,9 +12,13 @@ No profile has a deadline: these tests make no timing assertions.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.errors import InvalidArgument
+
+from adaptive_pp.launch import WorkerPool
 
 settings.register_profile("dev", max_examples=60, deadline=None)
 
@@ -42,3 +46,25 @@ elif "CI" in os.environ or _current_profile() == "ci":
     settings.load_profile("ci")
 else:
     settings.load_profile("dev")
+
+
+PoolFor = Callable[[int], WorkerPool]
+
+
+@pytest.fixture(scope="session")
+def pools() -> Iterator[PoolFor]:
+    """``pools(S)``: a pool of S stage processes, started on first use and kept for the session.
+
+    Spawning a rank costs seconds (it imports torch); multi-process property tests feed many
+    cases to the same ranks. A pool broken by a failed case is replaced.
+    """
+    made: dict[int, WorkerPool] = {}
+
+    def get(stages: int) -> WorkerPool:
+        if stages not in made or made[stages].broken:
+            made[stages] = WorkerPool(stages)
+        return made[stages]
+
+    yield get
+    for pool in made.values():
+        pool.close()

@@ -66,35 +66,47 @@ def batches(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def train_pipelined(case: Case, changes: dict[int, list[Decision]] | None = None) -> dict[str, Any]:
-    """Rank job: train ``case`` pipelined, applying ``changes[k]`` before step k.
-
-    Returns losses, this stage's module and optimizer state, the final partition, last report.
-    """
-    model = build_model(case)
+def case_pipeline(case: Case, **extra: Any) -> Pipeline:
+    """A Pipeline over ``case``'s model, partition, M and schedule (``extra`` goes to Pipeline)."""
     cfg = PipelineConfig(
         microbatches=case.microbatches, schedule=case.schedule, partition=case.bounds
     )
-    pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
-    losses, report, events = [], None, []
+    return Pipeline(
+        build_model(case), nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg, **extra
+    )
+
+
+def snapshot(pipe: Pipeline) -> dict[str, Any]:
+    """This stage's module state (cloned), optimizer state and partition."""
+    return {
+        "state": {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()},
+        "optimizer": pipe.optimizer.state_dict() if pipe.optimizer is not None else None,
+        "bounds": pipe.partition.bounds,
+        "m": pipe.microbatches,
+    }
+
+
+def train_pipelined(
+    case: Case,
+    changes: dict[int, list[Decision]] | None = None,
+    script: dict[int, Decision] | None = None,
+) -> dict[str, Any]:
+    """Rank job: train ``case`` pipelined, applying ``changes[k]`` before step k.
+
+    With ``script``, a Scripted controller decides after each step instead. Returns losses,
+    events, this stage's snapshot and the last report.
+    """
+    pipe = case_pipeline(case, controller=Scripted(script) if script is not None else None)
+    losses, events = [], []
     for k, (x, y) in enumerate(batches(case)):
         for decision in (changes or {}).get(k, []):
             pipe.apply(decision)
         out = pipe.step(x, y)
         losses.append(out.loss)
-        report = out.report
-        events += list(report.events)
-    state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
-    opt_state = pipe.optimizer.state_dict() if pipe.optimizer is not None else None
+        events += list(out.report.events)
+    result = {"losses": losses, "events": events, "report": out.report.to_dict(), **snapshot(pipe)}
     pipe.close()
-    return {
-        "losses": losses,
-        "state": state,
-        "optimizer": opt_state,
-        "report": report.to_dict(),
-        "bounds": pipe.partition.bounds,
-        "events": events,
-    }
+    return result
 
 
 def train_reference(
@@ -185,16 +197,18 @@ def job_indivisible_batch() -> None:
     pipe.step(torch.randn(10, 4), torch.randn(10, 4))
 
 
-class _Raises(nn.Module):
-    """Identity that raises on its ``when``-th call."""
+class _Fault(nn.Module):
+    """Identity that, on its ``when``-th call, raises or SIGKILLs its own process."""
 
-    def __init__(self, when: int) -> None:
+    def __init__(self, when: int, kill: bool = False) -> None:
         super().__init__()
-        self.calls, self.when = 0, when
+        self.calls, self.when, self.kill = 0, when, kill
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.calls == self.when:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("injected failure")
         return x
 
@@ -218,29 +232,15 @@ def job_nan_loss() -> None:
 def job_layer_raises() -> None:
     """Layer 2 (on stage 1 of 3) raises on its 3rd forward call: micro-batch 2 of step 0."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), _Raises(3), nn.Linear(4, 4))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), _Fault(3), nn.Linear(4, 4))
     pipe = _pipe(model, microbatches=4, partition=(0, 1, 3, 4))
     pipe.step(torch.randn(8, 4), torch.randn(8, 4))
-
-
-class _KillSelf(nn.Module):
-    """Identity that SIGKILLs its own process on the ``when``-th call."""
-
-    def __init__(self, when: int) -> None:
-        super().__init__()
-        self.calls, self.when = 0, when
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls == self.when:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return x
 
 
 def job_killed_stage() -> None:
     """Stage 2 of 4 is killed during its 3rd forward."""
     torch.manual_seed(0)
-    layers = [nn.Linear(4, 4), nn.Linear(4, 4), _KillSelf(3), nn.Linear(4, 4)]
+    layers = [nn.Linear(4, 4), nn.Linear(4, 4), _Fault(3, kill=True), nn.Linear(4, 4)]
     pipe = _pipe(nn.Sequential(*layers), microbatches=4, partition=(0, 1, 2, 3, 4))
     for _ in range(3):
         pipe.step(torch.randn(8, 4), torch.randn(8, 4))
@@ -281,9 +281,7 @@ def job_invalid_move() -> None:
 
 def job_aborted_move(case: Case) -> dict[str, Any]:
     """The receiver's twin of layer 2 has the wrong shape: the move aborts, training goes on."""
-    model = build_model(case)
-    cfg = PipelineConfig(microbatches=case.microbatches, partition=case.bounds)
-    pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
+    pipe = case_pipeline(case)
     data = batches(case)
     pipe.step(*data[0])
     if pipe.stage == 0:
@@ -294,17 +292,14 @@ def job_aborted_move(case: Case) -> dict[str, Any]:
     except MigrationAborted as exc:
         error = str(exc)
     losses = [pipe.step(x, y).loss for x, y in data[1:]]
-    state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
-    bounds = pipe.partition.bounds
+    result = {"error": error, "losses": losses, **snapshot(pipe)}
     pipe.close()
-    return {"error": error, "losses": losses, "state": state, "bounds": bounds}
+    return result
 
 
 def job_checkpoint_then_resume(case: Case, save_at: int, path: str, phase: str) -> dict[str, Any]:
     """phase "save": train save_at steps and checkpoint; "resume": load and train the rest."""
-    model = build_model(case)
-    cfg = PipelineConfig(microbatches=case.microbatches, partition=case.bounds)
-    pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
+    pipe = case_pipeline(case)
     data = batches(case)
     losses = []
     if phase == "save":
@@ -316,18 +311,16 @@ def job_checkpoint_then_resume(case: Case, save_at: int, path: str, phase: str) 
         assert meta["extra"]["controller"] == {"note": "saved"}
         for x, y in data[meta["step"] :]:
             losses.append(pipe.step(x, y).loss)
-    state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
+    result = {"losses": losses, **snapshot(pipe)}
     pipe.close()
-    return {"losses": losses, "state": state}
+    return result
 
 
 def job_receiver_killed(case: Case, path: str) -> None:
     """Checkpoint after step 1, then stage 1 dies while receiving migrating layers."""
     from adaptive_pp import migration
 
-    model = build_model(case)
-    cfg = PipelineConfig(microbatches=case.microbatches, partition=case.bounds)
-    pipe = Pipeline(model, nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg)
+    pipe = case_pipeline(case)
     data = batches(case)
     pipe.step(*data[0])
     pipe.save_checkpoint(path, extra={"controller": {"note": "saved"}})
@@ -357,33 +350,3 @@ class Scripted:
 
     def load_state_dict(self, state: Any) -> None:
         self.seen = int(state["seen"])
-
-
-def train_with_controller(case: Case, script: dict[int, Decision]) -> dict[str, Any]:
-    """Rank job: train with a scripted controller; it acts after the steps named in script."""
-    model = build_model(case)
-    cfg = PipelineConfig(microbatches=case.microbatches, partition=case.bounds)
-    pipe = Pipeline(
-        model,
-        nn.functional.mse_loss,
-        lambda p: make_optimizer(case, p),
-        cfg,
-        controller=Scripted(script),
-    )
-    losses, events = [], []
-    for x, y in batches(case):
-        out = pipe.step(x, y)
-        losses.append(out.loss)
-        events += list(out.report.events)
-    state = {k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()}
-    opt_state = pipe.optimizer.state_dict() if pipe.optimizer is not None else None
-    result = {
-        "losses": losses,
-        "state": state,
-        "optimizer": opt_state,
-        "events": events,
-        "bounds": pipe.partition.bounds,
-        "m": pipe.microbatches,
-    }
-    pipe.close()
-    return result

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import runtime_cases as rc
 import torch
+from conftest import PoolFor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptive_pp.decisions import Decision, MoveLayers, SetMicrobatches
-from adaptive_pp.launch import LaunchError, WorkerPool, launch
+from adaptive_pp.launch import LaunchError, launch
 from adaptive_pp.partition import Partition
 
 pytestmark = pytest.mark.multiprocess
-
-
-@pytest.fixture(scope="module")
-def pools() -> Iterator[dict[int, WorkerPool]]:
-    """One pool of ranks per stage count, kept for the module."""
-    made: dict[int, WorkerPool] = {}
-    yield made
-    for pool in made.values():
-        pool.close()
-
-
-def _pool(pools: dict[int, WorkerPool], stages: int) -> WorkerPool:
-    if stages not in pools or pools[stages].broken:
-        pools[stages] = WorkerPool(stages)
-    return pools[stages]
 
 
 @st.composite
@@ -76,18 +61,18 @@ def runs(draw: st.DrawFn) -> tuple[rc.Case, dict[int, list[Decision]], dict[int,
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(run=runs())
-def test_migrations_and_m_changes_keep_training_exact(pools: dict[int, WorkerPool], run) -> None:
+def test_migrations_and_m_changes_keep_training_exact(pools: PoolFor, run) -> None:
     case, changes, m_from = run
-    ranks = _pool(pools, len(case.bounds) - 1).run(rc.train_pipelined, case, changes, timeout=120)
+    ranks = pools(len(case.bounds) - 1).run(rc.train_pipelined, case, changes, timeout=120)
     rc.assert_matches_reference(case, ranks, m_from)
     moves = [d for ds in changes.values() for d in ds if isinstance(d, MoveLayers)]
     assert sum("moved layers" in e for e in ranks[0]["events"]) == len(moves)
     assert len({r["bounds"] for r in ranks}) == 1
 
 
-def test_migration_step_is_marked_in_the_report(pools: dict[int, WorkerPool]) -> None:
+def test_migration_step_is_marked_in_the_report(pools: PoolFor) -> None:
     case = rc.Case(1, (4,) * 7, (0, 2, 4, 6), 2, "1f1b", "adam", 3)
-    ranks = _pool(pools, 3).run(rc.train_pipelined, case, {2: [MoveLayers(2, 1, 1)]}, timeout=120)
+    ranks = pools(3).run(rc.train_pipelined, case, {2: [MoveLayers(2, 1, 1)]}, timeout=120)
     assert ranks[0]["bounds"] == (0, 2, 5, 6)
     (event,) = ranks[0]["events"]
     assert event.startswith("moved layers 4-4 from stage 2 to stage 1 (") and "bytes" in event
@@ -95,10 +80,10 @@ def test_migration_step_is_marked_in_the_report(pools: dict[int, WorkerPool]) ->
 
 
 def test_aborted_migration_keeps_the_old_plan_and_loses_nothing(
-    pools: dict[int, WorkerPool],
+    pools: PoolFor,
 ) -> None:
     case = rc.Case(2, (3, 4, 5, 4, 3), (0, 2, 4), 2, "1f1b", "adam", 3)
-    ranks = _pool(pools, 2).run(rc.job_aborted_move, case, timeout=120)
+    ranks = pools(2).run(rc.job_aborted_move, case, timeout=120)
     for r in ranks:
         assert "aborted before commit" in r["error"] and "layers.2" in r["error"]
         assert r["bounds"] == case.bounds
@@ -189,11 +174,11 @@ def test_receiver_killed_mid_migration_then_resume_has_every_layer(tmp_path: Pat
     assert all(torch.equal(t, ref_state[k]) for k, t in held.items())
 
 
-def test_controller_decisions_are_applied_live(pools: dict[int, WorkerPool]) -> None:
+def test_controller_decisions_are_applied_live(pools: PoolFor) -> None:
     """Rank 0's controller decides after a step; every rank applies it before the next one."""
     case = rc.Case(6, (4,) * 7, (0, 2, 4, 6), 2, "1f1b", "adam", 4)
     script = {0: MoveLayers(0, 1, 1), 1: SetMicrobatches(4), 2: MoveLayers(1, 2, 5)}
-    ranks = _pool(pools, 3).run(rc.train_with_controller, case, script, timeout=120)
+    ranks = pools(3).run(rc.train_pipelined, case, None, script, timeout=120)
     # step 0 -> move; step 1 -> M=4 from step 2 on; step 2 -> an invalid move, refused.
     assert all(r["bounds"] == (0, 1, 4, 6) and r["m"] == 4 for r in ranks)
     events = ranks[0]["events"]

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import runtime_cases as rc
+from conftest import PoolFor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_pp.launch import LaunchError, WorkerPool, launch
+from adaptive_pp.launch import LaunchError, launch
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule, validate
 
 pytestmark = pytest.mark.multiprocess
-
-
-@pytest.fixture(scope="module")
-def pools() -> Iterator[dict[int, WorkerPool]]:
-    """One pool of ranks per stage count, started on first use and kept for the module."""
-    made: dict[int, WorkerPool] = {}
-    yield made
-    for pool in made.values():
-        pool.close()
-
-
-def _pool(pools: dict[int, WorkerPool], stages: int) -> WorkerPool:
-    if stages not in pools or pools[stages].broken:
-        pools[stages] = WorkerPool(stages)
-    return pools[stages]
 
 
 @st.composite
@@ -56,18 +41,16 @@ def cases(draw: st.DrawFn) -> rc.Case:
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(case=cases())
-def test_pipelined_training_equals_single_process(
-    pools: dict[int, WorkerPool], case: rc.Case
-) -> None:
-    ranks = _pool(pools, len(case.bounds) - 1).run(rc.train_pipelined, case, timeout=120)
+def test_pipelined_training_equals_single_process(pools: PoolFor, case: rc.Case) -> None:
+    ranks = pools(len(case.bounds) - 1).run(rc.train_pipelined, case, timeout=120)
     rc.assert_matches_reference(case, ranks)
 
 
-def test_report_matches_schedule_shape(pools: dict[int, WorkerPool]) -> None:
+def test_report_matches_schedule_shape(pools: PoolFor) -> None:
     """Measured peak stash is the schedule's; queues and timeline are complete and sane."""
     for schedule in ("1f1b", "gpipe"):
         case = rc.Case(3, (4,) * 5, (0, 1, 2, 3, 4), 6, schedule, "sgd", 2)
-        ranks = _pool(pools, 4).run(rc.train_pipelined, case, timeout=120)
+        ranks = pools(4).run(rc.train_pipelined, case, timeout=120)
         report = StepReport.from_dict(ranks[0]["report"])
         assert report.source == "runtime" and report.step == 1
         expected = make_schedule(schedule, 4, 6)
