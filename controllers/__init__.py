@@ -1,1 +1,66 @@
-"""Policies that read step reports and decide how to rebalance the pipeline."""
+"""Policies that read step reports and decide how to rebalance the pipeline.
+
+Every controller answers one question per step: given the latest ``StepReport`` and the current
+``Plan`` (partition, micro-batches, schedule), what should change before the next step? The
+answer is an ``adaptive_pp.decisions.Decision``: ``Keep``, ``SetMicrobatches`` or
+``MoveLayers``. Controllers are pure Python (no torch.distributed) and deterministic: the same
+reports in the same order give the same decisions.
+
+Built in:
+
+- ``Rebalancer``: moves boundary layers between neighbours when stage times are uneven.
+- ``MicrobatchTuner``: raises M while the bubble is large and keeps only changes that help.
+- ``AdaptivePolicy``: both, at most one decision a step (what the runtime uses when adaptivity
+  is on); ``Hold``: never changes anything (adaptivity off).
+
+Plugging in your own controller: pass any object with these three methods (``Controller`` is
+a ``typing.Protocol``, so no subclassing is needed)::
+
+    class EveryHundredSteps:
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def decide(self, report: StepReport, plan: Plan) -> Decision:
+            self.steps += 1
+            return SetMicrobatches(8) if self.steps == 100 else Keep()
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state: Mapping[str, Any]) -> None:
+            self.steps = int(state["steps"])
+
+``decide`` runs on one rank with the gathered report; the runtime validates the decision with
+``adaptive_pp.decisions.apply`` (and simulates the new plan) before every rank applies it at the
+next step boundary, and refuses it (logging why) if it is invalid. ``state_dict`` must be
+JSON-ready: it goes into checkpoints, and ``load_state_dict`` of a freshly built controller must
+make it decide exactly as the saved one would have. ``controllers.harness`` runs a controller
+in a closed loop against the simulator, to test it before it touches a real job.
+"""
+
+from .base import Controller, Hold, Proposal, busiest_bubble, imbalance
+from .estimates import LayerEstimator, measured_layers, predict_step_time
+from .policy import AdaptivePolicy
+from .rebalancer import Rebalancer, RebalancerConfig
+from .search import near_balanced, nudges, route, single_moves
+from .tuner import MicrobatchTuner, TunerConfig
+
+__all__ = [
+    "AdaptivePolicy",
+    "Controller",
+    "Hold",
+    "LayerEstimator",
+    "MicrobatchTuner",
+    "Proposal",
+    "Rebalancer",
+    "RebalancerConfig",
+    "TunerConfig",
+    "busiest_bubble",
+    "imbalance",
+    "measured_layers",
+    "near_balanced",
+    "nudges",
+    "predict_step_time",
+    "route",
+    "single_moves",
+]

@@ -1,0 +1,82 @@
+"""The Controller protocol and the measurements the built-in controllers share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from adaptive_pp.decisions import Decision, Keep, Plan
+from adaptive_pp.report import StepReport
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """Anything that turns the latest step report and the current plan into a decision."""
+
+    def decide(self, report: StepReport, plan: Plan) -> Decision:
+        """Decide what to change (if anything) before the next step."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state, saved in checkpoints."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict returned."""
+        ...
+
+
+class Hold:
+    """The controller used when adaptivity is off: always keeps the plan."""
+
+    def decide(self, report: StepReport, plan: Plan) -> Decision:
+        """Always Keep."""
+        return Keep("adaptivity off")
+
+    def state_dict(self) -> dict[str, Any]:
+        """No state."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore."""
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What a controller would do now, and what its state should note if it is applied."""
+
+    decision: Decision
+    note: str = ""
+    remaining: int = 0
+    target: tuple[int, ...] = ()
+
+
+def imbalance(report: StepReport) -> float:
+    """Largest stage compute time over the mean (1.0 when perfectly even or empty)."""
+    compute = report.stage_compute
+    if not compute:
+        return 1.0
+    mean = sum(compute) / len(compute)
+    return max(compute) / mean if mean > 0 else 1.0
+
+
+def busiest_bubble(report: StepReport) -> float:
+    """Idle share of the busiest stage: the bubble that more micro-batches can shrink.
+
+    Unlike ``report.bubble_fraction`` it leaves out the idle time lighter stages have because
+    the stages are unbalanced, which raising M cannot remove.
+    """
+    if not report.stages:
+        return 0.0
+    busiest = max(report.stages, key=lambda s: s.compute)
+    return busiest.bubble
+
+
+def check_state(state: Mapping[str, Any], kind: str, version: int = 1) -> None:
+    """Raise ValueError unless ``state`` came from a controller of ``kind`` (and ``version``)."""
+    if state.get("kind") != kind or state.get("version") != version:
+        raise ValueError(
+            f"state is for {state.get('kind')!r} v{state.get('version')}, "
+            f"expected {kind!r} v{version}"
+        )

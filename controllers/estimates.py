@@ -1,0 +1,233 @@
+"""Per-layer cost estimates from step reports, and step-time predictions with the simulator.
+
+Layer times are per step (all micro-batches together). Each layer keeps a running mean (an EMA
+once it has ``window`` samples) plus a fast EMA; when the two drift apart by more than the
+measured noise allows on two steps in a row, the layer's costs have changed and its mean
+restarts from the newest sample. That keeps estimates quiet under noise and quick after a real
+shift. The noise level is the mean |difference| of consecutive samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from adaptive_pp.decisions import Plan
+from adaptive_pp.partition import Partition
+from adaptive_pp.report import StepReport
+from adaptive_pp.schedules import Compiled, Schedule, make_schedule, validate
+from adaptive_pp.simulator import Costs, simulate
+
+# Backward over forward time when a report has stage totals but no per-layer split.
+BACKWARD_RATIO = 2.4
+_FAST = 0.5  # weight of the newest sample in the fast EMA
+_NOISE = 0.1  # weight of the newest sample in the noise EMA
+_MAD_TO_SIGMA = math.sqrt(math.pi) / 2  # sigma from the mean |difference| of two samples
+
+LayerTimes = list[tuple[float, float] | None]
+
+
+def measured_layers(report: StepReport, plan: Plan) -> LayerTimes:
+    """Per global layer, measured (forward, backward) seconds for the step, or None if unknown.
+
+    Per-layer times are scaled so that each stage's layers add up to its ``compute`` (so it does
+    not matter whether the runtime reports totals or per-micro-batch means). A stage without
+    per-layer times spreads its compute evenly over the layers ``plan`` gives it.
+    """
+    out: LayerTimes = [None] * plan.partition.num_layers
+    if report.num_stages != plan.num_stages:
+        return out
+    for s, st in enumerate(report.stages):
+        ids = st.layers
+        if ids and len(st.layer_forward) == len(ids) and len(st.layer_backward) == len(ids):
+            total = math.fsum(st.layer_forward) + math.fsum(st.layer_backward)
+            k = st.compute / total if total > 0 else 0.0
+            for i, f, b in zip(ids, st.layer_forward, st.layer_backward, strict=True):
+                if 0 <= i < len(out):
+                    out[i] = (f * k, b * k)
+        else:
+            layers = plan.partition.layers(s)
+            share = st.compute / len(layers) / (1.0 + BACKWARD_RATIO)
+            for i in layers:
+                out[i] = (share, share * BACKWARD_RATIO)
+    return out
+
+
+class LayerEstimator:
+    """Smoothed per-layer (forward, backward) step times with change detection."""
+
+    def __init__(self, window: int = 20, min_shift: float = 0.05, z: float = 4.0) -> None:
+        """``window``: EMA length; a change needs a shift > max(min_shift, z x noise)."""
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window, self.min_shift, self.z = window, min_shift, z
+        self.dev: list[float] = []
+        self.reset(0, 0)
+
+    def reset(self, num_layers: int, microbatches: int) -> None:
+        """Forget the estimates (not the noise level, if the layers are the same)."""
+        self.microbatches = microbatches
+        if num_layers != len(self.dev):
+            self.dev = [0.0] * num_layers
+        self.n = [0] * num_layers
+        self.f = [0.0] * num_layers
+        self.b = [0.0] * num_layers
+        self.fast = [0.0] * num_layers
+        self.last = [0.0] * num_layers
+        self.held = [-1.0] * num_layers  # noise level before a first off step, else -1
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers tracked."""
+        return len(self.n)
+
+    def ready(self, samples: int = 1) -> bool:
+        """Whether every layer has at least ``samples`` samples since its last restart."""
+        return bool(self.n) and min(self.n) >= samples
+
+    def update(self, times: LayerTimes, microbatches: int) -> bool:
+        """Add one step's measurements; return True if some layer's cost changed."""
+        if len(times) != self.num_layers or microbatches != self.microbatches:
+            self.reset(len(times), microbatches)
+        changed = False
+        for i, x in enumerate(times):
+            if x is None:
+                continue
+            xf, xb = x
+            total = xf + xb
+            if self.n[i] == 0:
+                self._restart(i, xf, xb)
+                continue
+            old = self.f[i] + self.b[i]
+            self.fast[i] += _FAST * (total - self.fast[i])
+            level = self.held[i] if self.held[i] >= 0.0 else self.dev[i]  # before any jump
+            noise = _MAD_TO_SIGMA * level * math.sqrt(_FAST / (2.0 - _FAST))
+            limit = max(self.min_shift, self.z * noise) * max(old, 1e-300)
+            d = abs(total - self.last[i]) / max(self.last[i], 1e-300)
+            if abs(self.fast[i] - old) > limit:
+                if self.held[i] >= 0.0:  # second step in a row: a real shift
+                    self.dev[i] = self.held[i]  # the jump was not noise
+                    self._restart(i, xf, xb)
+                    changed = True
+                    continue
+                self.held[i] = self.dev[i]  # one step off could be noise: note it, go on
+            else:
+                self.held[i] = -1.0
+            # Running mean of |difference| since the last restart (with the old level as one
+            # prior sample), then an EMA: the noise level follows a regime change quickly.
+            w = 1.0 if self.dev[i] == 0.0 else max(1.0 / (self.n[i] + 1), _NOISE)
+            self.dev[i] += w * (d - self.dev[i])
+            a = max(1.0 / (self.n[i] + 1), 1.0 / self.window)
+            self.f[i] += a * (xf - self.f[i])
+            self.b[i] += a * (xb - self.b[i])
+            self.n[i] += 1
+            self.last[i] = total
+        return changed
+
+    def _restart(self, i: int, xf: float, xb: float) -> None:
+        self.f[i], self.b[i] = xf, xb
+        self.fast[i] = self.last[i] = xf + xb
+        self.n[i] = 1
+        self.held[i] = -1.0
+
+    def noise(self) -> float:
+        """Estimated relative noise (sigma) of one measurement, the largest over layers."""
+        return max((_MAD_TO_SIGMA * d for d in self.dev), default=0.0)
+
+    def errors(self) -> list[float]:
+        """Per layer, the relative standard error of its estimate."""
+        fallback = self.noise()
+        return [
+            (_MAD_TO_SIGMA * d if n > 1 else fallback)
+            / math.sqrt(max(1, min(n, 2 * self.window - 1)))
+            for n, d in zip(self.n, self.dev, strict=True)
+        ]
+
+    def gain_error(self, now: Partition, dest: Partition, microbatches: int) -> float:
+        """Relative standard error of the predicted step-time gain of going from now to dest.
+
+        A pipelined step takes about (sum of stage costs + (M - 1) x the largest) / M. Moving
+        layers keeps the sum, so the error comes from the layers in the bottleneck stage of one
+        plan but not the other (stages within the noise of the largest count as bottlenecks).
+        """
+        err = self.errors()
+        cost = [f + b for f, b in zip(self.f, self.b, strict=True)]
+
+        def bottleneck(p: Partition) -> tuple[set[int], float]:
+            stages = [p.layers(s) for s in range(p.num_stages)]
+            totals = [math.fsum(cost[i] for i in ids) for ids in stages]
+            rel = [
+                math.sqrt(math.fsum((cost[i] * err[i]) ** 2 for i in ids)) / t if t > 0 else 0.0
+                for ids, t in zip(stages, totals, strict=True)
+            ]
+            top = max(totals)
+            tol = max(0.02, 3.0 * max(rel))
+            heavy = {
+                i
+                for ids, t in zip(stages, totals, strict=True)
+                if t >= top * (1 - tol)
+                for i in ids
+            }
+            return heavy, top
+
+        heavy_now, top = bottleneck(now)
+        heavy_dest, _ = bottleneck(dest)
+        var = math.fsum((cost[i] * err[i]) ** 2 for i in heavy_now ^ heavy_dest)
+        scale = math.fsum(cost) + (microbatches - 1) * top
+        return (microbatches - 1) * math.sqrt(var) / scale if scale > 0 else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state."""
+        return {
+            "microbatches": self.microbatches,
+            "n": list(self.n),
+            "f": list(self.f),
+            "b": list(self.b),
+            "fast": list(self.fast),
+            "last": list(self.last),
+            "dev": list(self.dev),
+            "held": list(self.held),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict returned."""
+        self.microbatches = int(state["microbatches"])
+        self.n = [int(x) for x in state["n"]]
+        self.f, self.b = [float(x) for x in state["f"]], [float(x) for x in state["b"]]
+        self.fast = [float(x) for x in state["fast"]]
+        self.last = [float(x) for x in state["last"]]
+        self.dev = [float(x) for x in state["dev"]]
+        self.held = [float(x) for x in state["held"]]
+        if not len(self.n) == len(self.f) == len(self.fast) == len(self.dev) == len(self.held):
+            raise ValueError("estimator state: per-layer lists differ in length")
+
+
+@lru_cache(maxsize=256)
+def compiled_schedule(name: str, num_stages: int, microbatches: int) -> tuple[Schedule, Compiled]:
+    """A schedule and its checked form (cached: predictions simulate the same ones often)."""
+    schedule = make_schedule(name, num_stages, microbatches)
+    return schedule, validate(schedule)
+
+
+def predict_step_time(
+    partition: Partition,
+    microbatches: int,
+    schedule: str,
+    layer_f: Sequence[float],
+    layer_b: Sequence[float],
+    hop: float = 0.0,
+) -> float:
+    """Simulated step time with per-step layer times spread evenly over micro-batches."""
+    sched, code = compiled_schedule(schedule, partition.num_stages, microbatches)
+    tau_f = tuple(
+        (math.fsum(layer_f[i] for i in partition.layers(s)) / microbatches,) * microbatches
+        for s in range(partition.num_stages)
+    )
+    tau_b = tuple(
+        (math.fsum(layer_b[i] for i in partition.layers(s)) / microbatches,) * microbatches
+        for s in range(partition.num_stages)
+    )
+    costs = Costs(tau_f, tau_b, (hop,) * (partition.num_stages - 1))
+    return simulate(sched, costs, compiled=code).step_time

@@ -1,0 +1,284 @@
+"""Rebalancer: move whole boundary layers between neighbouring stages when stages are uneven.
+
+Trigger (hysteresis): imbalance = max stage compute / mean, measured each step. The rebalancer
+arms after ``patience`` consecutive steps above ``1 + threshold`` and disarms below
+``1 + release``; after a move it waits ``cooldown`` steps before the trigger may start another.
+
+Planning: per-layer costs are the report's per-layer times, smoothed (``LayerEstimator``); a
+new destination is chosen only once every layer has ``min_samples`` samples since its cost
+last changed.
+Candidate destinations: every split whose costliest stage is within ``slack`` of the exact
+min-max split of the estimates, every single move of 1..``max_layers_per_move`` layers across
+each boundary, and the best of these polished by hill-climbing (one or two boundaries shifted
+by a layer at a time). Each is simulated. Its
+cost is the migrations to get there (``coordination_cost`` per move plus bytes over
+``bandwidth``). A destination qualifies if it beats the current plan's predicted step time by
+``margin`` plus ``confidence`` standard errors of the estimates, and its gain over ``horizon``
+steps exceeds its cost; the largest net benefit wins. A decision is one move: a destination
+that needs several is reached over the next steps without waiting for the trigger again. If
+the best gain clears ``margin`` but not the noise allowance, the rebalancer keeps measuring and
+looks again every ``retry_after`` steps (at most ``max_unsure`` times) before giving up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from adaptive_pp.decisions import Decision, Keep, MoveLayers, Plan
+from adaptive_pp.partition import Partition
+from adaptive_pp.report import StepReport
+
+from .base import Proposal, check_state, imbalance
+from .estimates import LayerEstimator, measured_layers, predict_step_time
+from .search import first_moves, near_balanced, nudges, route, single_moves
+
+Times = dict[tuple[int, ...], float]  # predicted step time per partition (bounds)
+
+
+@dataclass(frozen=True)
+class RebalancerConfig:
+    """Knobs of the rebalancer; times in seconds, sizes in bytes."""
+
+    threshold: float = 0.10
+    release: float = 0.05
+    patience: int = 3
+    min_samples: int = 5
+    cooldown: int = 10
+    retry_after: int = 10
+    max_unsure: int = 10
+    max_layers_per_move: int = 4
+    margin: float = 0.01
+    confidence: float = 3.0
+    slack: float = 0.25
+    max_candidates: int = 48
+    horizon: int = 1000
+    bytes_per_layer: float | tuple[float, ...] = 0.7e9
+    bandwidth: float = 50e9
+    coordination_cost: float = 0.05
+    hop_cost: float = 0.0
+    window: int = 50
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.release <= self.threshold:
+            raise ValueError(
+                f"need 0 <= release <= threshold, got {self.release}, {self.threshold}"
+            )
+        for name in ("patience", "min_samples", "max_layers_per_move", "window", "max_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cooldown", "retry_after", "max_unsure", "horizon", "margin", "confidence"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.bandwidth <= 0 or self.slack < 0:
+            raise ValueError(
+                f"need bandwidth > 0 and slack >= 0, got {self.bandwidth}, {self.slack}"
+            )
+
+    def layer_bytes(self, layer: int) -> float:
+        """Bytes to ship when ``layer`` moves (parameters, optimizer state, buffers)."""
+        b = self.bytes_per_layer
+        return float(b) if isinstance(b, int | float) else float(b[layer])
+
+
+class Rebalancer:
+    """Moves boundary layers to even out measured stage times (see the module docstring)."""
+
+    def __init__(self, config: RebalancerConfig | None = None) -> None:
+        """Start disarmed, with no estimates."""
+        self.config = config or RebalancerConfig()
+        self.estimator = LayerEstimator(self.config.window)
+        self.streak = 0
+        self.armed = False
+        self.cooldown_left = 0
+        self.retry_left = 0
+        self.pending = False
+        self.target: tuple[int, ...] | None = None
+        self.unsure = 0
+        self.last_imbalance = 1.0
+        self.moves = 0
+
+    def decide(self, report: StepReport, plan: Plan) -> Decision:
+        """Observe ``report``, propose, and note the proposal as applied."""
+        self.observe(report, plan)
+        proposal = self.propose(plan)
+        self.commit(proposal)
+        return proposal.decision
+
+    def observe(self, report: StepReport, plan: Plan) -> None:
+        """Update estimates and the trigger from one step's report."""
+        c = self.config
+        self.cooldown_left = max(0, self.cooldown_left - 1)
+        self.retry_left = max(0, self.retry_left - 1)
+        if report.num_stages != plan.num_stages:
+            return
+        if self.estimator.update(measured_layers(report, plan), plan.microbatches):
+            self.retry_left = 0  # costs changed: look again now, from scratch
+            self.pending = self.pending or self.target is not None  # even if on the way
+            self.target = None
+        self.last_imbalance = imb = imbalance(report)
+        self.streak = self.streak + 1 if imb > 1.0 + c.threshold else 0
+        if self.streak >= c.patience:
+            self.armed = True
+        if imb < 1.0 + c.release:
+            self.armed = False
+
+    def propose(self, plan: Plan) -> Proposal:
+        """The move to make now, or Keep with the reason; changes no state."""
+        if plan.num_stages < 2:
+            return Proposal(Keep("one stage: nothing to balance"))
+        if not self.pending and self.target is None:
+            if not self.armed:
+                return Proposal(Keep(f"imbalance {self.last_imbalance:.3f} within threshold"))
+            if self.cooldown_left > 0:
+                return Proposal(Keep(f"cooldown: {self.cooldown_left} step(s) left"))
+        if self.target is None and self.retry_left > 0:
+            return Proposal(Keep(f"next look in {self.retry_left} step(s)"))
+        if self.estimator.num_layers != plan.partition.num_layers or not self.estimator.ready():
+            return Proposal(Keep("no per-layer estimates yet"))
+        if self.target is None and not self.estimator.ready(self.config.min_samples):
+            return Proposal(Keep("layer costs changed: measuring them"))
+        return self._plan(plan)
+
+    def commit(self, proposal: Proposal) -> None:
+        """Note that ``proposal`` was applied (call once per proposal that is acted on)."""
+        c = self.config
+        if proposal.note == "move":
+            self.moves += 1
+            self.cooldown_left = c.cooldown
+            self.streak = 0
+            self.armed = False
+            self.pending = False
+            self.target = proposal.target if proposal.remaining > 0 else None
+            self.unsure = 0
+        elif proposal.note == "unsure":
+            self.retry_left = c.retry_after
+            self.unsure += 1
+            self.pending = self.unsure <= c.max_unsure
+            self.unsure = self.unsure if self.pending else 0  # give up until triggered again
+            self.target = None
+        elif proposal.note == "none":
+            self.retry_left = c.retry_after
+            self.pending = False
+            self.target = None
+            self.unsure = 0
+
+    def _plan(self, plan: Plan) -> Proposal:
+        c, est = self.config, self.estimator
+        part, m, name = plan.partition, plan.microbatches, plan.schedule
+        times: Times = {}
+
+        def predict(p: Partition) -> float:
+            if p.bounds not in times:
+                times[p.bounds] = predict_step_time(p, m, name, est.f, est.b, c.hop_cost)
+            return times[p.bounds]
+
+        now = predict(part)
+        goal = self.target
+        if goal is not None and len(goal) == len(part.bounds) and goal[-1] == part.bounds[-1]:
+            t_goal = predict(Partition(goal))
+            if goal != part.bounds and t_goal < now:
+                why = (
+                    f"on to [{Partition(goal)}]: predicted {now * 1e3:.2f} -> {t_goal * 1e3:.2f} ms"
+                )
+                return self._move_toward(part, Partition(goal), predict, why)
+        self._search(part, predict, times)
+        best: tuple[float, int, tuple[int, ...]] | None = None
+        close: float | None = None  # best gain that clears the margin but not the noise
+        for bounds, t in times.items():
+            if bounds == part.bounds or now - t < c.margin * now:
+                continue
+            dest = Partition(bounds)
+            moves = route(part, dest, c.max_layers_per_move)
+            net = (now - t) * c.horizon - self._migration_cost(part, dest, len(moves))
+            if net <= 0:
+                continue
+            err = est.gain_error(part, dest, m)
+            if now - t < (c.margin + c.confidence * err) * now:
+                close = max(close or 0.0, (now - t) / now)
+                continue
+            key = (-net, len(moves), bounds)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            if close is not None:
+                why = f"best predicted gain {close:.1%} is within the noise: measuring more"
+                return Proposal(Keep(why), "unsure")
+            why = f"no move beats {now * 1e3:.2f} ms by {c.margin:.0%} and pays for itself"
+            return Proposal(Keep(why), "none")
+        dest = Partition(best[2])
+        t = times[dest.bounds]
+        why = (
+            f"imbalance {self.last_imbalance:.3f}; target [{dest}] predicted "
+            f"{now * 1e3:.2f} -> {t * 1e3:.2f} ms ({(t - now) / now:+.1%}), "
+            f"net {-best[0]:.3g} s over {c.horizon} steps"
+        )
+        return self._move_toward(part, dest, predict, why)
+
+    def _move_toward(
+        self, part: Partition, dest: Partition, predict: Callable[[Partition], float], why: str
+    ) -> Proposal:
+        """The first move on the route to ``dest``: of those possible now, the fastest."""
+        k = self.config.max_layers_per_move
+        options = first_moves(part.bounds, dest.bounds, k)
+        src, dst, count = min(options, key=lambda mv: (predict(part.move(*mv)), mv))
+        remaining = len(route(part.move(src, dst, count), dest, k))
+        return Proposal(MoveLayers(src, dst, count, why), "move", remaining, dest.bounds)
+
+    def _search(self, part: Partition, predict: Callable[[Partition], float], times: Times) -> None:
+        """Simulate the candidate destinations (``predict`` records them in ``times``)."""
+        c, est = self.config, self.estimator
+        costs = [x + y for x, y in zip(est.f, est.b, strict=True)]
+        for p in near_balanced(costs, part.num_stages, c.slack, c.max_candidates):
+            predict(p)
+        for p in single_moves(part, c.max_layers_per_move):
+            predict(p)
+        best = min((t, bounds) for bounds, t in times.items())
+        for _ in range(2 * part.num_stages):
+            near = nudges(Partition(best[1]))
+            step = min(((predict(p), p.bounds) for p in near), default=best)
+            if step >= best:
+                break
+            best = step
+
+    def _migration_cost(self, part: Partition, dest: Partition, num_moves: int) -> float:
+        """Seconds to migrate: coordination per move plus the moving layers' bytes / bandwidth."""
+        c = self.config
+        moved = 0.0
+        for a, z in zip(part.bounds[1:-1], dest.bounds[1:-1], strict=True):
+            moved += math.fsum(c.layer_bytes(i) for i in range(min(a, z), max(a, z)))
+        return num_moves * c.coordination_cost + moved / c.bandwidth
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state (the config is not included: pass it to the constructor)."""
+        return {
+            "kind": "rebalancer",
+            "version": 1,
+            "streak": self.streak,
+            "armed": self.armed,
+            "cooldown_left": self.cooldown_left,
+            "retry_left": self.retry_left,
+            "pending": self.pending,
+            "target": None if self.target is None else list(self.target),
+            "unsure": self.unsure,
+            "last_imbalance": self.last_imbalance,
+            "moves": self.moves,
+            "estimator": self.estimator.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict returned."""
+        check_state(state, "rebalancer")
+        self.streak = int(state["streak"])
+        self.armed = bool(state["armed"])
+        self.cooldown_left = int(state["cooldown_left"])
+        self.retry_left = int(state["retry_left"])
+        self.pending = bool(state["pending"])
+        target = state["target"]
+        self.target = None if target is None else tuple(int(x) for x in target)
+        self.unsure = int(state["unsure"])
+        self.last_imbalance = float(state["last_imbalance"])
+        self.moves = int(state["moves"])
+        self.estimator.load_state_dict(state["estimator"])
