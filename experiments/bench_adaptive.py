@@ -1,0 +1,197 @@
+"""Adaptive rebalancing vs static pipelines when one stage slows down (EMULATED kernels).
+
+4 stages, 16-layer MLP (width 256), batch 64, M=16, each layer an emulated kernel of 1 ms
+forward / 2 ms backward. From step 5 on, stage 2 runs 2x slower (a slow device: whatever layers
+it holds). Printed from one run: adaptive steady step / torch.distributed.pipelining static step
+on the same initial partition (target <= 0.75), adaptive / our static run on the best partition
+found offline with the simulator (target <= 1.05), and the steps the adaptive run took to converge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from adaptive_pp import Pipeline, PipelineConfig
+from adaptive_pp.emulation import EmulatedLayer, emulated_mlp
+from adaptive_pp.launch import WorkerPool
+from adaptive_pp.partition import Partition
+from adaptive_pp.schedules import make_schedule
+from adaptive_pp.simulator import Costs, simulate
+from controllers import AdaptivePolicy, RebalancerConfig
+from experiments.common import write_json
+
+LAYERS, WIDTH, BATCH, STAGES = 16, 256, 64, 4
+SLOW_STAGE, SLOW_FROM, FACTOR = 2, 5, 2.0
+# Short runs: act after 3 steps of evidence, wait 3 steps after a move, 1.5 standard errors.
+REBALANCER: dict[str, Any] = {"cooldown": 3, "confidence": 1.5, "min_samples": 3}
+
+
+def _slow_device(modules: list[nn.Module], stage: int, step: int) -> None:
+    """Stage SLOW_STAGE runs every layer it holds FACTOR x slower from step SLOW_FROM on."""
+    factor = FACTOR if stage == SLOW_STAGE and step >= SLOW_FROM else 1.0
+    for mod in modules:
+        if isinstance(mod, EmulatedLayer):
+            mod.slowdown = factor
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, WIDTH, generator=g), torch.randn(BATCH, WIDTH, generator=g)
+
+
+def run_ours(
+    bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float, adaptive: bool
+) -> dict[str, Any]:
+    """Rank job: our runtime, static or with AdaptivePolicy; returns walls and events."""
+    torch.manual_seed(0)
+    model = emulated_mlp(LAYERS, WIDTH, fwd_ms * 1e-3, 2 * fwd_ms * 1e-3)
+    layer_bytes = 3 * sum(p.numel() * 4 for p in model[0].parameters())  # weights + Adam moments
+    policy = (
+        AdaptivePolicy(RebalancerConfig(bytes_per_layer=layer_bytes, horizon=steps))
+        if adaptive
+        else None
+    )
+    cfg = PipelineConfig(microbatches=m, partition=bounds)
+    x, y = _data()
+    walls, events, parts = [], [], []
+    with Pipeline(
+        model,
+        nn.functional.mse_loss,
+        lambda p: torch.optim.Adam(p, lr=1e-4),
+        cfg,
+        controller=policy,
+    ) as pipe:
+        for k in range(steps):
+            _slow_device(list(pipe.worker.named_segments().values()), pipe.stage, k)
+            dist.barrier()
+            t0 = time.perf_counter()
+            report = pipe.step(x, y).report
+            walls.append(time.perf_counter() - t0)
+            events.append(list(report.events))
+            parts.append(list(pipe.partition.bounds))
+    return {"walls": walls, "events": events, "partitions": parts}
+
+
+def run_torch(bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float) -> dict[str, Any]:
+    """Rank job: torch's Schedule1F1B on a fixed partition with the same slow stage."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = emulated_mlp(LAYERS, WIDTH, fwd_ms * 1e-3, 2 * fwd_ms * 1e-3)
+    sub = nn.Sequential(*list(model)[bounds[rank] : bounds[rank + 1]])
+    stage = PipelineStage(sub, rank, STAGES, torch.device("cpu"))
+    sched = Schedule1F1B(stage, m, loss_fn=nn.functional.mse_loss)
+    opt = torch.optim.Adam(sub.parameters(), lr=1e-4)
+    x, y = _data()
+    walls = []
+    for k in range(steps):
+        _slow_device(list(sub), rank, k)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            sched.step(x)
+        elif rank == STAGES - 1:
+            sched.step(target=y, losses=[])
+        else:
+            sched.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        walls.append(time.perf_counter() - t0)
+    return {"walls": walls}
+
+
+def best_offline(m: int) -> Partition:
+    """The partition the simulator rates fastest with stage 2 at FACTOR x (exhaustive)."""
+    best, best_t = None, float("inf")
+    sched = make_schedule("1f1b", STAGES, m)
+    for cuts in itertools.combinations(range(1, LAYERS), STAGES - 1):
+        part = Partition((0, *cuts, LAYERS))
+        sizes = [n * (FACTOR if s == SLOW_STAGE else 1.0) for s, n in enumerate(part.sizes)]
+        t = simulate(
+            sched, Costs.build(STAGES, m, [1.0 * n for n in sizes], [2.0 * n for n in sizes])
+        ).step_time
+        if t < best_t:
+            best, best_t = part, t
+    assert best is not None
+    return best
+
+
+def _job(kind: str, *args: Any) -> dict[str, Any]:
+    if kind == "torch":
+        return run_torch(*args)
+    return run_ours(*args, adaptive=(kind == "adaptive"))
+
+
+def main() -> None:
+    """Adaptive, torch static and best-static runs on one pool; print the ratios."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=45)
+    p.add_argument("--quick", action="store_true")
+    ns = p.parse_args()
+    m, fwd = (16, 1.0) if not ns.quick else (8, 0.3)
+    steps = ns.steps if not ns.quick else 30
+    initial = Partition.even(LAYERS, STAGES).bounds
+    best = best_offline(m)
+    tail = 8  # steady state: the last steps of each run
+    with WorkerPool(STAGES) as pool:
+        adaptive = pool.run(_job, "adaptive", initial, steps, m, fwd, timeout=900)[0]
+        torch_static = pool.run(_job, "torch", initial, SLOW_FROM + 3 + tail, m, fwd, timeout=900)[
+            0
+        ]
+        best_static = pool.run(
+            _job, "best", best.bounds, SLOW_FROM + 3 + tail, m, fwd, timeout=900
+        )[0]
+    steady = statistics.median(adaptive["walls"][-tail:])
+    t_torch = statistics.median(torch_static["walls"][-tail:])
+    t_best = statistics.median(best_static["walls"][-tail:])
+    final = adaptive["walls"]
+    converged = next(
+        (k for k in range(SLOW_FROM, steps) if all(w <= 1.05 * steady for w in final[k:])), steps
+    )
+    moves = [(k, e) for k, es in enumerate(adaptive["events"]) for e in es]
+    print(
+        f"EMULATED kernels ({fwd} ms fwd, {2 * fwd} ms bwd per layer), {STAGES} stages, {LAYERS} layers, "
+        f"M={m}; stage {SLOW_STAGE} {FACTOR}x slower from step {SLOW_FROM}"
+    )
+    for k, e in moves:
+        print(f"  step {k}: {e}")
+    print(f"final partition {Partition(tuple(adaptive['partitions'][-1]))}; best offline {best}")
+    print(
+        f"adaptive steady {steady * 1e3:.1f} ms / torch static {t_torch * 1e3:.1f} ms = "
+        f"{steady / t_torch:.3f} (target <= 0.75)"
+    )
+    print(
+        f"adaptive steady {steady * 1e3:.1f} ms / best static {t_best * 1e3:.1f} ms = "
+        f"{steady / t_best:.3f} (target <= 1.05)"
+    )
+    print(
+        f"converged (every later step within 5% of steady) {converged - SLOW_FROM} steps after the "
+        f"slowdown, with {len(moves)} change(s)"
+    )
+    path = write_json(
+        "bench_adaptive",
+        {
+            "adaptive_walls": final,
+            "torch_walls": torch_static["walls"],
+            "best_walls": best_static["walls"],
+            "events": moves,
+            "best_partition": list(best.bounds),
+            "ratio_vs_torch": steady / t_torch,
+            "ratio_vs_best": steady / t_best,
+            "steps_to_converge": converged - SLOW_FROM,
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
