@@ -26,7 +26,7 @@ from adaptive_pp.partition import Partition
 from adaptive_pp.schedules import make_schedule
 from adaptive_pp.simulator import Costs, simulate
 from controllers import AdaptivePolicy, RebalancerConfig
-from experiments.common import write_json
+from experiments.common import torch_pipeline_walls, write_json
 
 LAYERS, WIDTH, BATCH, STAGES = 16, 256, 64, 4
 SLOW_STAGE, SLOW_FROM, FACTOR = 2, 5, 2.0
@@ -82,30 +82,15 @@ def run_ours(
 
 def run_torch(bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float) -> dict[str, Any]:
     """Rank job: torch's Schedule1F1B on a fixed partition with the same slow stage."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = emulated_mlp(LAYERS, WIDTH, fwd_ms * 1e-3, 2 * fwd_ms * 1e-3)
     sub = nn.Sequential(*list(model)[bounds[rank] : bounds[rank + 1]])
-    stage = PipelineStage(sub, rank, STAGES, torch.device("cpu"))
-    sched = Schedule1F1B(stage, m, loss_fn=nn.functional.mse_loss)
     opt = torch.optim.Adam(sub.parameters(), lr=1e-4)
     x, y = _data()
-    walls = []
-    for k in range(steps):
-        _slow_device(list(sub), rank, k)
-        dist.barrier()
-        t0 = time.perf_counter()
-        if rank == 0:
-            sched.step(x)
-        elif rank == STAGES - 1:
-            sched.step(target=y, losses=[])
-        else:
-            sched.step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        walls.append(time.perf_counter() - t0)
+    walls = torch_pipeline_walls(
+        sub, "1f1b", m, opt, x, y, steps, lambda k: _slow_device(list(sub), rank, k)
+    )
     return {"walls": walls}
 
 

@@ -24,7 +24,7 @@ from adaptive_pp.launch import WorkerPool
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule
 from adaptive_pp.simulator import Costs, bubble_exact, simulate
-from experiments.common import write_json
+from experiments.common import torch_pipeline_walls, write_json
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
 
@@ -69,30 +69,13 @@ def run_ours(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]:
 
 def run_torch(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]:
     """Rank job: the same with torch.distributed.pipelining's PipelineStage and schedule."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
     rank, stages = dist.get_rank(), dist.get_world_size()
     model = _model(args)
     per = args["layers"] // stages
     sub = nn.Sequential(*list(model)[rank * per : (rank + 1) * per])
-    stage = PipelineStage(sub, rank, stages, torch.device("cpu"))
-    cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-    sched = cls(stage, args["microbatches"], loss_fn=nn.functional.mse_loss)
     opt = torch.optim.SGD(sub.parameters(), lr=1e-3)
     x, y = _data(args)
-    walls = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        if rank == 0:
-            sched.step(x)
-        elif rank == stages - 1:
-            sched.step(target=y, losses=[])
-        else:
-            sched.step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        walls.append(time.perf_counter() - t0)
+    walls = torch_pipeline_walls(sub, schedule, args["microbatches"], opt, x, y, steps)
     return {"walls": walls, "reports": []}
 
 
