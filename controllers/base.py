@@ -52,6 +52,29 @@ class Proposal:
     target: tuple[int, ...] = ()
 
 
+class Proposer:
+    """Base of controllers built from observe / propose / commit; ``decide`` runs all three."""
+
+    def observe(self, report: StepReport, plan: Plan) -> None:
+        """Take in one step's report."""
+        raise NotImplementedError
+
+    def propose(self, plan: Plan) -> Proposal:
+        """What to do now, without changing state."""
+        raise NotImplementedError
+
+    def commit(self, proposal: Proposal) -> None:
+        """Note ``proposal`` as applied."""
+        raise NotImplementedError
+
+    def decide(self, report: StepReport, plan: Plan) -> Decision:
+        """Observe ``report``, propose, and note the proposal as applied."""
+        self.observe(report, plan)
+        proposal = self.propose(plan)
+        self.commit(proposal)
+        return proposal.decision
+
+
 def imbalance(report: StepReport) -> float:
     """Largest stage compute time over the mean (1.0 when perfectly even or empty)."""
     compute = report.stage_compute

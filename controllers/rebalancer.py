@@ -27,11 +27,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adaptive_pp.decisions import Decision, Keep, MoveLayers, Plan
+from adaptive_pp.decisions import Keep, MoveLayers, Plan
 from adaptive_pp.partition import Partition
 from adaptive_pp.report import StepReport
 
-from .base import Proposal, check_state, imbalance
+from .base import Proposal, Proposer, check_state, imbalance
 from .estimates import LayerEstimator, measured_layers, predict_step_time
 from .search import first_moves, near_balanced, nudges, route, single_moves
 
@@ -83,7 +83,7 @@ class RebalancerConfig:
         return float(b) if isinstance(b, int | float) else float(b[layer])
 
 
-class Rebalancer:
+class Rebalancer(Proposer):
     """Moves boundary layers to even out measured stage times (see the module docstring)."""
 
     def __init__(self, config: RebalancerConfig | None = None) -> None:
@@ -99,13 +99,6 @@ class Rebalancer:
         self.unsure = 0
         self.last_imbalance = 1.0
         self.moves = 0
-
-    def decide(self, report: StepReport, plan: Plan) -> Decision:
-        """Observe ``report``, propose, and note the proposal as applied."""
-        self.observe(report, plan)
-        proposal = self.propose(plan)
-        self.commit(proposal)
-        return proposal.decision
 
     def observe(self, report: StepReport, plan: Plan) -> None:
         """Update estimates and the trigger from one step's report."""

@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adaptive_pp.decisions import Decision, Keep, Plan, SetMicrobatches
+from adaptive_pp.decisions import Keep, Plan, SetMicrobatches
 from adaptive_pp.report import StepReport
 
-from .base import Proposal, busiest_bubble, check_state
+from .base import Proposal, Proposer, busiest_bubble, check_state
 from .estimates import compiled_schedule
 
 
@@ -57,7 +57,7 @@ class TunerConfig:
             raise ValueError(f"ban_steps must be >= 1 or None, got {self.ban_steps}")
 
 
-class MicrobatchTuner:
+class MicrobatchTuner(Proposer):
     """Raises M while the bubble is large; keeps a change only if measured steps got faster."""
 
     def __init__(self, config: TunerConfig) -> None:
@@ -78,13 +78,6 @@ class MicrobatchTuner:
     def busy(self) -> bool:
         """Whether a trial of a new M is under way (others should not change the plan)."""
         return self.phase == "trial"
-
-    def decide(self, report: StepReport, plan: Plan) -> Decision:
-        """Observe ``report``, propose, and note the proposal as applied."""
-        self.observe(report, plan)
-        proposal = self.propose(plan)
-        self.commit(proposal)
-        return proposal.decision
 
     def observe(self, report: StepReport, plan: Plan) -> None:
         """Record one step's time and bubble; restart measuring if the plan changed."""
