@@ -266,13 +266,23 @@ def collective(what: str, fn: Callable[[], T]) -> T:
         raise PeerGone(f"stage {rank}: a peer failed during {what}: {exc}", stage=rank) from exc
 
 
+def json_tensor(obj: Any) -> torch.Tensor:
+    """``obj`` as UTF-8 JSON bytes in a uint8 tensor (what travels instead of pickle)."""
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def tensor_json(data: torch.Tensor) -> Any:
+    """Inverse of json_tensor."""
+    return json.loads(bytes(data.tolist()).decode())
+
+
 def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     """Gather one JSON-able object from every rank, as UTF-8 bytes in tensors (no pickle)."""
     return collective("the end-of-step exchange", lambda: _all_gather_json(obj, group))
 
 
 def _all_gather_json(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    data = json_tensor(obj)
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=group)
@@ -281,7 +291,4 @@ def _all_gather_json(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
     padded[: data.numel()] = data
     chunks = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
     dist.all_gather(chunks, padded, group=group)
-    return [
-        json.loads(bytes(c[: int(s.item())].tolist()).decode())
-        for c, s in zip(chunks, sizes, strict=True)
-    ]
+    return [tensor_json(c[: int(s.item())]) for c, s in zip(chunks, sizes, strict=True)]

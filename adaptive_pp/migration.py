@@ -15,7 +15,6 @@ Protocol for MoveLayers(src, dst, n), run by every rank between two steps:
 
 from __future__ import annotations
 
-import json
 import numbers
 import time
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from .comm import Header, Kind, Link, all_gather_json
+from .comm import Header, Kind, Link, all_gather_json, json_tensor, tensor_json
 from .decisions import Decision, Keep, MoveLayers, Plan, SetMicrobatches, apply, describe, to_dict
 from .errors import PipelineError, VersionMismatch
 from .layerstate import layer_name, load_module_state, module_state, optimizer_state
@@ -44,7 +43,7 @@ def apply_decision(pipe: Pipeline, decision: Decision) -> str | None:
     """Apply ``decision`` on every rank (all must call it alike); return the event text."""
     if isinstance(decision, Keep):
         return None
-    plan = Plan(pipe.partition, pipe.microbatches, pipe.schedule.name)
+    plan = pipe.plan
     new = apply(plan, decision)  # ValueError on every rank alike for an invalid decision
     _agree(pipe, decision)
     if isinstance(decision, SetMicrobatches):
@@ -119,7 +118,7 @@ def _link_to(pipe: Pipeline, peer: int) -> Link:
 
 
 def _send_json(link: Link, ident: int, obj: Any, step: int, version: int) -> None:
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    data = json_tensor(obj)
     link.send(
         Header(Kind.CONTROL, ident, step, version, -1, -1, torch.uint8, (data.numel(),)), data
     )
@@ -127,12 +126,12 @@ def _send_json(link: Link, ident: int, obj: Any, step: int, version: int) -> Non
 
 def _take_json(link: Link, ident: int, timeout: float, what: str) -> Any:
     msg = link.take(Kind.CONTROL, ident, timeout, what)
-    return json.loads(bytes(msg.payload.tolist()).decode())
+    return tensor_json(msg.payload)
 
 
 def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
     t_start = time.perf_counter()
-    layers = _moving_layers(Plan(pipe.partition, pipe.microbatches, pipe.schedule.name), move)
+    layers = _moving_layers(pipe.plan, move)
     names = {layer_name(i): pipe.blocks[i] for i in layers}
     ok, error, nbytes = True, "", 0
     carried: dict[str, dict[str, Any]] = {}

@@ -153,13 +153,14 @@ class Pipeline:
         """Apply a decision now, between steps, on every rank alike; return what changed.
 
         MoveLayers migrates boundary layers (two-phase; MigrationAborted leaves every rank on
-        the old plan), SetMicrobatches changes M. The next step's report lists the change.
+        the old plan), SetMicrobatches changes M. The next step's report lists the change, or
+        the refusal (ValueError for an invalid decision, MigrationAborted), which is re-raised.
         """
         t0 = time.perf_counter()
         try:
             event = apply_decision(self, decision)
-        except MigrationAborted as exc:
-            self._events.append(f"aborted: {exc}")
+        except (MigrationAborted, ValueError) as exc:
+            self._events.append(f"refused {describe(decision)}: {exc}")
             raise
         finally:
             self._change_s += time.perf_counter() - t0
@@ -274,9 +275,8 @@ class Pipeline:
         try:
             self.apply(decision)
         except (MigrationAborted, ValueError) as exc:
-            # Refused or aborted: every rank keeps the old plan and training goes on.
+            # Refused or aborted (apply noted it for the next report): the old plan stays.
             log.warning("decision.refused", decision=describe(decision), error=str(exc))
-            self._events.append(f"refused {describe(decision)}: {exc}")
 
     def _local_report(self, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
         layers = list(self.partition.layers(self.rank))

@@ -95,9 +95,9 @@ class StageWorker:
         for action in actions:
             t_req = time.perf_counter()
             if action.kind == "F":
-                x = self._input(action.microbatch, inputs, step)
+                x = self._input(action.microbatch, inputs)
             else:
-                g = self._output_grad(action.microbatch, step)
+                g = self._output_grad(action.microbatch)
             t_start = time.perf_counter()
             if action.kind == "F":
                 self._forward(action.microbatch, x, targets, m_count, step, log)
@@ -125,7 +125,7 @@ class StageWorker:
                 layer=header.layer_lo,
             )
 
-    def _input(self, m: int, inputs: Sequence[torch.Tensor] | None, step: int) -> torch.Tensor:
+    def _input(self, m: int, inputs: Sequence[torch.Tensor] | None) -> torch.Tensor:
         if self.up is None:
             if inputs is None:
                 raise PipelineError(f"stage {self.stage} needs the inputs", stage=self.stage)
@@ -134,7 +134,7 @@ class StageWorker:
         self._check_version(msg.header, "activation")
         return msg.payload.to(self.device)
 
-    def _output_grad(self, m: int, step: int) -> torch.Tensor | None:
+    def _output_grad(self, m: int) -> torch.Tensor | None:
         if self.down is None:
             return None
         msg = self.down.take(Kind.GRAD, m, self.recv_timeout, "gradient")
@@ -262,10 +262,6 @@ class StageWorker:
             start = t0 if above is None else above
             stop = t_end if below is None else below
             _add(log.layer_backward, seg.layer, max(0.0, stop - start))
-
-    def parameters(self) -> list[nn.Parameter]:
-        """Parameters of every segment, in segment order."""
-        return [p for seg in self.segments for p in seg.module.parameters()]
 
     def named_segments(self) -> dict[str, nn.Module]:
         """Global name -> module for this stage's segments."""
