@@ -32,6 +32,8 @@ class PipelineConfig:
     """"cpu", "cuda" or "auto" (cuda:LOCAL_RANK when CUDA is available)."""
     telemetry: bool = False
     """Emit OpenTelemetry spans and metrics (opentelemetry-api; no-op without an SDK)."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward (torch.utils.checkpoint) to save memory."""
 
     def resolve_partition(self, num_layers: int, num_stages: int) -> Partition:
         """The partition to start from, checked against the model and stage count."""
