@@ -128,7 +128,15 @@ class Pipeline:
         up = Link(s, s - 1) if s > 0 else None
         down = Link(s, s + 1) if s < self.num_stages - 1 else None
         self.worker = StageWorker(
-            s, self.num_stages, segments, loss_fn, up, down, self.device, cfg.recv_timeout
+            s,
+            self.num_stages,
+            segments,
+            loss_fn,
+            up,
+            down,
+            self.device,
+            cfg.recv_timeout,
+            cfg.activation_checkpointing,
         )
         self.optimizer = rebuild_optimizer(
             optimizer_factory, self.worker.named_segments(), None, {}
@@ -298,6 +306,7 @@ class Pipeline:
             "wait": log.wait,
             "end": log.end[-1] if log.end else 0.0,
             "peak_stash": log.peak_stash,
+            "peak_stash_bytes": log.peak_stash_bytes,
             "layers": layers,
             "layer_forward": [log.layer_forward.get(i, 0.0) for i in layers],
             "layer_backward": [log.layer_backward.get(i, 0.0) for i in layers],
@@ -333,6 +342,7 @@ class Pipeline:
                 layers=tuple(p["layers"]),
                 layer_forward=tuple(p["layer_forward"]),
                 layer_backward=tuple(p["layer_backward"]),
+                peak_stash_bytes=p["peak_stash_bytes"],
             )
             for p in parts
         )

@@ -118,6 +118,7 @@ class StageStats:
     layers: tuple[int, ...] = ()
     layer_forward: tuple[float, ...] = ()
     layer_backward: tuple[float, ...] = ()
+    peak_stash_bytes: int = 0
 
     @property
     def idle(self) -> float:
@@ -174,6 +175,11 @@ class StepReport:
         return tuple(s.peak_stash for s in self.stages)
 
     @property
+    def peak_stash_bytes(self) -> tuple[int, ...]:
+        """Per-stage peak bytes of activations kept for backward (0 where not measured)."""
+        return tuple(s.peak_stash_bytes for s in self.stages)
+
+    @property
     def stage_compute(self) -> tuple[float, ...]:
         """Per-stage compute seconds."""
         return tuple(s.compute for s in self.stages)
@@ -211,6 +217,7 @@ class StepReport:
                     layers=tuple(s.get("layers", ())),
                     layer_forward=tuple(s.get("layer_forward", ())),
                     layer_backward=tuple(s.get("layer_backward", ())),
+                    peak_stash_bytes=int(s.get("peak_stash_bytes", 0)),
                 )
                 for s in data["stages"]
             ),

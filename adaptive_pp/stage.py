@@ -3,6 +3,19 @@
 Each layer runs as its own autograd segment (its input detached and re-attached), so forward and
 backward time are measured per layer; the values are the same as one graph's backward because
 every boundary tensor has a single consumer.
+
+Activation checkpointing (``checkpointing=True``) wraps each segment, one layer at a time, in
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)``: a segment keeps only its input and
+recomputes its internals during its backward, so the stash shrinks to the segment boundaries,
+per-layer timing still works (a layer's backward time includes its recomputation) and the math
+is unchanged (the recomputation is the same kernels on the same inputs). Per layer rather than
+per stage: a whole-stage checkpoint would save a little more memory but hide the boundaries the
+per-layer backward timing hooks on.
+
+The activation stash in bytes (``StageLog.peak_stash_bytes``) is measured with
+``adaptive_pp.stash.StashMeter``: per micro-batch, the distinct bytes autograd saves for backward
+plus the boundaries the stage holds, from its forward until its backward; the peak over the step
+of the sum over micro-batches in flight.
 """
 
 from __future__ import annotations
@@ -15,10 +28,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .comm import Header, Kind, Link
 from .errors import NonFiniteLoss, PipelineError, StageFailure, VersionMismatch
 from .schedules import Action
+from .stash import StashMeter, storage_ptrs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,6 +57,7 @@ class StageLog:
     compute: float = 0.0
     wait: float = 0.0
     peak_stash: int = 0
+    peak_stash_bytes: int = 0
     layer_forward: dict[int, float] = field(default_factory=dict)
     layer_backward: dict[int, float] = field(default_factory=dict)
     loss_sum: float = 0.0
@@ -60,6 +76,7 @@ class StageWorker:
         down: Link | None,
         device: torch.device,
         recv_timeout: float,
+        checkpointing: bool = False,
     ) -> None:
         self.stage, self.num_stages = stage, num_stages
         self.segments = segments
@@ -67,8 +84,11 @@ class StageWorker:
         self.up, self.down = up, down
         self.device = device
         self.recv_timeout = recv_timeout
+        self.checkpointing = checkpointing
         self.version = 0
         self._stash: dict[int, tuple[list[torch.Tensor], torch.Tensor, list[float]]] = {}
+        self._stash_bytes: dict[int, int] = {}
+        self._weights: set[int] = set()
 
     @property
     def is_last(self) -> bool:
@@ -91,6 +111,8 @@ class StageWorker:
         """Run ``actions`` in order; inputs on stage 0, targets on the last stage."""
         log = StageLog()
         self._stash.clear()
+        self._stash_bytes.clear()
+        self._weights = storage_ptrs(seg.module for seg in self.segments)
         m_count = len(actions) // 2
         for action in actions:
             t_req = time.perf_counter()
@@ -102,6 +124,8 @@ class StageWorker:
             if action.kind == "F":
                 self._forward(action.microbatch, x, targets, m_count, step, log)
                 log.peak_stash = max(log.peak_stash, len(self._stash))
+                live = sum(self._stash_bytes.values())
+                log.peak_stash_bytes = max(log.peak_stash_bytes, live)
             else:
                 self._backward(action.microbatch, g, step, log)
             if self.device.type == "cuda":
@@ -165,14 +189,19 @@ class StageWorker:
         h = x.requires_grad_() if x.is_floating_point() and self.up is not None else x
         marks: list[float] = []
         boundaries = [h]
-        for seg in self.segments:
-            t = time.perf_counter()
-            try:
-                h = seg.module(h)
-            except Exception as exc:
-                raise self._fail(seg.name, seg.layer, m, "forward", exc) from exc
-            _add(log.layer_forward, seg.layer, time.perf_counter() - t)
-            boundaries.append(h)
+        meter = StashMeter(self._weights)
+        with meter.hooks():
+            for seg in self.segments:
+                t = time.perf_counter()
+                try:
+                    h = self._call(seg.module, h)
+                except Exception as exc:
+                    raise self._fail(seg.name, seg.layer, m, "forward", exc) from exc
+                _add(log.layer_forward, seg.layer, time.perf_counter() - t)
+                boundaries.append(h)
+        for b in boundaries:
+            meter.add(b)
+        self._stash_bytes[m] = meter.bytes
         for b in boundaries:
             if b.requires_grad:
                 b.register_hook(_stamp(marks))  # type: ignore[no-untyped-call]
@@ -190,6 +219,14 @@ class StageWorker:
             self.down.send(self._header(Kind.ACT, m, step, h), h.detach().cpu())
             top = h
         self._stash[m] = (boundaries, top, marks)
+
+    def _call(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """One segment's forward, under activation checkpointing if enabled."""
+        if self.checkpointing and torch.is_grad_enabled():
+            out: torch.Tensor = checkpoint(module, h, use_reentrant=False)
+            return out
+        result: torch.Tensor = module(h)
+        return result
 
     def _header(self, kind: Kind, m: int, step: int, t: torch.Tensor) -> Header:
         lo, hi = self.layer_range()
@@ -223,6 +260,7 @@ class StageWorker:
 
     def _backward(self, m: int, grad: torch.Tensor | None, step: int, log: StageLog) -> None:
         boundaries, top, marks = self._stash.pop(m)
+        self._stash_bytes.pop(m, None)
         t0 = time.perf_counter()
         try:
             torch.autograd.backward(top, grad)  # grad is None on the last stage: top is the loss
