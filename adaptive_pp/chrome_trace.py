@@ -1,0 +1,404 @@
+"""Chrome trace export: step reports as Trace Event Format JSON (Perfetto, chrome://tracing).
+
+Layout of one run (``pid_base`` shifts every pid, so several runs share a file):
+
+- one process per stage, ``"stage N"`` (pid ``pid_base + N``), with a ``compute`` thread
+  holding an ``X`` slice per action (``F3``/``B3``) and per ``wait``, and an ``inbox`` thread
+  with a ``recv`` instant where each message arrived; ``C`` counters for the depth of each
+  incoming queue and for the stage's utilization per step;
+- one ``"steps"`` process (pid ``pid_base + S``): a slice per step (loss, bubble, U in args),
+  a bubble counter, and an ``apply decisions`` slice where the runtime spent time applying
+  decisions before a step; global ``i`` instants at that boundary for each ``report.events``
+  entry (migrations, M changes, refusals);
+- a flow arrow (``s`` then ``f``) per message, from the producing action on the sender's
+  compute thread to the consuming action on the receiver's.
+
+Rules (``messages`` and ``waits`` give them to plots and tests too):
+
+- The k-th message consumed on a link (in consumption order) feeds the k-th action of that
+  kind on the receiving stage: stages take their inputs in execution order. A link without a
+  ``QueueTrace`` gets arrival = the producer's end (no hop time) and consumption = the
+  consumer's start.
+- An action *waited* when its input (activation for F on stages > 0, gradient for B on all
+  but the last stage) arrived after the stage's previous action ended (the step start, 0, for
+  the first action); its ``wait`` slice spans that previous end to the action's start. Inputs
+  that were already queued leave the gap unmarked (sends, bookkeeping). For simulated
+  reports the wait slices of a stage add up to ``StageStats.wait`` exactly.
+- Steps lie end to end: step k starts at its ``extra["offset"]`` (seconds from the first
+  step's start) when every report has one, else at the previous start + the previous span
+  (``max(step_time, extra["wall"])``) + this step's ``extra["change"]`` (the time spent
+  applying decisions just before it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from . import __version__
+from .report import ActionTiming, QueueTrace, StepReport, read_jsonl
+from .schedules import Kind
+
+US = 1e6  # trace timestamps are microseconds
+_NUDGE_US = 1e-3  # flow ends sit 1 ns inside their slices so viewers bind them to it
+_COLOUR = {"F": "thread_state_running", "B": "rail_load", "wait": "thread_state_iowait"}
+COMPUTE_TID, INBOX_TID = 0, 1
+
+Event = dict[str, Any]
+
+
+class RunDirError(ValueError):
+    """A run directory without a readable reports.jsonl."""
+
+
+def load_run(run_dir: str | Path) -> list[StepReport]:
+    """The reports in ``RUN_DIR/reports.jsonl`` (or that file); RunDirError naming it if none."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "reports.jsonl"
+    if not path.is_file():
+        raise RunDirError(
+            f"{path}: no such file; a run directory holds reports.jsonl "
+            "(written when PipelineConfig(run_dir=...) is set)"
+        )
+    try:
+        reports = read_jsonl(path)
+    except (ValueError, OSError) as exc:
+        raise RunDirError(f"{path} is malformed: {exc}") from exc
+    if not reports:
+        raise RunDirError(f"{path} holds no step reports")
+    return reports
+
+
+class Message(NamedTuple):
+    """One activation or gradient: who produced it, when it arrived, who consumed it when."""
+
+    src: int
+    dst: int
+    kind: str
+    microbatch: int
+    arrived: float
+    consumed: float
+    producer: ActionTiming | None
+    consumer: ActionTiming
+
+
+class Wait(NamedTuple):
+    """A stage blocked from ``start`` to ``end`` on the late input of ``action``."""
+
+    stage: int
+    start: float
+    end: float
+    action: ActionTiming
+    arrived: float
+
+
+_INPUT_KIND: dict[str, Kind] = {"act": "F", "grad": "B"}
+
+
+def _links(report: StepReport) -> list[QueueTrace]:
+    """The report's queue traces, plus timeline-derived ones for links it has no trace of."""
+    traced = {(q.src, q.dst) for q in report.queues}
+    out = list(report.queues)
+    by_key = {(t.stage, t.kind, t.microbatch): t for t in report.timeline}
+    for s in range(len(report.timeline.actions)):
+        for src, kind in ((s - 1, "act"), (s + 1, "grad")):
+            if (src, s) in traced or not 0 <= src < len(report.timeline.actions):
+                continue
+            pairs = [
+                (by_key[(src, t.kind, t.microbatch)].end, t.start)
+                for t in report.timeline.stage(s)
+                if t.kind == _INPUT_KIND[kind] and (src, t.kind, t.microbatch) in by_key
+            ]
+            out.append(
+                QueueTrace(src, s, kind, tuple(a for a, _ in pairs), tuple(c for _, c in pairs))
+            )
+    return out
+
+
+def messages(report: StepReport) -> list[Message]:
+    """Every message of the step, matched to its producing and consuming actions."""
+    by_key = {(t.stage, t.kind, t.microbatch): t for t in report.timeline}
+    out = []
+    for q in _links(report):
+        kind = _INPUT_KIND.get(q.kind)
+        if kind is None or not 0 <= q.dst < len(report.timeline.actions):
+            continue
+        consumers = [t for t in report.timeline.stage(q.dst) if t.kind == kind]
+        pairs = sorted(zip(q.consumed, q.arrived, strict=True))
+        for (consumed, arrived), t in zip(pairs, consumers, strict=False):
+            producer = by_key.get((q.src, kind, t.microbatch))
+            out.append(Message(q.src, q.dst, q.kind, t.microbatch, arrived, consumed, producer, t))
+    return out
+
+
+def waits(report: StepReport) -> list[Wait]:
+    """Where each stage was blocked on a late input (see the module docstring for the rule)."""
+    arrival = {(m.dst, m.consumer.kind, m.microbatch): m.arrived for m in messages(report)}
+    out = []
+    for s in range(len(report.timeline.actions)):
+        prev_end = 0.0
+        for t in report.timeline.stage(s):
+            arrived = arrival.get((s, t.kind, t.microbatch))
+            if arrived is not None and arrived > prev_end and t.start > prev_end:
+                out.append(Wait(s, prev_end, t.start, t, arrived))
+            prev_end = t.end
+    return out
+
+
+def _span(report: StepReport) -> float:
+    return max(report.step_time, float(report.extra.get("wall", 0.0)))
+
+
+def step_offsets(reports: Sequence[StepReport]) -> list[float]:
+    """Start of each step in seconds from the first step's start (see the module docstring)."""
+    if reports and all("offset" in r.extra for r in reports):
+        first = float(reports[0].extra["offset"])
+        return [float(r.extra["offset"]) - first for r in reports]
+    out, t = [], 0.0
+    for i, r in enumerate(reports):
+        if i:
+            t += _span(reports[i - 1]) + float(r.extra.get("change", 0.0))
+        out.append(t)
+    return out
+
+
+def event_kind(text: str) -> str:
+    """Category of a report event: migration, microbatches, refused or other."""
+    for prefix, kind in (("moved", "migration"), ("microbatches", "microbatches")):
+        if text.startswith(prefix):
+            return kind
+    return "refused" if text.startswith("refused") else "other"
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _layers(report: StepReport, s: int) -> str | None:
+    if s < len(report.stages) and report.stages[s].layers:
+        ids = report.stages[s].layers
+        return f"{ids[0]}-{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else str(ids)
+    if s + 1 < len(report.partition):
+        return f"{report.partition[s]}-{report.partition[s + 1] - 1}"
+    return None
+
+
+@dataclass
+class _Builder:
+    """Accumulates the events of one run; pids start at ``pid_base``."""
+
+    label: str | None
+    pid_base: int
+    events: list[Event]
+    flow_id: int = 0
+
+    def add(self, ph: str, name: str, ts: float, pid: int, tid: int = 0, **fields: Any) -> None:
+        """Append one event (``ts`` and ``dur`` in microseconds, rounded to the nanosecond)."""
+        event: Event = {"ph": ph, "name": name, "ts": round(ts, 3), "pid": pid, "tid": tid}
+        if "dur" in fields:
+            fields["dur"] = round(max(0.0, fields["dur"]), 3)
+        event.update(fields)
+        self.events.append(event)
+
+    def meta(self, pid: int, name: str, threads: Iterable[tuple[int, str]]) -> None:
+        prefix = f"{self.label}: " if self.label else ""
+        self.add("M", "process_name", 0, pid, args={"name": prefix + name})
+        self.add("M", "process_sort_index", 0, pid, args={"sort_index": pid})
+        for tid, thread in threads:
+            self.add("M", "thread_name", 0, pid, tid, args={"name": thread})
+
+    def step(self, r: StepReport, offset: float, steps_pid: int) -> None:
+        us, pid = offset * US, self.pid_base
+        for t in r.timeline:
+            args: dict[str, Any] = {"microbatch": t.microbatch, "step": r.step, "stage": t.stage}
+            if (layers := _layers(r, t.stage)) is not None:
+                args["layers"] = layers
+            cat = "forward" if t.kind == "F" else "backward"
+            dur = (t.end - t.start) * US
+            self.add(
+                "X",
+                f"{t.kind}{t.microbatch}",
+                us + t.start * US,
+                pid + t.stage,
+                COMPUTE_TID,
+                cat=cat,
+                dur=dur,
+                args=args,
+                cname=_COLOUR[t.kind],
+            )
+        for w in waits(r):
+            args = {
+                "for": f"{w.action.kind}{w.action.microbatch}",
+                "step": r.step,
+                "input_arrived_ms": w.arrived * 1e3,
+            }
+            self.add(
+                "X",
+                "wait",
+                us + w.start * US,
+                pid + w.stage,
+                COMPUTE_TID,
+                cat="wait",
+                dur=(w.end - w.start) * US,
+                args=args,
+                cname=_COLOUR["wait"],
+            )
+        for m in messages(r):
+            self._message(r.step, m, us)
+        for q in r.queues:
+            name = f"queue {q.kind} from stage {q.src}"
+            self.add("C", name, us, pid + q.dst, args={"depth": 0})
+            for t_s, depth in q.depth_series():
+                self.add("C", name, us + t_s * US, pid + q.dst, args={"depth": depth})
+        for st in r.stages:
+            self.add("C", "utilization", us, pid + st.stage, args={"U %": 100 * st.utilization})
+        self._step_track(r, us, steps_pid)
+
+    def _message(self, step: int, m: Message, us: float) -> None:
+        dst, src = self.pid_base + m.dst, self.pid_base + m.src
+        args = {"from stage": m.src, "step": step, "queued_ms": (m.consumed - m.arrived) * 1e3}
+        self.add(
+            "i",
+            f"recv {m.kind} {m.microbatch}",
+            us + m.arrived * US,
+            dst,
+            INBOX_TID,
+            cat="message",
+            s="t",
+            args=args,
+        )
+        if m.producer is None:
+            return
+        self.flow_id += 1
+        p, c = m.producer, m.consumer
+        send = us + max(p.start * US, p.end * US - _NUDGE_US)
+        take = us + min(c.end * US, c.start * US + _NUDGE_US)
+        self.add("s", m.kind, send, src, COMPUTE_TID, cat="message", id=self.flow_id)
+        self.add("f", m.kind, take, dst, COMPUTE_TID, cat="message", id=self.flow_id, bp="e")
+
+    def _step_track(self, r: StepReport, us: float, pid: int) -> None:
+        util = r.utilization
+        args: dict[str, Any] = {
+            "source": r.source,
+            "schedule": r.schedule,
+            "microbatches": r.microbatches,
+            "loss": _finite(r.loss),
+            "bubble %": 100 * r.bubble_fraction,
+            "U min %": 100 * min(util, default=0.0),
+            "U mean %": 100 * (sum(util) / len(util) if util else 0.0),
+        }
+        if r.partition:
+            args["partition"] = str(r.partition)
+        self.add(
+            "X", f"step {r.step}", us, pid, COMPUTE_TID, cat="step", dur=r.step_time * US, args=args
+        )
+        self.add("C", "bubble", us, pid, args={"bubble %": 100 * r.bubble_fraction})
+        change = float(r.extra.get("change", 0.0))
+        at = us - change * US
+        if change > 0:
+            self.add(
+                "X",
+                "apply decisions",
+                at,
+                pid,
+                INBOX_TID,
+                cat="decision",
+                dur=change * US,
+                args={"step": r.step, "events": list(r.events)},
+            )
+        scope = "g" if self.label is None else "p"
+        for text in r.events:
+            self.add(
+                "i",
+                text,
+                at,
+                pid,
+                COMPUTE_TID,
+                cat=event_kind(text),
+                s=scope,
+                args={"step": r.step},
+            )
+
+
+def chrome_trace(
+    reports: Sequence[StepReport], *, label: str | None = None, pid_base: int = 0
+) -> dict[str, Any]:
+    """A Trace Event Format object (``{"traceEvents": [...]}``) for consecutive step reports.
+
+    ``label`` prefixes the process names (and makes decision markers process-scoped, so two
+    runs in one file keep their own); ``pid_base`` is the first pid used.
+    """
+    stages = max((len(r.timeline.actions) for r in reports), default=0)
+    stages = max(stages, max((r.num_stages for r in reports), default=0))
+    b = _Builder(label, pid_base, [])
+    for s in range(stages):
+        b.meta(pid_base + s, f"stage {s}", ((COMPUTE_TID, "compute"), (INBOX_TID, "inbox")))
+    steps_pid = pid_base + stages
+    b.meta(steps_pid, "steps", ((COMPUTE_TID, "steps"), (INBOX_TID, "decisions")))
+    for r, offset in zip(reports, step_offsets(reports), strict=True):
+        b.step(r, offset, steps_pid)
+    return {
+        "traceEvents": b.events,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "generator": f"adaptive_pp {__version__}",
+            "label": label or "",
+            "steps": len(reports),
+            "source": ",".join(sorted({r.source for r in reports})),
+        },
+    }
+
+
+def merge(*traces: Mapping[str, Any]) -> dict[str, Any]:
+    """One trace out of several (pids must differ); flow ids are renumbered to stay unique."""
+    events: list[Event] = []
+    seen: set[int] = set()
+    shift = 0
+    for trace in traces:
+        evs = trace["traceEvents"]
+        pids = {e["pid"] for e in evs}
+        if pids & seen:
+            raise ValueError(f"traces share pids {sorted(pids & seen)}: build them with pid_base")
+        seen |= pids
+        top = 0
+        for e in evs:
+            if e["ph"] in ("s", "t", "f"):
+                e = {**e, "id": e["id"] + shift}
+                top = max(top, e["id"])
+            events.append(e)
+        shift = max(shift, top)
+    labels = [str(t.get("otherData", {}).get("label", "")) for t in traces]
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {"generator": f"adaptive_pp {__version__}", "label": " | ".join(labels)},
+    }
+
+
+def side_by_side(runs: Mapping[str, Sequence[StepReport]]) -> dict[str, Any]:
+    """Several runs (``{"measured": ..., "simulated": ...}``) in one trace, on one time axis."""
+    traces, base = [], 0
+    for label, reports in runs.items():
+        traces.append(chrome_trace(reports, label=label, pid_base=base))
+        base += max((max(len(r.timeline.actions), r.num_stages) for r in reports), default=0) + 1
+    return merge(*traces)
+
+
+def write_chrome_trace(
+    path: str | Path,
+    reports: Sequence[StepReport] | Mapping[str, Any],
+    *,
+    label: str | None = None,
+) -> Path:
+    """Write a trace (or the trace of ``reports``) as JSON; returns the path."""
+    trace = reports if isinstance(reports, Mapping) else chrome_trace(reports, label=label)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        json.dump(trace, fh, separators=(",", ":"), allow_nan=False)
+    return path
