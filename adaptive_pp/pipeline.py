@@ -12,18 +12,20 @@ from typing import Any, NamedTuple, Protocol
 import structlog
 import torch
 import torch.distributed as dist
+from opentelemetry import metrics, trace
 from torch import nn
 
 from . import checkpoint
 from .comm import Link, all_gather_json, collective
 from .config import PipelineConfig
-from .decisions import Decision, Keep, Plan, describe, from_dict, to_dict
+from .decisions import Decision, Keep, MoveLayers, Plan, describe, from_dict, to_dict
 from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
 from .migration import MigrationAborted, apply_decision
 from .partition import Partition
 from .report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
 from .schedules import Action, Schedule, make_schedule, validate
 from .stage import LossFn, Segment, StageLog, StageWorker
+from .telemetry import Telemetry
 
 log = structlog.get_logger("adaptive_pp.pipeline")
 
@@ -99,6 +101,8 @@ class Pipeline:
         pre: nn.Module | None = None,
         post: nn.Module | None = None,
         controller: DecisionSource | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self.config = cfg = config or PipelineConfig()
         self._owns_group = init_distributed(cfg.init_timeout)
@@ -143,6 +147,13 @@ class Pipeline:
         )
         self.step_count = 0
         self._closed = False
+        structlog.contextvars.bind_contextvars(rank=self.rank, stage=s)
+        self.telemetry = Telemetry(
+            s,
+            enabled=cfg.telemetry or tracer_provider is not None or meter_provider is not None,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
         collective("start-up", dist.barrier)
 
     def _segments(self, partition: Partition) -> list[Segment]:
@@ -165,8 +176,17 @@ class Pipeline:
         the refusal (ValueError for an invalid decision, MigrationAborted), which is re-raised.
         """
         t0 = time.perf_counter()
+        kind = "migration" if isinstance(decision, MoveLayers) else "microbatches.change"
+        attrs = {
+            "adaptive_pp.decision": describe(decision),
+            "adaptive_pp.partition": ",".join(map(str, self.partition.bounds)),
+            "adaptive_pp.microbatches": self.microbatches,
+        }
         try:
-            event = apply_decision(self, decision)
+            with self.telemetry.change(kind, self.step_count, attrs) as span:
+                event = apply_decision(self, decision)
+                if span is not None and event is not None:
+                    span.set_attribute("adaptive_pp.event", event)
         except (MigrationAborted, ValueError) as exc:
             self._events.append(f"refused {describe(decision)}: {exc}")
             raise
@@ -226,6 +246,17 @@ class Pipeline:
 
     def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> StepOutput:
         """Forward and backward over all micro-batches, then the optimizer; every rank calls it."""
+        structlog.contextvars.bind_contextvars(step=self.step_count)
+        with self.telemetry.step(
+            self.step_count, self.microbatches, self.schedule.name, self.partition.bounds
+        ) as span:
+            out = self._step(inputs, targets)
+            self.telemetry.record(span, out.report)
+            if self.controller is not None:
+                self._consult(out.report)
+        return out
+
+    def _step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> StepOutput:
         m_count = self.microbatches
         t0 = time.perf_counter()
         batch = inputs if inputs is not None else targets
@@ -242,7 +273,7 @@ class Pipeline:
         links = [ln for ln in (self.worker.up, self.worker.down) if ln is not None]
         for ln in links:
             ln.reset_log()
-        log = self.worker.run(
+        stage_log = self.worker.run(
             self.schedule.stages[self.rank],
             ins,
             tgts if self.is_last else None,
@@ -256,14 +287,22 @@ class Pipeline:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.worker.version += 1
-        local = self._local_report(log, t0, time.perf_counter() - t_opt)
+        local = self._local_report(stage_log, t0, time.perf_counter() - t_opt)
         report = self._merge(all_gather_json(local), time.perf_counter() - t0)
         self._events, self._change_s = [], 0.0
         self.step_count += 1
         if self.config.run_dir is not None and self.rank == 0:
             append_jsonl(Path(self.config.run_dir) / "reports.jsonl", report)
-        if self.controller is not None:
-            self._consult(report)
+        me = report.stages[self.rank]
+        log.debug(
+            "step",
+            loss=report.loss,
+            step_ms=round(report.step_time * 1e3, 3),
+            bubble=round(me.bubble, 4),
+            utilization=round(me.utilization, 4),
+            wait_ms=round(me.wait * 1e3, 3),
+            events=list(report.events),
+        )
         assert report.loss is not None
         return StepOutput(report.loss, report)
 

@@ -1,0 +1,145 @@
+"""Telemetry: OpenTelemetry spans and metrics (in-memory SDK), structlog context, OTLP setup."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import telemetry_cases as tc
+from conftest import PoolFor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from adaptive_pp import otel
+from adaptive_pp.schedules import make_schedule
+from adaptive_pp.simulator import Costs, simulate
+from adaptive_pp.telemetry import METRICS, STAGE, Telemetry
+
+
+def _providers() -> tuple[
+    InMemorySpanExporter, TracerProvider, InMemoryMetricReader, MeterProvider
+]:
+    spans = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    return spans, tp, reader, MeterProvider(metric_readers=[reader])
+
+
+def _metric_points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], Any]]]:
+    out: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                for p in m.data.data_points:
+                    value = getattr(p, "value", None)
+                    if value is None:
+                        value = p.count  # histogram
+                    out.setdefault(m.name, []).append((dict(p.attributes or {}), value))
+    return out
+
+
+def test_step_span_and_metrics_from_a_report() -> None:
+    """A simulated report becomes one step span (with its figures) and every metric."""
+    spans, tp, reader, mp = _providers()
+    report = simulate(make_schedule("1f1b", 3, 6), Costs.build(3, 6, 1e-3, 2e-3, 1e-4))
+    report = dataclasses.replace(report, events=("moved layers 3-3 from stage 1 to stage 0",))
+    tel = Telemetry(1, enabled=True, tracer_provider=tp, meter_provider=mp)
+    with tel.step(7, 6, "1f1b", (0, 2, 4, 6)) as span:
+        tel.record(span, report)
+    (s,) = spans.get_finished_spans()
+    assert s.name == "adaptive_pp.step"
+    attrs = dict(s.attributes or {})
+    assert attrs[STAGE] == 1 and attrs["adaptive_pp.step"] == 7
+    assert attrs["adaptive_pp.partition"] == "0,2,4,6"
+    assert attrs["adaptive_pp.bubble_fraction"] == pytest.approx(report.stages[1].bubble)
+    assert [e.name for e in s.events] == ["adaptive_pp.event"]
+    points = _metric_points(reader)
+    assert set(points) == set(METRICS) - {"adaptive_pp.migrations"}
+    assert all(a[STAGE] == 1 for pts in points.values() for a, _ in pts)
+    depth = {a["adaptive_pp.queue"]: v for a, v in points["adaptive_pp.queue.depth"]}
+    incoming = {q.kind: q.max_depth for q in report.queues if q.dst == 1}
+    assert depth == incoming and set(depth) == {"act", "grad"}
+    (util,) = points["adaptive_pp.stage.utilization"]
+    assert util[1] == pytest.approx(report.stages[1].utilization)
+
+
+def test_change_span_records_errors_and_counts_migrations() -> None:
+    """A failed change ends its span with ERROR; a committed migration adds to the counter."""
+    spans, tp, reader, mp = _providers()
+    tel = Telemetry(0, enabled=True, tracer_provider=tp, meter_provider=mp)
+    with tel.change("migration", 3, {"adaptive_pp.decision": "move"}):
+        pass
+    with pytest.raises(ValueError), tel.change("migration", 4, {}):
+        raise ValueError("refused")
+    ok, failed = spans.get_finished_spans()
+    assert ok.name == failed.name == "adaptive_pp.migration"
+    assert ok.status.status_code.name == "UNSET" and failed.status.status_code.name == "ERROR"
+    assert [e.name for e in failed.events] == ["exception"]
+    (counted,) = _metric_points(reader)["adaptive_pp.migrations"]
+    assert counted[1] == 1
+
+
+def test_disabled_telemetry_touches_no_provider() -> None:
+    """Off: no span, no metric, even with providers at hand."""
+    spans, tp, reader, mp = _providers()
+    tel = Telemetry(0, enabled=False, tracer_provider=tp, meter_provider=mp)
+    report = simulate(make_schedule("gpipe", 2, 2), Costs.build(2, 2, 1e-3, 2e-3))
+    with tel.step(0, 2, "gpipe", (0, 1, 2)) as span:
+        assert span is None
+        tel.record(span, report)
+    with tel.change("microbatches.change", 0, {}) as span:
+        assert span is None
+    assert spans.get_finished_spans() == ()
+    data = reader.get_metrics_data()
+    assert data is None or not data.resource_metrics
+
+
+def test_setup_otlp_needs_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No argument and no OTEL_EXPORTER_OTLP_ENDPOINT: nothing is set up."""
+    monkeypatch.delenv(otel.ENV_ENDPOINT, raising=False)
+    assert otel.setup_otlp() is None
+
+
+def test_setup_otlp_honours_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The env var is used when no endpoint is passed; an explicit one wins."""
+    monkeypatch.setenv(otel.ENV_ENDPOINT, "127.0.0.1:1")
+    made = otel.setup_otlp(set_global=False, export_interval_s=3600)
+    assert made is not None and made.endpoint == "http://127.0.0.1:1"
+    made.shutdown()
+    assert otel.resolve_endpoint("https://collector:4317") == "https://collector:4317"
+
+
+@pytest.mark.multiprocess
+def test_runtime_spans_metrics_and_logs(pools: PoolFor) -> None:
+    """2 stages, a migration and an M change: spans, metrics and bound log context per rank."""
+    results = pools(2).run(tc.job_in_memory)
+    plain = pools(2).run(tc.job_plain)
+    assert [r["losses"] for r in results] == plain  # telemetry changes nothing
+    for rank, r in enumerate(results):
+        names = [s["name"] for s in r["spans"]]
+        assert names.count("adaptive_pp.step") == tc.CASE.steps
+        assert names.count("adaptive_pp.migration") == 1
+        assert names.count("adaptive_pp.microbatches.change") == 1
+        steps = {s["id"]: s for s in r["spans"] if s["name"] == "adaptive_pp.step"}
+        for s in r["spans"]:
+            assert s["attributes"][STAGE] == rank
+            if s["name"] != "adaptive_pp.step":  # changes happen inside the step that decided
+                assert s["parent"] in steps and s["status"] == "UNSET"
+        ms = [s["attributes"]["adaptive_pp.microbatches"] for s in steps.values()]
+        assert ms == [2, 2, 4, 4]
+        parts = [s["attributes"]["adaptive_pp.partition"] for s in steps.values()]
+        assert parts == ["0,2,5", "0,3,5", "0,3,5", "0,3,5"]
+        assert set(r["metrics"]) == set(METRICS)
+        assert all(a[STAGE] == rank for pts in r["metrics"].values() for a in pts)
+        step_logs = [e for e in r["logs"] if e["event"] == "step"]
+        assert [e["step"] for e in step_logs] == list(range(tc.CASE.steps))
+        assert all(e["rank"] == rank and e["stage"] == rank for e in r["logs"])
+        events = {e["event"] for e in r["logs"]}
+        assert {"decision", "migration.begin", "migration.commit", "microbatches.change"} <= events
