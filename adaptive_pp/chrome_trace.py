@@ -198,10 +198,10 @@ class _Builder:
     flow_id: int = 0
 
     def add(self, ph: str, name: str, ts: float, pid: int, tid: int = 0, **fields: Any) -> None:
-        """Append one event (``ts`` and ``dur`` in microseconds, rounded to the nanosecond)."""
+        """Append one event (``ts`` and a slice's ``end`` in microseconds, to the nanosecond)."""
         event: Event = {"ph": ph, "name": name, "ts": round(ts, 3), "pid": pid, "tid": tid}
-        if "dur" in fields:
-            fields["dur"] = round(max(0.0, fields["dur"]), 3)
+        if "end" in fields:  # slices: the duration between the rounded ends
+            fields["dur"] = round(max(0.0, round(fields.pop("end"), 3) - event["ts"]), 3)
         event.update(fields)
         self.events.append(event)
 
@@ -219,7 +219,6 @@ class _Builder:
             if (layers := _layers(r, t.stage)) is not None:
                 args["layers"] = layers
             cat = "forward" if t.kind == "F" else "backward"
-            dur = (t.end - t.start) * US
             self.add(
                 "X",
                 f"{t.kind}{t.microbatch}",
@@ -227,7 +226,7 @@ class _Builder:
                 pid + t.stage,
                 COMPUTE_TID,
                 cat=cat,
-                dur=dur,
+                end=us + t.end * US,
                 args=args,
                 cname=_COLOUR[t.kind],
             )
@@ -244,7 +243,7 @@ class _Builder:
                 pid + w.stage,
                 COMPUTE_TID,
                 cat="wait",
-                dur=(w.end - w.start) * US,
+                end=us + w.end * US,
                 args=args,
                 cname=_COLOUR["wait"],
             )
@@ -276,8 +275,8 @@ class _Builder:
             return
         self.flow_id += 1
         p, c = m.producer, m.consumer
-        send = us + max(p.start * US, p.end * US - _NUDGE_US)
-        take = us + min(c.end * US, c.start * US + _NUDGE_US)
+        send = max(round(us + p.start * US, 3), round(us + p.end * US, 3) - _NUDGE_US)
+        take = min(round(us + c.end * US, 3), round(us + c.start * US, 3) + _NUDGE_US)
         self.add("s", m.kind, send, src, COMPUTE_TID, cat="message", id=self.flow_id)
         self.add("f", m.kind, take, dst, COMPUTE_TID, cat="message", id=self.flow_id, bp="e")
 
@@ -295,7 +294,14 @@ class _Builder:
         if r.partition:
             args["partition"] = str(r.partition)
         self.add(
-            "X", f"step {r.step}", us, pid, COMPUTE_TID, cat="step", dur=r.step_time * US, args=args
+            "X",
+            f"step {r.step}",
+            us,
+            pid,
+            COMPUTE_TID,
+            cat="step",
+            end=us + r.step_time * US,
+            args=args,
         )
         self.add("C", "bubble", us, pid, args={"bubble %": 100 * r.bubble_fraction})
         change = float(r.extra.get("change", 0.0))
@@ -308,7 +314,7 @@ class _Builder:
                 pid,
                 INBOX_TID,
                 cat="decision",
-                dur=change * US,
+                end=us,
                 args={"step": r.step, "events": list(r.events)},
             )
         scope = "g" if self.label is None else "p"
