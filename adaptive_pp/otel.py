@@ -7,8 +7,13 @@ pass ``--otlp-endpoint`` to the CLI) to send its spans and metrics to a collecto
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -82,3 +87,60 @@ def setup_otlp(
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
     return OtlpSetup(url, tracer_provider, meter_provider)
+
+
+def rotel_agent() -> Path:
+    """Path of the rotel-agent collector binary shipped in the ``rotel`` wheel."""
+    try:
+        import rotel  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise RuntimeError("the local collector needs rotel: pip install rotel") from exc
+    path = Path(rotel.__file__).parent / "rotel-agent"
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(f"no executable rotel-agent at {path}")
+    return path
+
+
+@contextlib.contextmanager
+def local_collector(log: Path, start_timeout_s: float = 20.0) -> Iterator[str]:
+    """Run a rotel-agent OTLP collector on free loopback ports; yield its gRPC endpoint.
+
+    It prints every span and metric it receives to ``log`` (debug exporter, detailed) and
+    forwards nothing; it is stopped on exit. For tests, demos and benchmarks.
+    """
+    from .launch import free_port
+
+    grpc, http = free_port(), free_port()
+    args = [
+        str(rotel_agent()),
+        "start",
+        "--otlp-grpc-endpoint",
+        f"127.0.0.1:{grpc}",
+        "--otlp-http-endpoint",
+        f"127.0.0.1:{http}",
+        "--exporter",
+        "blackhole",
+        "--debug-log",
+        "traces",
+        "--debug-log",
+        "metrics",
+        "--debug-log-verbosity",
+        "detailed",
+    ]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while "Starting Rotel" not in log.read_text():
+            if proc.poll() is not None:
+                raise RuntimeError(f"rotel-agent exited with {proc.returncode}: {log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rotel-agent did not start within {start_timeout_s} s")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{grpc}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

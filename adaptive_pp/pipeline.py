@@ -294,15 +294,18 @@ class Pipeline:
         if self.config.run_dir is not None and self.rank == 0:
             append_jsonl(Path(self.config.run_dir) / "reports.jsonl", report)
         me = report.stages[self.rank]
-        log.debug(
-            "step",
-            loss=report.loss,
-            step_ms=round(report.step_time * 1e3, 3),
-            bubble=round(me.bubble, 4),
-            utilization=round(me.utilization, 4),
-            wait_ms=round(me.wait * 1e3, 3),
-            events=list(report.events),
-        )
+        # Per-step events only once the application has configured structlog: its
+        # unconfigured default prints every level, which would mean a line per step per rank.
+        if structlog.is_configured():
+            log.debug(
+                "step",
+                loss=report.loss,
+                step_ms=round(report.step_time * 1e3, 3),
+                bubble=round(me.bubble, 4),
+                utilization=round(me.utilization, 4),
+                wait_ms=round(me.wait * 1e3, 3),
+                events=list(report.events),
+            )
         assert report.loss is not None
         return StepOutput(report.loss, report)
 

@@ -5,9 +5,7 @@ The collector prints what it receives (debug exporter); the test parses that out
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +14,8 @@ from pathlib import Path
 import pytest
 import telemetry_cases as tc
 
-from adaptive_pp.launch import free_port, launch
+from adaptive_pp.launch import launch
+from adaptive_pp.otel import local_collector
 from adaptive_pp.telemetry import METRICS
 
 pytestmark = [pytest.mark.collector, pytest.mark.multiprocess]
@@ -25,50 +24,13 @@ NAME = re.compile(r"^\s*Name\s*: (\S+)$")  # a span ("Name : x") or a metric ("-
 ATTR = re.compile(r"^\s*-> ([\w.]+): \w+\((.*)\)$")
 
 
-def _agent() -> str:
-    rotel = pytest.importorskip("rotel")
-    path = Path(rotel.__file__).parent / "rotel-agent"
-    if not os.access(path, os.X_OK):
-        pytest.skip(f"no rotel-agent binary at {path}")
-    return str(path)
-
-
 @pytest.fixture()
 def collector(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A rotel-agent on free loopback ports that logs every span and metric to a file."""
-    grpc, http = free_port(), free_port()
-    out = tmp_path / "collector.log"
-    with out.open("w") as sink:
-        proc = subprocess.Popen(
-            [
-                _agent(),
-                "start",
-                "--otlp-grpc-endpoint",
-                f"127.0.0.1:{grpc}",
-                "--otlp-http-endpoint",
-                f"127.0.0.1:{http}",
-                "--exporter",
-                "blackhole",
-                "--debug-log",
-                "traces",
-                "--debug-log",
-                "metrics",
-                "--debug-log-verbosity",
-                "detailed",
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while "Starting Rotel" not in out.read_text():
-            assert proc.poll() is None, f"rotel-agent exited: {out.read_text()}"
-            assert time.monotonic() < deadline, "rotel-agent did not start in 20 s"
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{grpc}", out
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    pytest.importorskip("rotel")
+    log = tmp_path / "collector.log"
+    with local_collector(log) as endpoint:
+        yield endpoint, log
 
 
 def parse(text: str) -> tuple[Counter[tuple[str, int, int]], set[tuple[str, int]]]:

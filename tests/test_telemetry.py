@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 from typing import Any
 
 import pytest
+import structlog
 import telemetry_cases as tc
 from conftest import PoolFor
 from opentelemetry.sdk.metrics import MeterProvider
@@ -14,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from adaptive_pp import otel
+from adaptive_pp import logs, otel
 from adaptive_pp.schedules import make_schedule
 from adaptive_pp.simulator import Costs, simulate
 from adaptive_pp.telemetry import METRICS, STAGE, Telemetry
@@ -143,3 +146,23 @@ def test_runtime_spans_metrics_and_logs(pools: PoolFor) -> None:
         assert all(e["rank"] == rank and e["stage"] == rank for e in r["logs"])
         events = {e["event"] for e in r["logs"]}
         assert {"decision", "migration.begin", "migration.commit", "microbatches.change"} <= events
+
+
+def test_configure_logging_renders_json_with_context() -> None:
+    """The application-side setup: JSON lines with the bound rank/stage/step, level filtered."""
+    stream = io.StringIO()
+    try:
+        logs.configure_logging("json", "info", stream)
+        structlog.contextvars.bind_contextvars(rank=1, stage=1, step=4)
+        log = structlog.get_logger("adaptive_pp.test")
+        log.debug("hidden")
+        log.info("decision", decision="move 1 layer")
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.reset_defaults()
+    (line,) = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "decision" and event["level"] == "info"
+    assert (event["rank"], event["stage"], event["step"]) == (1, 1, 4)
+    with pytest.raises(ValueError, match="log format"):
+        logs.configure_logging("xml")
