@@ -5,11 +5,16 @@ so timing studies use these: the math is real (a Linear + tanh), the duration is
 length is affine in the micro-batch size, ``launch + per_sample * batch``, with backward = 2.4x
 forward by default (as measured for GPT blocks on an H100; see DESIGN.md). ``slowdown`` scales a
 layer at run time to inject skew. Every figure produced with these says so.
+
+``EmulatedLayer`` (Linear + tanh) saves only its boundaries for backward; ``EmulatedFFN`` (a
+residual width -> hidden -> width block) also saves its hidden activations, like a transformer
+block. ``emulated_time`` is the sleep itself, for other modules (``adaptive_pp.moe``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -35,19 +40,23 @@ class _Sleep(torch.autograd.Function):
         return grad, None, None
 
 
-class EmulatedLayer(nn.Module):
-    """Linear(width, width) + tanh whose forward/backward take emulated accelerator time."""
+def emulated_time(x: torch.Tensor, forward_s: float, backward_s: float) -> torch.Tensor:
+    """``x`` after ``forward_s`` of emulated kernel time; its backward takes ``backward_s``."""
+    y: torch.Tensor = _Sleep.apply(x, forward_s, backward_s)  # type: ignore[no-untyped-call]
+    return y
+
+
+class Emulated(nn.Module):
+    """Base of emulated-kernel modules: duration affine in the batch size, times a slowdown."""
 
     def __init__(
         self,
-        width: int,
         forward_s: float,
         backward_s: float | None = None,
         per_sample_s: float = 0.0,
         slowdown: float = 1.0,
     ) -> None:
         super().__init__()
-        self.linear = nn.Linear(width, width)
         self.forward_s = forward_s
         self.backward_s = BACKWARD_RATIO * forward_s if backward_s is None else backward_s
         self.per_sample_s = per_sample_s
@@ -62,11 +71,54 @@ class EmulatedLayer(nn.Module):
             self.slowdown * (self.backward_s + ratio * extra),
         )
 
+    def timed(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """``y`` after the emulated kernel time of a micro-batch of ``batch`` samples."""
+        return emulated_time(y, *self.durations(batch))
+
+
+class EmulatedLayer(Emulated):
+    """Linear(width, width) + tanh whose forward/backward take emulated accelerator time."""
+
+    def __init__(
+        self,
+        width: int,
+        forward_s: float,
+        backward_s: float | None = None,
+        per_sample_s: float = 0.0,
+        slowdown: float = 1.0,
+    ) -> None:
+        super().__init__(forward_s, backward_s, per_sample_s, slowdown)
+        self.linear = nn.Linear(width, width)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Real math, then the emulated kernel time."""
-        fwd, bwd = self.durations(x.shape[0])
-        y: torch.Tensor = _Sleep.apply(torch.tanh(self.linear(x)), fwd, bwd)  # type: ignore[no-untyped-call]
-        return y
+        return self.timed(torch.tanh(self.linear(x)), x.shape[0])
+
+
+class EmulatedFFN(Emulated):
+    """Residual feed-forward block x + W2 gelu(W1 x) (width -> hidden -> width), emulated time.
+
+    Unlike EmulatedLayer it keeps internal activations for backward (the hidden pre-activation
+    and the GELU output, 2 x hidden per token against width at its boundary), as transformer
+    blocks do: the layer activation checkpointing pays off on.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        hidden: int,
+        forward_s: float,
+        backward_s: float | None = None,
+        per_sample_s: float = 0.0,
+        slowdown: float = 1.0,
+    ) -> None:
+        super().__init__(forward_s, backward_s, per_sample_s, slowdown)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Real math, then the emulated kernel time."""
+        return self.timed(x + self.fc2(nn.functional.gelu(self.fc1(x))), x.shape[0])
 
 
 def emulated_mlp(
@@ -80,3 +132,10 @@ def emulated_mlp(
     return nn.Sequential(
         *(EmulatedLayer(width, forward_s, backward_s, per_sample_s) for _ in range(layers))
     )
+
+
+def set_slowdown(modules: Iterable[nn.Module], factor: float) -> None:
+    """Set ``slowdown`` on every emulated module among ``modules`` (e.g. a slow device's)."""
+    for mod in modules:
+        if isinstance(mod, Emulated):
+            mod.slowdown = factor

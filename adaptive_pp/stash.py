@@ -41,7 +41,7 @@ class StashMeter:
             return
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        key = (ptr, t.storage_offset())
+        key = (ptr, int(t.storage_offset()))
         if ptr in self.exclude or key in self.seen:
             return
         self.seen.add(key)
