@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -9,19 +11,7 @@ from .config import PipelineConfig
 from .display import stage_table
 from .emulation import emulated_mlp
 from .pipeline import Pipeline
-from .report import StepReport
-
-
-def step_line(report: StepReport) -> str:
-    """One line per step: loss, time, bubble, U per stage, deepest activation queue per link."""
-    util = " ".join(f"{u:4.0%}" for u in report.utilization)
-    depth = " ".join(f"{q.src}>{q.dst}:{q.max_depth}" for q in report.queues if q.kind == "act")
-    loss = f"{report.loss:.4f}" if report.loss is not None else "-"
-    wall = report.extra.get("wall", report.step_time)
-    return (
-        f"step {report.step:3d}  loss {loss}  step {wall * 1e3:6.1f} ms"
-        f"  bubble {report.bubble_fraction:6.2%}  U {util}  act queue max {depth}"
-    )
+from .progress import Progress
 
 
 def train_rank(steps: int, microbatches: int, schedule: str) -> float:
@@ -42,14 +32,15 @@ def train_rank(steps: int, microbatches: int, schedule: str) -> float:
                 "per layer, a sleep standing for accelerator time)",
                 flush=True,
             )
-        report = None
+        progress = Progress(steps, sys.stdout) if pipe.stage == 0 else None
+        out = None
         for _ in range(steps):
             x = torch.randn(batch, width, generator=g)
             out = pipe.step(x, torch.tanh(x @ true_w))
-            report = out.report
-            if pipe.stage == 0:
-                print(step_line(report), flush=True)
-        if pipe.stage == 0 and report is not None:
+            if progress is not None:
+                progress.update(out)
+        if progress is not None and out is not None:
+            progress.close()
             print("\nlast step, per stage:")
-            print("\n".join(stage_table(report)), flush=True)
-        return out.loss
+            print("\n".join(stage_table(out.report)), flush=True)
+        return out.loss if out is not None else float("nan")
