@@ -1,4 +1,4 @@
-"""Command line: ``adaptive-pp simulate|demo``."""
+"""Command line: ``adaptive-pp simulate|demo|trace|plot``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
+from .chrome_trace import load_run, write_chrome_trace
 from .display import summary, timeline
+from .plots import PlotDependencyError, plot_run
 from .schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
 from .simulator import Costs, bubble_approx, bubble_exact, simulate
 
@@ -45,6 +48,12 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--timeline", action="store_true", help="print an ASCII timeline")
     p.add_argument("--width", type=int, default=100, help="timeline width in characters")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument(
+        "--chrome-trace",
+        type=Path,
+        metavar="FILE",
+        help="also write the step as Chrome trace JSON (open in ui.perfetto.dev)",
+    )
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -58,6 +67,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
         slowdown=dict(args.slow),
     )
     report = simulate(sched, costs)
+    if args.chrome_trace is not None:
+        path = write_chrome_trace(args.chrome_trace, [report])
+        # keep stdout pure JSON under --json
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         data = report.to_dict()
         data["bubble_exact"] = bubble_exact(args.stages, args.microbatches)
@@ -90,6 +103,45 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trace(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("trace", help="write a run's step reports as Chrome trace JSON")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="holds reports.jsonl")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: RUN_DIR/trace.json")
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    reports = load_run(args.run_dir)
+    out = args.output
+    if out is None:
+        out = (args.run_dir if args.run_dir.is_dir() else args.run_dir.parent) / "trace.json"
+    print(write_chrome_trace(out, reports))
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("plot", help="write PNG plots and trace.json of a run (needs matplotlib)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="holds reports.jsonl")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: RUN_DIR)")
+    p.add_argument("--step", type=int, metavar="N", help="step of the timeline (default: last)")
+    p.add_argument(
+        "--queue-steps", type=int, default=3, metavar="K", help="steps in the queue plot (3)"
+    )
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    for path in plot_run(args.run_dir, args.out, step=args.step, queue_steps=args.queue_steps):
+        print(path)
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "simulate": _run_simulate,
+    "demo": _run_demo,
+    "trace": _run_trace,
+    "plot": _run_plot,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``adaptive-pp``."""
     parser = argparse.ArgumentParser(prog="adaptive-pp", description=__doc__)
@@ -102,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
     demo.add_argument("--steps", type=int, default=8)
     demo.add_argument("--simulate-only", action="store_true", help="skip the live training run")
+    _add_trace(sub)
+    _add_plot(sub)
     return parser
 
 
@@ -111,10 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `adaptive-pp ... | head` exits quietly
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "simulate":
-            return _run_simulate(args)
-        return _run_demo(args)
-    except (ValueError, ScheduleError) as exc:
+        return _COMMANDS[args.command](args)
+    except (ValueError, ScheduleError, PlotDependencyError, OSError) as exc:
+        # bad input, a missing or malformed run dir, matplotlib missing, an unwritable path
         print(f"adaptive-pp: error: {exc}", file=sys.stderr)
         return 2
 
