@@ -24,7 +24,7 @@ from adaptive_pp.launch import WorkerPool
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule
 from adaptive_pp.simulator import Costs, bubble_exact, simulate
-from experiments.common import torch_pipeline_walls, write_json
+from experiments.common import simulate_measured, torch_pipeline_walls, write_json
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
 
@@ -84,6 +84,24 @@ def _job(kind: str, args: dict[str, Any], steps: int) -> dict[str, Any]:
     return (run_ours if ours == "ours" else run_torch)(args, schedule, steps)
 
 
+def compare(
+    pool: WorkerPool, args: dict[str, Any], rounds: int, steps: int
+) -> tuple[dict[str, list[float]], dict[str, list[dict[str, Any]]]]:
+    """Every configuration in alternating rounds on ``pool``: step walls and our reports.
+
+    Each run takes ``steps + 1`` steps; its first step warms up and is dropped.
+    """
+    walls: dict[str, list[float]] = {k: [] for k in CONFIGS}
+    reports: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS}
+    for rnd in range(rounds):
+        for kind in CONFIGS:
+            res = pool.run(_job, kind, args, steps + 1, timeout=600)[0]
+            walls[kind] += res["walls"][1:]
+            reports[kind] += res["reports"][1:]
+        print(f"round {rnd + 1}/{rounds} done", flush=True)
+    return walls, reports
+
+
 def main() -> None:
     """Run every configuration in alternating rounds on one pool of 4 ranks; print ratios."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -103,15 +121,8 @@ def main() -> None:
     if ns.quick:
         ns.rounds, ns.steps = 1, 2
         args.update(microbatches=4, fwd_ms=0.2, bwd_ms=0.4)
-    walls: dict[str, list[float]] = {k: [] for k in CONFIGS}
-    reports: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS}
     with WorkerPool(args["stages"]) as pool:
-        for rnd in range(ns.rounds):
-            for kind in CONFIGS:
-                res = pool.run(_job, kind, args, ns.steps + 1, timeout=600)[0]
-                walls[kind] += res["walls"][1:]  # the first step of each run warms up
-                reports[kind] += res["reports"][1:]
-            print(f"round {rnd + 1}/{ns.rounds} done", flush=True)
+        walls, reports = compare(pool, args, ns.rounds, ns.steps)
     med = {k: statistics.median(v) for k, v in walls.items()}
     s, m = args["stages"], args["microbatches"]
     per_stage = args["layers"] // s
@@ -148,7 +159,7 @@ def main() -> None:
         bubble = statistics.median(r.bubble_fraction for r in reps)
         flush = statistics.median(r.step_time for r in reps)
         # Prediction from the durations the run measured (kernel + framework time per action).
-        measured = _simulate_measured(reps[-1])
+        measured = simulate_measured(reps[-1]).step_time
         out["bubble"][sched] = {"measured": bubble, "exact": bubble_exact(s, m)}
         out["simulator"][sched] = {
             "measured_flush_s": flush,
@@ -166,31 +177,6 @@ def main() -> None:
         )
     path = write_json("bench_runtime", out)
     print(f"wrote {path}")
-
-
-def _simulate_measured(report: StepReport) -> float:
-    """Simulate the report's schedule with each action's measured duration and hop latency.
-
-    Hop latency per link: the median gap between the producer finishing an action and the
-    consumer starting the dependent one, over the messages the consumer had to wait for.
-    """
-    s, m = report.num_stages, report.microbatches
-    tf = [[0.0] * m for _ in range(s)]
-    tb = [[0.0] * m for _ in range(s)]
-    start: dict[tuple[int, str, int], float] = {}
-    end: dict[tuple[int, str, int], float] = {}
-    for t in report.timeline:
-        (tf if t.kind == "F" else tb)[t.stage][t.microbatch] = t.end - t.start
-        start[(t.stage, t.kind, t.microbatch)] = t.start
-        end[(t.stage, t.kind, t.microbatch)] = t.end
-    hops = []
-    for h in range(s - 1):
-        gaps = [start[(h + 1, "F", i)] - end[(h, "F", i)] for i in range(m)]
-        gaps += [start[(h, "B", i)] - end[(h + 1, "B", i)] for i in range(m)]
-        waited = sorted(g for g in gaps if g >= 0)
-        hops.append(waited[len(waited) // 2] if waited else 0.0)
-    sched = make_schedule(report.schedule, s, m)
-    return simulate(sched, Costs.build(s, m, tf, tb, hops)).step_time
 
 
 if __name__ == "__main__":

@@ -1,50 +1,218 @@
-"""Helpers shared by the experiments: result folders and run metadata."""
+"""Helpers shared by the experiments: arguments, result folders, run metadata, figures, pools,
+a generic rank job for our runtime, and per-step statistics."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 
-def results_dir(name: str) -> Path:
-    """``results/NAME`` under the repo (or $ADAPTIVE_PP_RESULTS), created if missing."""
+def results_dir(name: str, folder: str | Path | None = None) -> Path:
+    """``folder``, else ``results/NAME`` under the repo (or $ADAPTIVE_PP_RESULTS); created."""
     root = Path(
         os.environ.get("ADAPTIVE_PP_RESULTS", Path(__file__).resolve().parent.parent / "results")
     )
-    path = root / name
+    path = Path(folder) if folder is not None else root / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded next to every result."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
     import torch
 
     import adaptive_pp
 
+    try:
+        mpl = version("matplotlib")
+    except PackageNotFoundError:
+        mpl = None
     return {
         "adaptive_pp": adaptive_pp.__version__,
         "torch": torch.__version__,
         "numpy": numpy.__version__,
+        "matplotlib": mpl,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
 
 
-def write_json(name: str, data: dict[str, Any]) -> Path:
-    """Write ``data`` plus the environment to ``results/NAME/NAME.json``; return the path."""
-    path = results_dir(name) / f"{name}.json"
+def write_json(name: str, data: dict[str, Any], folder: str | Path | None = None) -> Path:
+    """Write ``data`` plus the environment to ``FOLDER/NAME.json``; return the path."""
+    path = results_dir(name, folder) / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **data}, indent=2) + "\n")
     return path
+
+
+def study_args(
+    doc: str | None, argv: Sequence[str] | None, extra: Callable[[Any], None] | None = None
+) -> argparse.Namespace:
+    """Parse a study's command line: ``--quick``, ``--out DIR`` and ``extra``'s options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny run (seconds), for smoke tests")
+    p.add_argument("--out", default=None, help="folder for JSON and PNG (default results/NAME)")
+    if extra is not None:
+        extra(p)
+    return p.parse_args(argv)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, name: str, stem: str, folder: str | Path | None = None) -> Path:
+    """Save ``fig`` as ``FOLDER/STEM.png`` and close it; return the path."""
+    path = results_dir(name, folder) / f"{stem}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def kernel_note(launch_s: float, per_sample_s: float, samples: int) -> str:
+    """One line stating an emulated layer's forward and backward time at ``samples``."""
+    from adaptive_pp.emulation import BACKWARD_RATIO
+
+    fwd = launch_s + per_sample_s * samples
+    return (
+        f"EMULATED kernels (sleep): per layer forward {launch_s * 1e3:.3g} ms + "
+        f"{per_sample_s * 1e3:.3g} ms/sample = {fwd * 1e3:.3g} ms at {samples} samples, "
+        f"backward {BACKWARD_RATIO}x = {BACKWARD_RATIO * fwd * 1e3:.3g} ms"
+    )
+
+
+_SHARED: dict[int, Any] | None = None
+
+
+@contextlib.contextmanager
+def shared_pools() -> Iterator[None]:
+    """Within this context, ``pool(n)`` hands out one WorkerPool per size, closed at the end."""
+    global _SHARED
+    _SHARED = {}
+    try:
+        yield
+    finally:
+        pools, _SHARED = _SHARED, None
+        for p in pools.values():
+            p.close()
+
+
+@contextlib.contextmanager
+def pool(nprocs: int) -> Iterator[Any]:
+    """A WorkerPool of ``nprocs`` ranks: the shared one if ``shared_pools`` is active."""
+    from adaptive_pp.launch import WorkerPool
+
+    if _SHARED is None:
+        with WorkerPool(nprocs) as p:
+            yield p
+        return
+    if nprocs not in _SHARED or _SHARED[nprocs].broken:
+        _SHARED[nprocs] = WorkerPool(nprocs)
+    yield _SHARED[nprocs]
+
+
+def train_job(
+    model_fn: Callable[[], Any],
+    config: Any,
+    data_fn: Callable[[int], tuple[Any, Any]],
+    steps: int,
+    lr: float = 1e-3,
+    controller_fn: Callable[[], Any] | None = None,
+    before_step: Callable[[Any, int], None] | None = None,
+) -> dict[str, Any]:
+    """Rank job: train ``model_fn()`` with Adam(lr) on our runtime for ``steps`` steps.
+
+    ``data_fn(k)`` gives step k's (inputs, targets) on every rank; ``before_step(pipe, k)`` runs
+    before each step (inject slowdowns, skew); ``controller_fn()`` builds the controller.
+    Returns every step's report (as dicts), loss and barrier-to-return wall time.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from adaptive_pp import Pipeline
+
+    torch.manual_seed(0)
+    model = model_fn()
+    controller = controller_fn() if controller_fn is not None else None
+    reports, losses, walls = [], [], []
+    with Pipeline(
+        model,
+        nn.functional.mse_loss,
+        lambda p: torch.optim.Adam(p, lr=lr),
+        config,
+        controller=controller,
+    ) as pipe:
+        for k in range(steps):
+            if before_step is not None:
+                before_step(pipe, k)
+            x, y = data_fn(k)
+            dist.barrier()
+            t0 = time.perf_counter()
+            out = pipe.step(x, y)
+            walls.append(time.perf_counter() - t0)
+            reports.append(out.report.to_dict())
+            losses.append(out.loss)
+    return {"reports": reports, "losses": losses, "walls": walls}
+
+
+def step_stats(report: Any) -> dict[str, Any]:
+    """One step's figures: step time, bubble, per-stage U and idle ratio, bubble/U."""
+    util = list(report.utilization)
+    mean_u = sum(util) / len(util) if util else 0.0
+    return {
+        "step": report.step,
+        "microbatches": report.microbatches,
+        "partition": list(report.partition),
+        "step_ms": report.step_time * 1e3,
+        "bubble": report.bubble_fraction,
+        "utilization": util,
+        "idle": [s.bubble for s in report.stages],
+        "bubble_to_u": report.bubble_fraction / mean_u if mean_u > 0 else float("inf"),
+        "change_ms": report.extra.get("change", 0.0) * 1e3,
+        "events": list(report.events),
+    }
+
+
+def median_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median over steps of step_stats rows (per-stage lists element-wise)."""
+    if not rows:
+        return {}
+    med = statistics.median
+    stages = len(rows[0]["utilization"])
+    return {
+        "steps": len(rows),
+        "step_ms": med(r["step_ms"] for r in rows),
+        "bubble": med(r["bubble"] for r in rows),
+        "bubble_to_u": med(r["bubble_to_u"] for r in rows),
+        "utilization": [med(r["utilization"][s] for r in rows) for s in range(stages)],
+        "idle": [med(r["idle"][s] for r in rows) for s in range(stages)],
+        "microbatches": rows[-1]["microbatches"],
+        "partition": rows[-1]["partition"],
+    }
 
 
 def torch_pipeline_walls(
@@ -87,3 +255,31 @@ def torch_pipeline_walls(
         optimizer.zero_grad(set_to_none=True)
         walls.append(time.perf_counter() - t0)
     return walls
+
+
+def simulate_measured(report: Any) -> Any:
+    """Simulate the report's schedule with its measured action durations and hop latencies.
+
+    Hop latency per link: the median gap between the producer finishing an action and the
+    consumer starting the dependent one, over the messages the consumer had to wait for.
+    """
+    from adaptive_pp.schedules import make_schedule
+    from adaptive_pp.simulator import Costs, simulate
+
+    s, m = report.num_stages, report.microbatches
+    tf = [[0.0] * m for _ in range(s)]
+    tb = [[0.0] * m for _ in range(s)]
+    start: dict[tuple[int, str, int], float] = {}
+    end: dict[tuple[int, str, int], float] = {}
+    for t in report.timeline:
+        (tf if t.kind == "F" else tb)[t.stage][t.microbatch] = t.end - t.start
+        start[(t.stage, t.kind, t.microbatch)] = t.start
+        end[(t.stage, t.kind, t.microbatch)] = t.end
+    hops = []
+    for h in range(s - 1):
+        gaps = [start[(h + 1, "F", i)] - end[(h, "F", i)] for i in range(m)]
+        gaps += [start[(h, "B", i)] - end[(h + 1, "B", i)] for i in range(m)]
+        waited = sorted(g for g in gaps if g >= 0)
+        hops.append(waited[len(waited) // 2] if waited else 0.0)
+    sched = make_schedule(report.schedule, s, m)
+    return simulate(sched, Costs.build(s, m, tf, tb, hops))
