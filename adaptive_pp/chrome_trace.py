@@ -2,16 +2,19 @@
 
 Layout of one run (``pid_base`` shifts every pid, so several runs share a file):
 
-- one process per stage, ``"stage N"`` (pid ``pid_base + N``), with a ``compute`` thread
+- one process per stage, ``"stage N"`` (pid ``pid_base + N``, pids from 1), a ``compute`` thread
   holding an ``X`` slice per action (``F3``/``B3``) and per ``wait``, and an ``inbox`` thread
   with a ``recv`` instant where each message arrived; ``C`` counters for the depth of each
   incoming queue and for the stage's utilization per step;
 - one ``"steps"`` process (pid ``pid_base + S``): a slice per step (loss, bubble, U in args),
   a bubble counter, and an ``apply decisions`` slice where the runtime spent time applying
-  decisions before a step; global ``i`` instants at that boundary for each ``report.events``
-  entry (migrations, M changes, refusals);
+  decisions before a step; ``i`` instants at that boundary for each ``report.events`` entry
+  (migrations, M changes, refusals), global, or on the steps process when the run is labelled;
 - a flow arrow (``s`` then ``f``) per message, from the producing action on the sender's
   compute thread to the consuming action on the receiver's.
+
+Thread ids are ``10 * pid + 1`` (compute) and ``10 * pid + 2`` (inbox): unique in the file and
+never 0 (some Perfetto versions merge tid 0 into tid 1).
 
 Rules (``messages`` and ``waits`` give them to plots and tests too):
 
@@ -46,7 +49,7 @@ from .schedules import Kind
 US = 1e6  # trace timestamps are microseconds
 _NUDGE_US = 1e-3  # flow ends sit 1 ns inside their slices so viewers bind them to it
 _COLOUR = {"F": "thread_state_running", "B": "rail_load", "wait": "thread_state_iowait"}
-COMPUTE_TID, INBOX_TID = 0, 1
+COMPUTE, INBOX = 1, 2  # thread tid = 10 * pid + this: unique in the file, never 0
 
 Event = dict[str, Any]
 
@@ -197,20 +200,29 @@ class _Builder:
     events: list[Event]
     flow_id: int = 0
 
-    def add(self, ph: str, name: str, ts: float, pid: int, tid: int = 0, **fields: Any) -> None:
+    def add(
+        self, ph: str, name: str, ts: float, pid: int, thread: int = COMPUTE, **fields: Any
+    ) -> None:
         """Append one event (``ts`` and a slice's ``end`` in microseconds, to the nanosecond)."""
+        tid = 10 * pid + thread
         event: Event = {"ph": ph, "name": name, "ts": round(ts, 3), "pid": pid, "tid": tid}
         if "end" in fields:  # slices: the duration between the rounded ends
             fields["dur"] = round(max(0.0, round(fields.pop("end"), 3) - event["ts"]), 3)
         event.update(fields)
         self.events.append(event)
 
+    def slice(
+        self, name: str, us: float, span: tuple[float, float], pid: int, **fields: Any
+    ) -> None:
+        """An ``X`` slice over ``span`` (seconds after the step start at ``us``)."""
+        self.add("X", name, us + span[0] * US, pid, end=us + span[1] * US, **fields)
+
     def meta(self, pid: int, name: str, threads: Iterable[tuple[int, str]]) -> None:
         prefix = f"{self.label}: " if self.label else ""
         self.add("M", "process_name", 0, pid, args={"name": prefix + name})
         self.add("M", "process_sort_index", 0, pid, args={"sort_index": pid})
-        for tid, thread in threads:
-            self.add("M", "thread_name", 0, pid, tid, args={"name": thread})
+        for thread, thread_name in threads:
+            self.add("M", "thread_name", 0, pid, thread, args={"name": thread_name})
 
     def step(self, r: StepReport, offset: float, steps_pid: int) -> None:
         us, pid = offset * US, self.pid_base
@@ -219,34 +231,16 @@ class _Builder:
             if (layers := _layers(r, t.stage)) is not None:
                 args["layers"] = layers
             cat = "forward" if t.kind == "F" else "backward"
-            self.add(
-                "X",
-                f"{t.kind}{t.microbatch}",
-                us + t.start * US,
-                pid + t.stage,
-                COMPUTE_TID,
-                cat=cat,
-                end=us + t.end * US,
-                args=args,
-                cname=_COLOUR[t.kind],
-            )
+            name, span = f"{t.kind}{t.microbatch}", (t.start, t.end)
+            self.slice(name, us, span, pid + t.stage, cat=cat, args=args, cname=_COLOUR[t.kind])
         for w in waits(r):
             args = {
                 "for": f"{w.action.kind}{w.action.microbatch}",
                 "step": r.step,
                 "input_arrived_ms": w.arrived * 1e3,
             }
-            self.add(
-                "X",
-                "wait",
-                us + w.start * US,
-                pid + w.stage,
-                COMPUTE_TID,
-                cat="wait",
-                end=us + w.end * US,
-                args=args,
-                cname=_COLOUR["wait"],
-            )
+            span, cname = (w.start, w.end), _COLOUR["wait"]
+            self.slice("wait", us, span, pid + w.stage, cat="wait", args=args, cname=cname)
         for m in messages(r):
             self._message(r.step, m, us)
         for q in r.queues:
@@ -261,24 +255,16 @@ class _Builder:
     def _message(self, step: int, m: Message, us: float) -> None:
         dst, src = self.pid_base + m.dst, self.pid_base + m.src
         args = {"from stage": m.src, "step": step, "queued_ms": (m.consumed - m.arrived) * 1e3}
-        self.add(
-            "i",
-            f"recv {m.kind} {m.microbatch}",
-            us + m.arrived * US,
-            dst,
-            INBOX_TID,
-            cat="message",
-            s="t",
-            args=args,
-        )
+        name, at = f"recv {m.kind} {m.microbatch}", us + m.arrived * US
+        self.add("i", name, at, dst, INBOX, cat="message", s="t", args=args)
         if m.producer is None:
             return
         self.flow_id += 1
         p, c = m.producer, m.consumer
         send = max(round(us + p.start * US, 3), round(us + p.end * US, 3) - _NUDGE_US)
         take = min(round(us + c.end * US, 3), round(us + c.start * US, 3) + _NUDGE_US)
-        self.add("s", m.kind, send, src, COMPUTE_TID, cat="message", id=self.flow_id)
-        self.add("f", m.kind, take, dst, COMPUTE_TID, cat="message", id=self.flow_id, bp="e")
+        self.add("s", m.kind, send, src, COMPUTE, cat="message", id=self.flow_id)
+        self.add("f", m.kind, take, dst, COMPUTE, cat="message", id=self.flow_id, bp="e")
 
     def _step_track(self, r: StepReport, us: float, pid: int) -> None:
         util = r.utilization
@@ -293,46 +279,20 @@ class _Builder:
         }
         if r.partition:
             args["partition"] = str(r.partition)
-        self.add(
-            "X",
-            f"step {r.step}",
-            us,
-            pid,
-            COMPUTE_TID,
-            cat="step",
-            end=us + r.step_time * US,
-            args=args,
-        )
+        self.slice(f"step {r.step}", us, (0.0, r.step_time), pid, cat="step", args=args)
         self.add("C", "bubble", us, pid, args={"bubble %": 100 * r.bubble_fraction})
         change = float(r.extra.get("change", 0.0))
         at = us - change * US
         if change > 0:
-            self.add(
-                "X",
-                "apply decisions",
-                at,
-                pid,
-                INBOX_TID,
-                cat="decision",
-                end=us,
-                args={"step": r.step, "events": list(r.events)},
-            )
+            args = {"step": r.step, "events": list(r.events)}
+            self.slice("apply decisions", us, (-change, 0.0), pid, thread=INBOX, args=args)
         scope = "g" if self.label is None else "p"
         for text in r.events:
-            self.add(
-                "i",
-                text,
-                at,
-                pid,
-                COMPUTE_TID,
-                cat=event_kind(text),
-                s=scope,
-                args={"step": r.step},
-            )
+            self.add("i", text, at, pid, cat=event_kind(text), s=scope, args={"step": r.step})
 
 
 def chrome_trace(
-    reports: Sequence[StepReport], *, label: str | None = None, pid_base: int = 0
+    reports: Sequence[StepReport], *, label: str | None = None, pid_base: int = 1
 ) -> dict[str, Any]:
     """A Trace Event Format object (``{"traceEvents": [...]}``) for consecutive step reports.
 
@@ -343,9 +303,9 @@ def chrome_trace(
     stages = max(stages, max((r.num_stages for r in reports), default=0))
     b = _Builder(label, pid_base, [])
     for s in range(stages):
-        b.meta(pid_base + s, f"stage {s}", ((COMPUTE_TID, "compute"), (INBOX_TID, "inbox")))
+        b.meta(pid_base + s, f"stage {s}", ((COMPUTE, "compute"), (INBOX, "inbox")))
     steps_pid = pid_base + stages
-    b.meta(steps_pid, "steps", ((COMPUTE_TID, "steps"), (INBOX_TID, "decisions")))
+    b.meta(steps_pid, "steps", ((COMPUTE, "steps"), (INBOX, "decisions")))
     for r, offset in zip(reports, step_offsets(reports), strict=True):
         b.step(r, offset, steps_pid)
     return {
@@ -388,7 +348,7 @@ def merge(*traces: Mapping[str, Any]) -> dict[str, Any]:
 
 def side_by_side(runs: Mapping[str, Sequence[StepReport]]) -> dict[str, Any]:
     """Several runs (``{"measured": ..., "simulated": ...}``) in one trace, on one time axis."""
-    traces, base = [], 0
+    traces, base = [], 1
     for label, reports in runs.items():
         traces.append(chrome_trace(reports, label=label, pid_base=base))
         base += max((max(len(r.timeline.actions), r.num_stages) for r in reports), default=0) + 1

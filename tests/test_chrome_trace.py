@@ -91,6 +91,7 @@ def check_structure(trace: dict[str, Any], reports: list[StepReport]) -> None:
     evs = trace["traceEvents"]
     for e in evs:
         assert {"ph", "ts", "pid", "tid", "name"} <= e.keys(), e
+        assert e["pid"] >= 1 and e["tid"] in (10 * e["pid"] + 1, 10 * e["pid"] + 2), e
         if e["ph"] == "X":
             assert e["dur"] >= 0, e
         assert math.isfinite(e["ts"]), e
@@ -108,7 +109,7 @@ def check_structure(trace: dict[str, Any], reports: list[StepReport]) -> None:
         }
     # the compute thread of each stage holds disjoint slices (viewers need proper nesting)
     for pid in {names[f"stage {s}"] for s in range(s_count)}:
-        xs = sorted((e["ts"], e["dur"]) for e in events_of(trace, "X", pid=pid, tid=0))
+        xs = sorted((e["ts"], e["dur"]) for e in events_of(trace, "X", pid=pid, tid=10 * pid + 1))
         for (t0, d0), (t1, _) in zip(xs, xs[1:]):
             assert t0 + d0 <= t1 + 2e-3, (pid, t0, d0, t1)
     # flows: each id starts once and finishes once, finish after start, inside its slices
@@ -125,7 +126,7 @@ def check_structure(trace: dict[str, Any], reports: list[StepReport]) -> None:
         for ev in (s_ev, f_ev):
             assert any(
                 x["ts"] <= ev["ts"] <= x["ts"] + x["dur"] and x.get("cat") != "wait"
-                for x in events_of(trace, "X", pid=ev["pid"], tid=0)
+                for x in events_of(trace, "X", pid=ev["pid"], tid=10 * ev["pid"] + 1)
             ), ev
 
 
