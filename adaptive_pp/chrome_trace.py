@@ -171,11 +171,12 @@ def step_offsets(reports: Sequence[StepReport]) -> list[float]:
 
 
 def event_kind(text: str) -> str:
-    """Category of a report event: migration, microbatches, refused or other."""
-    for prefix, kind in (("moved", "migration"), ("microbatches", "microbatches")):
-        if text.startswith(prefix):
-            return kind
-    return "refused" if text.startswith("refused") else "other"
+    """Category of a report event: refused, migration, microbatches or other."""
+    if text.startswith("refused"):
+        return "refused"
+    if text.startswith("moved"):
+        return "migration"
+    return "microbatches" if "micro-batches" in text or "microbatches" in text else "other"
 
 
 def _finite(x: float | None) -> float | None:

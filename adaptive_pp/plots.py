@@ -85,7 +85,7 @@ def timeline_figure(report: StepReport) -> Figure:
         Patch(facecolor=_COLOUR["B"], label="backward (B)"),
         Patch(facecolor=_COLOUR["wait"], hatch="///", label="wait (input late)"),
     ]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=3)
+    fig.legend(handles=handles, loc="outside lower center", ncols=3)
     return fig
 
 
@@ -154,7 +154,7 @@ def steps_figure(reports: Sequence[StepReport]) -> Figure:
     ax_t, ax_b, ax_u = fig.subplots(3, 1, sharex=True)
     steps = [r.step for r in reports]
     ax_t.plot(steps, [_span_ms(r) for r in reports], marker=".", gid="step_time")
-    ax_t.set_ylabel("step (ms)")
+    ax_t.set_ylabel("step wall (ms)")
     ax_b.plot(steps, [100 * r.bubble_fraction for r in reports], marker=".", gid="bubble")
     ax_b.set_ylabel("bubble (%)")
     num_stages = max((r.num_stages for r in reports), default=0)
@@ -163,6 +163,7 @@ def steps_figure(reports: Sequence[StepReport]) -> Figure:
         ax_u.plot(steps, u, marker=".", label=f"stage {s}", gid=f"U{s}")
     ax_u.set_ylabel("U = compute / wall (%)")
     ax_u.set_xlabel("step")
+    ax_u.xaxis.get_major_locator().set_params(integer=True)
     if num_stages:
         ax_u.legend(loc="best", fontsize=8, ncols=min(num_stages, 4))
     marked = [r for r in reports if r.events]

@@ -11,8 +11,8 @@ from adaptive_pp.schedules import make_schedule
 from adaptive_pp.simulator import Costs, simulate
 
 DECISIONS: Mapping[int, tuple[str, ...]] = {
-    2: ("moved layers 4-4 from stage 2 to stage 1 (1.2 kB, 0.5 ms)",),
-    4: ("microbatches 4 -> 8", "refused MoveLayers(src=0, dst=1, count=9): stage 0 left empty"),
+    2: ("moved layers 4-4 from stage 2 to stage 1 (1088 bytes, 0.5 ms); partition 0-3 | 4-5",),
+    4: ("set micro-batches 4 -> 8", "refused move 9 layer(s) 0->1: would leave stage 0 empty"),
 }
 
 
@@ -27,7 +27,7 @@ def simulated_run(
     for step in range(steps):
         events = tuple(decisions.get(step, ()))
         for text in events:
-            if text.startswith("microbatches"):
+            if text.startswith("set micro-batches"):
                 m = int(text.split()[-1])
         costs = Costs.build(stages, m, 4e-3 / m, 8e-3 / m, 1e-4, slowdown={stages - 1: 1.3})
         r = simulate(make_schedule(schedule, stages, m), costs, step=step)

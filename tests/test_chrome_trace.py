@@ -208,9 +208,9 @@ def test_offsets_use_wall_change_or_recorded_offsets() -> None:
 
 def test_decision_markers_at_the_step_boundary() -> None:
     texts = (
-        "moved layers 4-4 from stage 2 to stage 1 (12 kB, 3.1 ms)",
-        "microbatches 4 -> 8",
-        "refused MoveLayers(src=0, dst=1, count=9): would leave stage 0 empty",
+        "moved layers 4-4 from stage 2 to stage 1 (1088 bytes, 3.1 ms); partition 0-3 | 4-5",
+        "set micro-batches 4 -> 8",
+        "refused move 9 layer(s) 0->1: would leave stage 0 empty",
     )
     r0 = replace(sim(), extra={"wall": 0.05})
     r1 = replace(sim(step=1), events=texts, extra={"wall": 0.05, "change": 0.004})
@@ -223,7 +223,10 @@ def test_decision_markers_at_the_step_boundary() -> None:
     (apply,) = events_of(trace, "X", name="apply decisions")
     assert apply["ts"] == pytest.approx(50000.0) and apply["dur"] == pytest.approx(4000.0)
     assert events_of(trace, "X", name="step 1")[0]["ts"] == pytest.approx(54000.0)
-    assert [event_kind(t) for t in ("moved x", "microbatches 2 -> 4", "refused y", "z")] == [
+    assert [
+        event_kind(t)
+        for t in ("moved x", "set micro-batches 2 -> 4", "refused move 1 layer(s) 0->1: x", "z")
+    ] == [
         "migration",
         "microbatches",
         "refused",

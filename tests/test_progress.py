@@ -42,8 +42,9 @@ def test_status_line_fields() -> None:
     assert f"U min {min(u):.0%} mean {sum(u) / len(u):.0%}" in line
     assert f"queue max {max(q.max_depth for q in r.queues)}" in line
     assert "M=8" in line
-    assert line.endswith("| microbatches 4 -> 8; refused MoveLayers(src=0, dst=1, count=9): "
-                         "stage 0 left empty")  # fmt: skip
+    assert line.endswith(
+        "| set micro-batches 4 -> 8; refused move 9 layer(s) 0->1: would leave stage 0 empty"
+    )
     assert "loss -" in status_line(replace(r, loss=None), 1, None)
     assert status_line(r, 3, None).startswith("step 3  ")
     assert status_line(r, 3, 9, eta=125.0).startswith("step 3/9 (eta 2m05s)  ")
@@ -63,7 +64,9 @@ def test_one_line_per_step_when_not_a_tty(no_ci: None) -> None:
     for i, line in enumerate(lines, 1):
         assert re.match(rf"step {i}/4( \(eta \S+\))?  loss \S+  [\d.]+ ms  bubble [\d.]+%", line)
     assert "(eta " in lines[0] and "(eta " not in lines[-1]
-    assert lines[2].endswith("| moved layers 4-4 from stage 2 to stage 1 (1.2 kB, 0.5 ms)")
+    assert lines[2].endswith(
+        "| moved layers 4-4 from stage 2 to stage 1 (1088 bytes, 0.5 ms); partition 0-3 | 4-5"
+    )
 
 
 def test_in_place_line_on_a_tty(no_ci: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,7 +87,7 @@ def test_in_place_line_on_a_tty(no_ci: None, monkeypatch: pytest.MonkeyPatch) ->
     assert len(frames) == 5
     permanent = [f for f in frames if f.endswith("\n")]
     assert [f.strip() for f in permanent] == [
-        "step 3: moved layers 4-4 from stage 2 to stage 1 (1.2 kB, 0.5 ms)"
+        "step 3: moved layers 4-4 from stage 2 to stage 1 (1088 bytes, 0.5 ms); partition 0-3 | 4-5"
     ]
     status = [f for f in frames if not f.endswith("\n")]
     assert len(status) == 4
