@@ -38,13 +38,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import __version__
 from .report import ActionTiming, QueueTrace, StepReport, read_jsonl
-from .schedules import Kind
+from .schedules import Kind, Schedule
+from .simulator import Costs, simulate
 
 US = 1e6  # trace timestamps are microseconds
 _NUDGE_US = 1e-3  # flow ends sit 1 ns inside their slices so viewers bind them to it
@@ -151,6 +152,31 @@ def waits(report: StepReport) -> list[Wait]:
                 out.append(Wait(s, prev_end, t.start, t, arrived))
             prev_end = t.end
     return out
+
+
+def replay_measured(report: StepReport) -> StepReport:
+    """The simulator's replay of a step with its measured action durations and hop latency.
+
+    Each hop's latency is the median of (arrival - producer's end) over its messages. The
+    replay keeps the step's number, events and timing extras, so side_by_side aligns steps.
+    """
+    stages, m_count = len(report.timeline.actions), report.microbatches
+    tau: dict[Kind, list[list[float]]] = {
+        k: [[0.0] * m_count for _ in range(stages)] for k in ("F", "B")
+    }
+    for t in report.timeline:
+        tau[t.kind][t.stage][t.microbatch] = max(0.0, t.end - t.start)
+    hops = []
+    for h in range(stages - 1):
+        gaps = sorted(
+            max(0.0, m.arrived - m.producer.end)
+            for m in messages(report)
+            if m.producer is not None and {m.src, m.dst} == {h, h + 1}
+        )
+        hops.append(gaps[len(gaps) // 2] if gaps else 0.0)
+    sched = Schedule(report.timeline.actions, m_count, report.schedule)
+    sim = simulate(sched, Costs.build(stages, m_count, tau["F"], tau["B"], hops), step=report.step)
+    return replace(sim, partition=report.partition, events=report.events, extra=report.extra)
 
 
 def _span(report: StepReport) -> float:

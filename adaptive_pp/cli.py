@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .chrome_trace import load_run, write_chrome_trace
+from .chrome_trace import load_run, replay_measured, side_by_side, write_chrome_trace
 from .display import summary, timeline
 from .plots import PlotDependencyError, plot_run
 from .schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
@@ -107,6 +107,11 @@ def _add_trace(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("trace", help="write a run's step reports as Chrome trace JSON")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="holds reports.jsonl")
     p.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: RUN_DIR/trace.json")
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="add the simulator's replay of each step (measured durations) below the run",
+    )
 
 
 def _run_trace(args: argparse.Namespace) -> int:
@@ -114,7 +119,12 @@ def _run_trace(args: argparse.Namespace) -> int:
     out = args.output
     if out is None:
         out = (args.run_dir if args.run_dir.is_dir() else args.run_dir.parent) / "trace.json"
-    print(write_chrome_trace(out, reports))
+    if args.replay:
+        label = "measured" if all(r.source == "runtime" for r in reports) else "run"
+        replay = [replay_measured(r) for r in reports]
+        print(write_chrome_trace(out, side_by_side({label: reports, "replay": replay})))
+    else:
+        print(write_chrome_trace(out, reports))
     return 0
 
 

@@ -20,6 +20,7 @@ from adaptive_pp.chrome_trace import (
     load_run,
     merge,
     messages,
+    replay_measured,
     side_by_side,
     step_offsets,
     waits,
@@ -332,3 +333,20 @@ def test_gpipe_single_stage_has_no_flows_or_waits() -> None:
     trace = chrome_trace([r])
     assert waits(r) == [] and events_of(trace, "s") == []
     check_structure(trace, [r])
+
+
+@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
+def test_replay_of_a_simulated_step_reproduces_it(name: str) -> None:
+    costs = Costs.build(3, 5, [[1.0, 2.0, 0.5, 1.5, 1.0], 1.2, 0.8], 2.0, [0.3, 0.1])
+    r = replace(
+        simulate(make_schedule(name, 3, 5), costs, step=4),
+        events=("set micro-batches 4 -> 5",),
+        extra={"wall": 30.0},
+    )
+    again = replay_measured(r)
+    assert again.step == 4 and again.events == r.events and again.extra == r.extra
+    assert again.step_time == pytest.approx(r.step_time)
+    for a, b in zip(again.timeline, r.timeline, strict=True):
+        assert a.action == b.action
+        assert (a.start, a.end) == pytest.approx((b.start, b.end))
+    assert [st_.wait for st_ in again.stages] == pytest.approx([st_.wait for st_ in r.stages])

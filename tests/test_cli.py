@@ -57,6 +57,20 @@ def test_trace_writes_the_run(
     assert fb_slices(run_dir / "trace.json") == fb_slices(out)
 
 
+def test_trace_with_replay_lays_run_and_replay_side_by_side(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["trace", str(run_dir), "--replay"]) == 0
+    trace = json.loads((run_dir / "trace.json").read_text())
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    parts = ("stage 0", "stage 1", "stage 2", "steps")
+    assert names == {f"{run}: {part}" for run in ("run", "replay") for part in parts}
+    reports = simulated_run(3, steps=5)
+    assert len(fb_slices(run_dir / "trace.json")) == 2 * sum(
+        2 * r.num_stages * r.microbatches for r in reports
+    )
+
+
 def test_plot_writes_pngs_and_trace(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
