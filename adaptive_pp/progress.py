@@ -23,6 +23,8 @@ class _HasReport(Protocol):
 
 def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     if seconds < 60:
         return f"{seconds:.0f}s"
     minutes, secs = divmod(int(seconds), 60)

@@ -48,6 +48,8 @@ def test_status_line_fields() -> None:
     assert "loss -" in status_line(replace(r, loss=None), 1, None)
     assert status_line(r, 3, None).startswith("step 3  ")
     assert status_line(r, 3, 9, eta=125.0).startswith("step 3/9 (eta 2m05s)  ")
+    assert status_line(r, 3, 9, eta=2.34).startswith("step 3/9 (eta 2.3s)  ")
+    assert status_line(r, 3, 9, eta=7500.0).startswith("step 3/9 (eta 2h05m)  ")
 
 
 def test_one_line_per_step_when_not_a_tty(no_ci: None) -> None:
