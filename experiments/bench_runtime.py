@@ -19,12 +19,13 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
+from adaptive_pp.chrome_trace import replay_measured
 from adaptive_pp.emulation import emulated_mlp
 from adaptive_pp.launch import WorkerPool
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule
 from adaptive_pp.simulator import Costs, bubble_exact, simulate
-from experiments.common import simulate_measured, torch_pipeline_walls, write_json
+from experiments.common import torch_pipeline_walls, write_json
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
 
@@ -159,7 +160,7 @@ def main() -> None:
         bubble = statistics.median(r.bubble_fraction for r in reps)
         flush = statistics.median(r.step_time for r in reps)
         # Prediction from the durations the run measured (kernel + framework time per action).
-        measured = simulate_measured(reps[-1]).step_time
+        measured = replay_measured(reps[-1]).step_time
         out["bubble"][sched] = {"measured": bubble, "exact": bubble_exact(s, m)}
         out["simulator"][sched] = {
             "measured_flush_s": flush,

@@ -142,11 +142,13 @@ def train_job(
     lr: float = 1e-3,
     controller_fn: Callable[[], Any] | None = None,
     before_step: Callable[[Any, int], None] | None = None,
+    probe: Callable[[Any, int], Any] | None = None,
 ) -> dict[str, Any]:
     """Rank job: train ``model_fn()`` with Adam(lr) on our runtime for ``steps`` steps.
 
     ``data_fn(k)`` gives step k's (inputs, targets) on every rank; ``before_step(pipe, k)`` runs
-    before each step (inject slowdowns, skew); ``controller_fn()`` builds the controller.
+    before each step (inject slowdowns, skew); ``controller_fn()`` builds the controller;
+    ``probe(pipe, k)`` runs after each step and its values come back as ``probes``.
     Returns every step's report (as dicts), loss and barrier-to-return wall time.
     """
     import torch
@@ -154,11 +156,13 @@ def train_job(
     from torch import nn
 
     from adaptive_pp import Pipeline
+    from adaptive_pp.logs import configure_logging
 
+    configure_logging(level="warning")  # decisions come back in the reports' events
     torch.manual_seed(0)
     model = model_fn()
     controller = controller_fn() if controller_fn is not None else None
-    reports, losses, walls = [], [], []
+    reports, losses, walls, probes = [], [], [], []
     with Pipeline(
         model,
         nn.functional.mse_loss,
@@ -176,7 +180,8 @@ def train_job(
             walls.append(time.perf_counter() - t0)
             reports.append(out.report.to_dict())
             losses.append(out.loss)
-    return {"reports": reports, "losses": losses, "walls": walls}
+            probes.append(probe(pipe, k) if probe is not None else None)
+    return {"reports": reports, "losses": losses, "walls": walls, "probes": probes}
 
 
 def step_stats(report: Any) -> dict[str, Any]:
@@ -255,31 +260,3 @@ def torch_pipeline_walls(
         optimizer.zero_grad(set_to_none=True)
         walls.append(time.perf_counter() - t0)
     return walls
-
-
-def simulate_measured(report: Any) -> Any:
-    """Simulate the report's schedule with its measured action durations and hop latencies.
-
-    Hop latency per link: the median gap between the producer finishing an action and the
-    consumer starting the dependent one, over the messages the consumer had to wait for.
-    """
-    from adaptive_pp.schedules import make_schedule
-    from adaptive_pp.simulator import Costs, simulate
-
-    s, m = report.num_stages, report.microbatches
-    tf = [[0.0] * m for _ in range(s)]
-    tb = [[0.0] * m for _ in range(s)]
-    start: dict[tuple[int, str, int], float] = {}
-    end: dict[tuple[int, str, int], float] = {}
-    for t in report.timeline:
-        (tf if t.kind == "F" else tb)[t.stage][t.microbatch] = t.end - t.start
-        start[(t.stage, t.kind, t.microbatch)] = t.start
-        end[(t.stage, t.kind, t.microbatch)] = t.end
-    hops = []
-    for h in range(s - 1):
-        gaps = [start[(h + 1, "F", i)] - end[(h, "F", i)] for i in range(m)]
-        gaps += [start[(h, "B", i)] - end[(h + 1, "B", i)] for i in range(m)]
-        waited = sorted(g for g in gaps if g >= 0)
-        hops.append(waited[len(waited) // 2] if waited else 0.0)
-    sched = make_schedule(report.schedule, s, m)
-    return simulate(sched, Costs.build(s, m, tf, tb, hops))

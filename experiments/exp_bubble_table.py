@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from adaptive_pp import PipelineConfig
+from adaptive_pp.chrome_trace import replay_measured
 from adaptive_pp.emulation import BACKWARD_RATIO, emulated_mlp
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule
@@ -27,7 +28,6 @@ from experiments.common import (
     pool,
     pyplot,
     save_figure,
-    simulate_measured,
     study_args,
     train_job,
     write_json,
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )[0]
             reps = [StepReport.from_dict(r) for r in res["reports"][1:]]  # first step warms up
             sched = make_schedule(name, STAGES, MICROBATCHES)
-            replayed = [simulate_measured(r) for r in reps]
+            replayed = [replay_measured(r) for r in reps]
             table[name] = {
                 "approx": bubble_approx(STAGES, MICROBATCHES),
                 "exact": bubble_exact(STAGES, MICROBATCHES),
