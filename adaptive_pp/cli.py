@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 from . import __version__
 from .chrome_trace import load_run, replay_measured, side_by_side, write_chrome_trace
 from .display import summary, timeline
+from .logs import FORMATS, LEVELS
+from .otel import ENV_ENDPOINT, resolve_endpoint
 from .plots import PlotDependencyError, plot_run
 from .schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
 from .simulator import Costs, bubble_approx, bubble_exact, simulate
@@ -95,11 +98,18 @@ def _run_demo(args: argparse.Namespace) -> int:
         print()
     if args.simulate_only:
         return 0
-    from .demo import train_rank
+    from .demo import Observe, train_rank
     from .launch import launch
 
+    observe = Observe(args.log_format, args.log_level, resolve_endpoint(args.otlp_endpoint))
+    if args.run_dir is not None:
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.run_dir) / "reports.jsonl").unlink(missing_ok=True)
+        observe = dataclasses.replace(observe, run_dir=str(args.run_dir))
     print(f"== live: starting {args.stages} stage processes (each imports torch: a few seconds) ==")
-    launch(train_rank, args.stages, args.steps, args.microbatches, args.schedule)
+    launch(train_rank, args.stages, args.steps, args.microbatches, args.schedule, observe)
+    if args.run_dir is not None:
+        print(f"step reports in {args.run_dir}/reports.jsonl: `adaptive-pp plot {args.run_dir}`")
     return 0
 
 
@@ -164,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
     demo.add_argument("--steps", type=int, default=8)
     demo.add_argument("--simulate-only", action="store_true", help="skip the live training run")
+    demo.add_argument("--run-dir", help="append every step's report to RUN_DIR/reports.jsonl")
+    demo.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help=f"export OpenTelemetry spans and metrics over OTLP/gRPC (default ${ENV_ENDPOINT})",
+    )
+    demo.add_argument("--log-format", choices=FORMATS, default="console", help="structlog output")
+    demo.add_argument("--log-level", choices=LEVELS, default="info")
     _add_trace(sub)
     _add_plot(sub)
     return parser

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,17 +12,41 @@ from torch import nn
 from .config import PipelineConfig
 from .display import stage_table
 from .emulation import emulated_mlp
+from .logs import configure_logging
+from .otel import setup_otlp
 from .pipeline import Pipeline
 from .progress import Progress
 
 
-def train_rank(steps: int, microbatches: int, schedule: str) -> float:
+@dataclass(frozen=True)
+class Observe:
+    """How each demo rank reports beyond stdout: logs, OTLP export, a run directory."""
+
+    log_format: str = "console"
+    log_level: str = "info"
+    otlp_endpoint: str | None = None
+    run_dir: str | None = None
+
+
+def train_rank(
+    steps: int, microbatches: int, schedule: str, observe: Observe | None = None
+) -> float:
     """Rank job: regression y = Wx + b on an 8-layer emulated MLP; rank 0 prints each step."""
+    observe = observe or Observe()
+    configure_logging(observe.log_format, observe.log_level)
+    otel = setup_otlp(
+        observe.otlp_endpoint, attributes={"adaptive_pp.rank": int(os.environ.get("RANK", 0))}
+    )
     torch.manual_seed(0)
     width, batch = 32, 32
     model = emulated_mlp(8, width, forward_s=2e-3)
     true_w = torch.randn(width, width) / width**0.5
-    cfg = PipelineConfig(microbatches=microbatches, schedule=schedule)
+    cfg = PipelineConfig(
+        microbatches=microbatches,
+        schedule=schedule,
+        telemetry=otel is not None,
+        run_dir=observe.run_dir,
+    )
     g = torch.Generator().manual_seed(1)
     with Pipeline(
         model, nn.functional.mse_loss, lambda p: torch.optim.Adam(p, lr=1e-2), cfg
@@ -43,4 +69,8 @@ def train_rank(steps: int, microbatches: int, schedule: str) -> float:
             progress.close()
             print("\nlast step, per stage:")
             print("\n".join(stage_table(out.report)), flush=True)
-        return out.loss if out is not None else float("nan")
+    if otel is not None:
+        otel.shutdown()
+        if pipe.stage == 0:
+            print(f"exported spans and metrics to {otel.endpoint}", flush=True)
+    return out.loss if out is not None else float("nan")

@@ -155,6 +155,7 @@ class Pipeline:
             meter_provider=meter_provider,
         )
         collective("start-up", dist.barrier)
+        self._epoch = time.perf_counter()
 
     def _segments(self, partition: Partition) -> list[Segment]:
         """This rank's segments under ``partition`` (pre first on stage 0, post last at the end)."""
@@ -359,6 +360,7 @@ class Pipeline:
             "loss": log.loss_sum / self.microbatches if self.is_last else None,
             "optimizer": optimizer_s,
             "t0": t0,
+            "since": t0 - self._epoch,
         }
 
     def _merge(self, parts: list[dict[str, Any]], wall: float) -> StepReport:
@@ -414,6 +416,7 @@ class Pipeline:
                 "wall": wall,
                 "optimizer": max(p["optimizer"] for p in parts),
                 "change": self._change_s,
+                "offset": min(p["since"] for p in parts),
             },
         )
 

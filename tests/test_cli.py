@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from report_cases import simulated_run, write_run
 
-from adaptive_pp.cli import main
+from adaptive_pp.cli import build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -127,3 +127,18 @@ def test_plot_without_matplotlib_is_exit_2(
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     assert main(["plot", str(run_dir)]) == 2
     assert "pip install 'adaptive-pp[plot]'" in capsys.readouterr().err
+
+
+def test_demo_observability_flags() -> None:
+    """--otlp-endpoint/--log-format/--log-level/--run-dir parse; a bad log format is refused."""
+    args = build_parser().parse_args(
+        ["demo", "--otlp-endpoint", "http://c:4317", "--log-format", "json", "--run-dir", "r"]
+    )
+    assert (args.otlp_endpoint, args.log_format, args.log_level, args.run_dir) == (
+        "http://c:4317",
+        "json",
+        "info",
+        "r",
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--log-format", "xml"])
