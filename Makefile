@@ -35,5 +35,11 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python -m experiments.bench_simulator
 
+experiments: $(STAMP)
+	$(BIN)/python -m experiments.run_all
+
+experiments-quick: $(STAMP)
+	$(BIN)/python -m experiments.run_all --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
