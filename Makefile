@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m experiments.bench_simulator
 
 experiments: $(STAMP)
-	$(BIN)/python -m experiments.run_all
+	$(BIN)/python -m experiments.run_all --figures docs/figures
 
 experiments-quick: $(STAMP)
 	$(BIN)/python -m experiments.run_all --quick

@@ -52,7 +52,7 @@ def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run both schedules on 4 ranks; print and save the table and its figure."""
     ns = study_args(__doc__, argv)
-    launch, per_sample, steps = (2e-5, 2e-5, 2) if ns.quick else (2e-4, 2e-4, 8)
+    launch, per_sample, steps = (2e-5, 2e-5, 2) if ns.quick else (2e-4, 2e-4, 12)
     b = BATCH // MICROBATCHES
     fwd = LAYERS // STAGES * (launch + per_sample * b)  # one stage, one micro-batch
     nominal = Costs.build(STAGES, MICROBATCHES, fwd, BACKWARD_RATIO * fwd)

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train with both schedules, sweep M; print, plot and save."""
     ns = study_args(__doc__, argv)
     samples, epochs, sweep, sweep_steps = (
-        (256, 1, (2, 4, 8), 2) if ns.quick else (1024, 5, (1, 2, 4, 8, 16, 32), 4)
+        (256, 1, (2, 4, 8), 2) if ns.quick else (1024, 5, (1, 2, 4, 8, 16, 32), 6)
     )
     kernel = (2e-5, 1e-5) if ns.quick else (2e-4, 5e-5)
     steps = epochs * samples // BATCH

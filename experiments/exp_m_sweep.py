@@ -63,7 +63,7 @@ def predicted_bytes(schedule: str, m: int, checkpointing: bool) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Sweep M for both schedules, checkpointing off and on; print, plot and save."""
     ns = study_args(__doc__, argv)
-    sweep, steps = ((1, 4, 16), 1) if ns.quick else ((1, 2, 4, 8, 16, 32), 4)
+    sweep, steps = ((1, 4, 16), 1) if ns.quick else ((1, 2, 4, 8, 16, 32), 6)
     kernel = (1e-5, 1e-6) if ns.quick else (1e-4, 5e-5)
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     with pool(STAGES) as p:

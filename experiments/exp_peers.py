@@ -24,7 +24,7 @@ SCENARIOS = ("balanced", "stage 2 slow x2")
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Both scenarios in alternating rounds on one pool of 4 ranks; print and plot the ratios."""
     ns = study_args(__doc__, argv)
-    rounds, steps = (1, 1) if ns.quick else (3, 5)
+    rounds, steps = (1, 1) if ns.quick else (4, 5)
     base: dict[str, Any] = dict(
         layers=16, width=256, batch=64, stages=4, microbatches=16, fwd_ms=1.0, bwd_ms=2.4
     )

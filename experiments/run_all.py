@@ -1,14 +1,16 @@
 """Run every study of issue #8 in one process (stage pools shared between them); print the times.
 
-    python -m experiments.run_all [--quick] [--out ROOT]
+    python -m experiments.run_all [--quick] [--out ROOT] [--figures DIR]
 
 Each study writes JSON and PNGs into ROOT/<study>/ (default results/<study>/); ``--quick`` runs
-each in seconds (the smoke test in ``make test`` does that).
+each in seconds (the smoke test in ``make test`` does that); ``--figures DIR`` also copies every
+PNG into DIR (``make experiments`` refreshes docs/figures, which docs/EXPERIMENTS.md shows).
 """
 
 from __future__ import annotations
 
 import importlib
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +30,7 @@ STUDIES = (
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the studies in order; return each one's result and the seconds it took."""
-    ns = study_args(__doc__, argv)
+    ns = study_args(__doc__, argv, lambda p: p.add_argument("--figures", default=None))
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -41,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             t = time.perf_counter()
             results[name] = importlib.import_module(f"experiments.{name}").main(args)
             seconds[name] = time.perf_counter() - t
+            if ns.figures is not None:
+                Path(ns.figures).mkdir(parents=True, exist_ok=True)
+                for png in results[name]["figures"]:
+                    shutil.copy(png, Path(ns.figures) / Path(png).name)
     total = time.perf_counter() - t0
     print("\n" + "\n".join(f"{name:20s} {s:7.1f} s" for name, s in seconds.items()))
     print(f"{'total':20s} {total:7.1f} s{' (quick)' if ns.quick else ''}")
