@@ -100,7 +100,10 @@ class EmulatedFFN(Emulated):
 
     Unlike EmulatedLayer it keeps internal activations for backward (the hidden pre-activation
     and the GELU output, 2 x hidden per token against width at its boundary), as transformer
-    blocks do: the layer activation checkpointing pays off on.
+    blocks do: the layer activation checkpointing pays off on. The forward's emulated time comes
+    before the math, so a checkpointed block's recomputation (which stops once the tensors
+    backward needs exist) pays it again, as on a real device; the backward's comes first in
+    backward.
     """
 
     def __init__(
@@ -118,7 +121,9 @@ class EmulatedFFN(Emulated):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Real math, then the emulated kernel time."""
-        return self.timed(x + self.fc2(nn.functional.gelu(self.fc1(x))), x.shape[0])
+        fwd, bwd = self.durations(x.shape[0])
+        h = emulated_time(x, fwd, 0.0)
+        return emulated_time(h + self.fc2(nn.functional.gelu(self.fc1(h))), 0.0, bwd)
 
 
 def emulated_mlp(
