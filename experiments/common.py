@@ -84,10 +84,11 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, name: str, stem: str, folder: str | Path | None = None) -> Path:
-    """Save ``fig`` as ``FOLDER/STEM.png`` and close it; return the path."""
-    path = results_dir(name, folder) / f"{stem}.png"
+    """Save ``fig`` as ``FOLDER/STEM.png`` (adaptive_pp.plots.save_figure) and close it."""
+    from adaptive_pp.plots import save_figure as save_png
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = save_png(fig, results_dir(name, folder) / f"{stem}.png")
     pyplot().close(fig)
     return path
 
