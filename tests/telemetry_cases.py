@@ -95,9 +95,7 @@ def job_otlp(endpoint: str) -> list[float]:
     torch.set_num_threads(1)
     otel = setup_otlp(endpoint, attributes={"adaptive_pp.rank": int(os.environ["RANK"])})
     assert otel is not None
-    cfg = PipelineConfig(
-        microbatches=CASE.microbatches, telemetry=True, init_timeout=60
-    )
+    cfg = PipelineConfig(microbatches=CASE.microbatches, telemetry=True, init_timeout=60)
     pipe = Pipeline(
         rc.build_model(CASE),
         nn.functional.mse_loss,
