@@ -1,7 +1,12 @@
-"""Candidate partitions for the rebalancer, and routes of single moves between partitions."""
+"""Candidate partitions for the rebalancer, and routes of single moves between partitions.
+
+Stage speeds: a stage's cost is its speed factor times the sum of its layers' base costs
+(``controllers.costmodel``); ``None`` means every stage runs at speed 1.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import accumulate, pairwise
 
@@ -38,17 +43,65 @@ def nudges(part: Partition) -> list[Partition]:
     return out
 
 
+def stage_loads(
+    part: Partition, costs: Sequence[float], speeds: Sequence[float] | None = None
+) -> list[float]:
+    """Each stage's cost: its speed x the sum of its layers' base ``costs``."""
+    loads = part.stage_costs(costs)
+    return loads if speeds is None else [k * x for k, x in zip(speeds, loads, strict=True)]
+
+
+def balanced(
+    costs: Sequence[float], num_stages: int, speeds: Sequence[float] | None = None
+) -> Partition:
+    """An exact min-max split of layer ``costs`` over stages running at ``speeds``.
+
+    Equal speeds give ``Partition.balanced``; otherwise a dynamic program over (stage, first
+    layer of the next stage), O(S x L^2), ties to the earliest boundaries.
+    """
+    if speeds is None or len(set(speeds)) <= 1:
+        return Partition.balanced(costs, num_stages)
+    if len(speeds) != num_stages:
+        raise ValueError(f"{len(speeds)} speeds for {num_stages} stages")
+    n = len(costs)
+    Partition.even(n, num_stages)  # raises unless every stage can get a layer
+    prefix = [0.0, *accumulate(float(c) for c in costs)]
+    # best[j]: least max stage cost placing layers 0..j-1 on the stages so far.
+    best = [speeds[0] * prefix[j] if j else math.inf for j in range(n + 1)]
+    cuts: list[list[int]] = []
+    for k in range(1, num_stages):
+        new, cut = [math.inf] * (n + 1), [0] * (n + 1)
+        for j in range(k + 1, n + 1):
+            for i in range(k, j):
+                val = max(best[i], speeds[k] * (prefix[j] - prefix[i]))
+                if val < new[j]:
+                    new[j], cut[j] = val, i
+        best = new
+        cuts.append(cut)
+    bounds = [n]
+    for c in reversed(cuts):
+        bounds.append(c[bounds[-1]])
+    return Partition((0, *reversed(bounds)))
+
+
 def near_balanced(
-    costs: Sequence[float], num_stages: int, slack: float = 0.1, limit: int = 48
+    costs: Sequence[float],
+    num_stages: int,
+    slack: float = 0.1,
+    limit: int = 48,
+    speeds: Sequence[float] | None = None,
 ) -> list[Partition]:
     """Up to ``limit`` partitions whose costliest stage is within ``slack`` of the min-max optimum.
 
     The exact min-max split comes first; the search tries each stage's end nearest an even
     share of what is left first, so when there are more than ``limit`` the evener ones are kept.
     """
-    best = Partition.balanced(costs, num_stages)
-    cap = max(best.stage_costs(costs)) * (1.0 + slack) * (1.0 + 1e-12)
+    k = [1.0] * num_stages if speeds is None else [float(x) for x in speeds]
+    best = balanced(costs, num_stages, speeds)
+    cap = max(stage_loads(best, costs, k)) * (1.0 + slack) * (1.0 + 1e-12)
     prefix = [0.0, *accumulate(float(c) for c in costs)]
+    # inv[s]: sum of 1 / speed over stages s..; those stages can take cap x inv[s] of base cost.
+    inv = [math.fsum(1.0 / x for x in k[s:]) for s in range(num_stages)]
     n = len(costs)
     found: list[tuple[int, ...]] = [best.bounds]
     bounds = [0]
@@ -57,16 +110,17 @@ def near_balanced(
         start = bounds[-1]
         left = num_stages - stage  # stages still to place, this one included
         if left == 1:
-            if prefix[n] - prefix[start] <= cap:
+            if k[stage] * (prefix[n] - prefix[start]) <= cap:
                 cand = (*bounds, n)
                 if cand != best.bounds:
                     found.append(cand)
             return
-        share = (prefix[n] - prefix[start]) / left
+        share = (prefix[n] - prefix[start]) / (k[stage] * inv[stage])
         ends = [
             e
             for e in range(start + 1, n - left + 2)
-            if prefix[e] - prefix[start] <= cap and prefix[n] - prefix[e] <= cap * (left - 1)
+            if k[stage] * (prefix[e] - prefix[start]) <= cap
+            and prefix[n] - prefix[e] <= cap * inv[stage + 1]
         ]
         ends.sort(key=lambda e: (abs(prefix[e] - prefix[start] - share), e))
         for e in ends:
