@@ -8,7 +8,9 @@ reports in the same order give the same decisions.
 
 Built in:
 
-- ``Rebalancer``: moves boundary layers between neighbours when stage times are uneven.
+- ``Rebalancer``: moves boundary layers between neighbours when stage times are uneven; its
+  ``CostModel`` tells a slow device (cost stays with the stage) from costlier layers (cost
+  travels with the layer).
 - ``MicrobatchTuner``: raises M while the bubble is large and keeps only changes that help.
 - ``AdaptivePolicy``: both, at most one decision a step (what the runtime uses when adaptivity
   is on); ``Hold``: never changes anything (adaptivity off).
@@ -39,6 +41,7 @@ in a closed loop against the simulator, to test it before it touches a real job.
 """
 
 from .base import Controller, Hold, Proposal, busiest_bubble, imbalance
+from .costmodel import CostModel
 from .estimates import LayerEstimator, measured_layers, predict_step_time
 from .policy import AdaptivePolicy
 from .rebalancer import Rebalancer, RebalancerConfig
@@ -48,6 +51,7 @@ from .tuner import MicrobatchTuner, TunerConfig
 __all__ = [
     "AdaptivePolicy",
     "Controller",
+    "CostModel",
     "Hold",
     "LayerEstimator",
     "MicrobatchTuner",

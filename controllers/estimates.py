@@ -4,7 +4,9 @@ Layer times are per step (all micro-batches together). Each layer keeps a runnin
 once it has ``window`` samples) plus a fast EMA; when the two drift apart by more than the
 measured noise allows on two steps in a row, the layer's costs have changed and its mean
 restarts from the newest sample. That keeps estimates quiet under noise and quick after a real
-shift. The noise level is the mean |difference| of consecutive samples.
+shift. The noise level is the mean |difference| of consecutive samples. Each layer also keeps a
+reference: its estimate from before its current run of off samples, so a shift that turns out
+to belong to the stage (``controllers.costmodel``) can be undone.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class LayerEstimator:
         self.fast = [0.0] * num_layers
         self.last = [0.0] * num_layers
         self.held = [-1.0] * num_layers  # noise level before a first off step, else -1
+        self.ref_f, self.ref_b = [0.0] * num_layers, [0.0] * num_layers
+        self.ref_n, self.ref_dev = [0] * num_layers, [0.0] * num_layers
+        self.shifted: list[int] = []  # layers whose cost changed in the last update
 
     @property
     def num_layers(self) -> int:
@@ -88,13 +93,17 @@ class LayerEstimator:
         return bool(self.n) and min(self.n) >= samples
 
     def update(self, times: LayerTimes, microbatches: int) -> bool:
-        """Add one step's measurements; return True if some layer's cost changed."""
+        """Add one step's measurements (None: no sample); True if some layer's cost changed."""
         if len(times) != self.num_layers or microbatches != self.microbatches:
             self.reset(len(times), microbatches)
         changed = False
+        self.shifted = []
         for i, x in enumerate(times):
             if x is None:
                 continue
+            if self.held[i] < 0.0:  # not in a run of off samples: this is the reference
+                self.ref_f[i], self.ref_b[i] = self.f[i], self.b[i]
+                self.ref_n[i], self.ref_dev[i] = self.n[i], self.dev[i]
             xf, xb = x
             total = xf + xb
             if self.n[i] == 0:
@@ -110,15 +119,13 @@ class LayerEstimator:
                 if self.held[i] >= 0.0:  # second step in a row: a real shift
                     self.dev[i] = self.held[i]  # the jump was not noise
                     self._restart(i, xf, xb)
+                    self.shifted.append(i)
                     changed = True
                     continue
                 self.held[i] = self.dev[i]  # one step off could be noise: note it, go on
             else:
                 self.held[i] = -1.0
-            # Running mean of |difference| since the last restart (with the old level as one
-            # prior sample), then an EMA: the noise level follows a regime change quickly.
-            w = 1.0 if self.dev[i] == 0.0 else max(1.0 / (self.n[i] + 1), _NOISE)
-            self.dev[i] += w * (d - self.dev[i])
+            self._noise_sample(i, d)
             a = max(1.0 / (self.n[i] + 1), 1.0 / self.window)
             self.f[i] += a * (xf - self.f[i])
             self.b[i] += a * (xb - self.b[i])
@@ -126,15 +133,55 @@ class LayerEstimator:
             self.last[i] = total
         return changed
 
+    def _noise_sample(self, i: int, d: float) -> None:
+        # Running mean of |difference| since the last restart (with the old level as one
+        # prior sample), then an EMA: the noise level follows a regime change quickly.
+        w = 1.0 if self.dev[i] == 0.0 else max(1.0 / (self.n[i] + 1), _NOISE)
+        self.dev[i] += w * (d - self.dev[i])
+
+    def observe_noise(self, i: int, total: float) -> None:
+        """Learn layer ``i``'s noise level from a sample without changing its estimate."""
+        if self.last[i] > 0:
+            self._noise_sample(i, abs(total - self.last[i]) / self.last[i])
+        self.last[i] = total
+
     def _restart(self, i: int, xf: float, xb: float) -> None:
         self.f[i], self.b[i] = xf, xb
         self.fast[i] = self.last[i] = xf + xb
         self.n[i] = 1
         self.held[i] = -1.0
 
+    def restore(self, i: int) -> None:
+        """Undo layer ``i``'s current run of off samples: back to its reference estimate."""
+        self.f[i], self.b[i], self.n[i] = self.ref_f[i], self.ref_b[i], self.ref_n[i]
+        self.dev[i] = self.ref_dev[i]
+        self.calm(i)
+
+    def calm(self, i: int) -> None:
+        """Make layer ``i``'s next sample compare with its estimate (not with older samples)."""
+        self.fast[i] = self.last[i] = self.f[i] + self.b[i]
+        self.held[i] = -1.0
+
+    def trust(self, i: int, samples: int) -> None:
+        """Count layer ``i``'s estimate as resting on at most ``samples`` samples."""
+        self.n[i] = min(self.n[i], samples)
+
+    def rescale(self, i: int, k: float) -> None:
+        """Multiply layer ``i``'s estimates (and its reference) by ``k``."""
+        self.f[i] *= k
+        self.b[i] *= k
+        self.ref_f[i] *= k
+        self.ref_b[i] *= k
+        self.fast[i] *= k
+        self.last[i] *= k
+
     def noise(self) -> float:
         """Estimated relative noise (sigma) of one measurement, the largest over layers."""
         return max((_MAD_TO_SIGMA * d for d in self.dev), default=0.0)
+
+    def layer_noise(self, i: int) -> float:
+        """Relative noise (sigma) of one sample of layer ``i`` before its current off run."""
+        return _MAD_TO_SIGMA * (self.held[i] if self.held[i] >= 0.0 else self.dev[i])
 
     def errors(self) -> list[float]:
         """Per layer, the relative standard error of its estimate."""
@@ -144,39 +191,6 @@ class LayerEstimator:
             / math.sqrt(max(1, min(n, 2 * self.window - 1)))
             for n, d in zip(self.n, self.dev, strict=True)
         ]
-
-    def gain_error(self, now: Partition, dest: Partition, microbatches: int) -> float:
-        """Relative standard error of the predicted step-time gain of going from now to dest.
-
-        A pipelined step takes about (sum of stage costs + (M - 1) x the largest) / M. Moving
-        layers keeps the sum, so the error comes from the layers in the bottleneck stage of one
-        plan but not the other (stages within the noise of the largest count as bottlenecks).
-        """
-        err = self.errors()
-        cost = [f + b for f, b in zip(self.f, self.b, strict=True)]
-
-        def bottleneck(p: Partition) -> tuple[set[int], float]:
-            stages = [p.layers(s) for s in range(p.num_stages)]
-            totals = [math.fsum(cost[i] for i in ids) for ids in stages]
-            rel = [
-                math.sqrt(math.fsum((cost[i] * err[i]) ** 2 for i in ids)) / t if t > 0 else 0.0
-                for ids, t in zip(stages, totals, strict=True)
-            ]
-            top = max(totals)
-            tol = max(0.02, 3.0 * max(rel))
-            heavy = {
-                i
-                for ids, t in zip(stages, totals, strict=True)
-                if t >= top * (1 - tol)
-                for i in ids
-            }
-            return heavy, top
-
-        heavy_now, top = bottleneck(now)
-        heavy_dest, _ = bottleneck(dest)
-        var = math.fsum((cost[i] * err[i]) ** 2 for i in heavy_now ^ heavy_dest)
-        scale = math.fsum(cost) + (microbatches - 1) * top
-        return (microbatches - 1) * math.sqrt(var) / scale if scale > 0 else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state."""
@@ -189,6 +203,7 @@ class LayerEstimator:
             "last": list(self.last),
             "dev": list(self.dev),
             "held": list(self.held),
+            "ref": [list(self.ref_f), list(self.ref_b), list(self.ref_n), list(self.ref_dev)],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -200,7 +215,12 @@ class LayerEstimator:
         self.last = [float(x) for x in state["last"]]
         self.dev = [float(x) for x in state["dev"]]
         self.held = [float(x) for x in state["held"]]
-        if not len(self.n) == len(self.f) == len(self.fast) == len(self.dev) == len(self.held):
+        ref_f, ref_b, ref_n, ref_dev = state["ref"]
+        self.ref_f, self.ref_b = [float(x) for x in ref_f], [float(x) for x in ref_b]
+        self.ref_n, self.ref_dev = [int(x) for x in ref_n], [float(x) for x in ref_dev]
+        self.shifted = []
+        lists = (self.f, self.b, self.fast, self.last, self.dev, self.held, self.ref_f, self.ref_n)
+        if any(len(x) != len(self.n) for x in lists):
             raise ValueError("estimator state: per-layer lists differ in length")
 
 

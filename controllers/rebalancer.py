@@ -4,9 +4,11 @@ Trigger (hysteresis): imbalance = max stage compute / mean, measured each step. 
 arms after ``patience`` consecutive steps above ``1 + threshold`` and disarms below
 ``1 + release``; after a move it waits ``cooldown`` steps before the trigger may start another.
 
-Planning: per-layer costs are the report's per-layer times, smoothed (``LayerEstimator``); a
-new destination is chosen only once every layer has ``min_samples`` samples since its cost
-last changed.
+Planning: costs come from ``CostModel``: each layer's base cost (the report's per-layer times,
+smoothed) times the speed of the stage it sits on, so a slow device's slowness stays with the
+device and an MoE layer's with the layer (see ``controllers.costmodel``). A new destination is
+chosen only once every layer has ``min_samples`` samples since its cost last changed, and every
+stage speed as many (up to ``min_samples``) since it was last learned.
 Candidate destinations: every split whose costliest stage is within ``slack`` of the exact
 min-max split of the estimates, every single move of 1..``max_layers_per_move`` layers across
 each boundary, and the best of these polished by hill-climbing (one or two boundaries shifted
@@ -14,8 +16,11 @@ by a layer at a time). Each is simulated. Its
 cost is the migrations to get there (``coordination_cost`` per move plus bytes over
 ``bandwidth``). A destination qualifies if it beats the current plan's predicted step time by
 ``margin`` plus ``confidence`` standard errors of the estimates, and its gain over ``horizon``
-steps exceeds its cost; the largest net benefit wins. A decision is one move: a destination
-that needs several is reached over the next steps without waiting for the trigger again. If
+steps exceeds its cost. Of those predicted within ``margin`` of the fastest, the one needing the
+fewest moves wins, then the largest net benefit. A decision is one move: a destination
+that needs several is reached over the next steps without waiting for the trigger again, each
+move once the layers moved before it have been checked against their predicted time (two
+steps on their new stage); if the check shows a wrong speed reading, it plans again. If
 the best gain clears ``margin`` but not the noise allowance, the rebalancer keeps measuring and
 looks again every ``retry_after`` steps (at most ``max_unsure`` times) before giving up.
 """
@@ -32,8 +37,9 @@ from adaptive_pp.partition import Partition
 from adaptive_pp.report import StepReport
 
 from .base import Proposal, Proposer, check_state, imbalance
-from .estimates import LayerEstimator, measured_layers, predict_step_time
-from .search import first_moves, near_balanced, nudges, route, single_moves
+from .costmodel import CostModel
+from .estimates import measured_layers
+from .search import first_moves, nudges, route, single_moves
 
 Times = dict[tuple[int, ...], float]  # predicted step time per partition (bounds)
 
@@ -89,7 +95,7 @@ class Rebalancer(Proposer):
     def __init__(self, config: RebalancerConfig | None = None) -> None:
         """Start disarmed, with no estimates."""
         self.config = config or RebalancerConfig()
-        self.estimator = LayerEstimator(self.config.window)
+        self.estimator = CostModel(self.config.window, settle=self.config.min_samples)
         self.streak = 0
         self.armed = False
         self.cooldown_left = 0
@@ -107,9 +113,11 @@ class Rebalancer(Proposer):
         self.retry_left = max(0, self.retry_left - 1)
         if report.num_stages != plan.num_stages:
             return
-        if self.estimator.update(measured_layers(report, plan), plan.microbatches):
+        times = measured_layers(report, plan)
+        if self.estimator.update(times, plan.partition, plan.microbatches):
             self.retry_left = 0  # costs changed: look again now, from scratch
-            self.pending = self.pending or self.target is not None  # even if on the way
+            # Even if on the way; and always if the last moves rested on a wrong speed reading.
+            self.pending = self.pending or self.target is not None or self.estimator.corrected
             self.target = None
         self.last_imbalance = imb = imbalance(report)
         self.streak = self.streak + 1 if imb > 1.0 + c.threshold else 0
@@ -133,6 +141,8 @@ class Rebalancer(Proposer):
             return Proposal(Keep("no per-layer estimates yet"))
         if self.target is None and not self.estimator.ready(self.config.min_samples):
             return Proposal(Keep("layer costs changed: measuring them"))
+        if self.estimator.probing:
+            return Proposal(Keep("checking the moved layers' times against the prediction"))
         return self._plan(plan)
 
     def commit(self, proposal: Proposal) -> None:
@@ -165,7 +175,7 @@ class Rebalancer(Proposer):
 
         def predict(p: Partition) -> float:
             if p.bounds not in times:
-                times[p.bounds] = predict_step_time(p, m, name, est.f, est.b, c.hop_cost)
+                times[p.bounds] = est.predict(p, m, name, c.hop_cost)
             return times[p.bounds]
 
         now = predict(part)
@@ -178,7 +188,7 @@ class Rebalancer(Proposer):
                 )
                 return self._move_toward(part, Partition(goal), predict, why)
         self._search(part, predict, times)
-        best: tuple[float, int, tuple[int, ...]] | None = None
+        qualified: list[tuple[float, int, tuple[int, ...]]] = []  # (-net, moves, bounds)
         close: float | None = None  # best gain that clears the margin but not the noise
         for bounds, t in times.items():
             if bounds == part.bounds or now - t < c.margin * now:
@@ -192,23 +202,33 @@ class Rebalancer(Proposer):
             if now - t < (c.margin + c.confidence * err) * now:
                 close = max(close or 0.0, (now - t) / now)
                 continue
-            key = (-net, len(moves), bounds)
-            if best is None or key < best:
-                best = key
-        if best is None:
+            qualified.append((-net, len(moves), bounds))
+        if not qualified:
             if close is not None:
                 why = f"best predicted gain {close:.1%} is within the noise: measuring more"
                 return Proposal(Keep(why), "unsure")
             why = f"no move beats {now * 1e3:.2f} ms by {c.margin:.0%} and pays for itself"
             return Proposal(Keep(why), "none")
+        # Destinations within the margin of the best predicted time are as good: fewest moves.
+        fastest = min(times[b] for _, _, b in qualified)
+        best = min(
+            qualified, key=lambda q: (times[q[2]] > fastest + c.margin * now, q[1], q[0], q[2])
+        )
         dest = Partition(best[2])
         t = times[dest.bounds]
         why = (
             f"imbalance {self.last_imbalance:.3f}; target [{dest}] predicted "
             f"{now * 1e3:.2f} -> {t * 1e3:.2f} ms ({(t - now) / now:+.1%}), "
-            f"net {-best[0]:.3g} s over {c.horizon} steps"
+            f"net {-best[0]:.3g} s over {c.horizon} steps{self._speeds()}"
         )
         return self._move_toward(part, dest, predict, why)
+
+    def _speeds(self) -> str:
+        """The learned stage speeds for a reason, if any differs from 1."""
+        speed = self.estimator.speed
+        if all(k == 1.0 for k in speed):
+            return ""
+        return "; stage speeds " + " ".join(f"{k:.2f}" for k in speed)
 
     def _move_toward(
         self, part: Partition, dest: Partition, predict: Callable[[Partition], float], why: str
@@ -222,9 +242,8 @@ class Rebalancer(Proposer):
 
     def _search(self, part: Partition, predict: Callable[[Partition], float], times: Times) -> None:
         """Simulate the candidate destinations (``predict`` records them in ``times``)."""
-        c, est = self.config, self.estimator
-        costs = [x + y for x, y in zip(est.f, est.b, strict=True)]
-        for p in near_balanced(costs, part.num_stages, c.slack, c.max_candidates):
+        c = self.config
+        for p in self.estimator.candidates(part.num_stages, c.slack, c.max_candidates):
             predict(p)
         for p in single_moves(part, c.max_layers_per_move):
             predict(p)
@@ -248,7 +267,7 @@ class Rebalancer(Proposer):
         """JSON-ready state (the config is not included: pass it to the constructor)."""
         return {
             "kind": "rebalancer",
-            "version": 1,
+            "version": 2,
             "streak": self.streak,
             "armed": self.armed,
             "cooldown_left": self.cooldown_left,
@@ -263,7 +282,7 @@ class Rebalancer(Proposer):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what state_dict returned."""
-        check_state(state, "rebalancer")
+        check_state(state, "rebalancer", 2)
         self.streak = int(state["streak"])
         self.armed = bool(state["armed"])
         self.cooldown_left = int(state["cooldown_left"])
