@@ -4,7 +4,9 @@ Cost model (calibrated on an H100, see DESIGN.md): a layer's forward time per mi
 affine in the micro-batch size, ``launch + per_sample * B / M``; backward is 2.4x forward.
 Effects scale chosen layers: a step ``Slowdown``, a linear ``Drift``, or ``MoESkew`` (experts
 spread over devices, so a micro-batch takes as long as its busiest expert: factor
-``experts * share`` with the hot expert's share drawn per micro-batch). Noise: each layer's time
+``experts * share`` with the hot expert's share drawn per micro-batch); their cost travels with
+the layers. ``DeviceSlowdown`` scales a stage instead: whatever layers sit on that stage's
+device, now or after a move, run slower. Noise: each layer's time
 in a step is multiplied by a factor uniform in ``[1 - noise, 1 + noise]``. Random draws come from
 ``random.Random`` seeded by (scenario seed, step), so any stretch of steps can be replayed.
 
@@ -27,6 +29,7 @@ from adaptive_pp.simulator import Costs, simulate
 
 from .base import Controller
 from .estimates import compiled_schedule
+from .search import balanced
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,21 @@ class MoESkew:
         return self.experts * rng.uniform(1.0 / self.experts, self.hot_share)
 
 
-Effect = Slowdown | Drift | MoESkew
+@dataclass(frozen=True)
+class DeviceSlowdown:
+    """Stage ``stage``'s device runs ``factor`` times slower from step ``at`` on, for any layer."""
+
+    stage: int
+    factor: float
+    at: int = 0
+
+    def expected(self, step: int) -> float:
+        """Factor at ``step``."""
+        return self.factor if step >= self.at else 1.0
+
+
+Effect = Slowdown | Drift | MoESkew | DeviceSlowdown
+LayerEffect = Slowdown | Drift | MoESkew
 
 
 @dataclass(frozen=True)
@@ -118,21 +135,50 @@ class Scenario:
         scale = self.layer_scale[layer] if self.layer_scale else 1.0
         return scale * self.model.forward(self.global_batch / microbatches)
 
-    def expected_forward(self, step: int, microbatches: int) -> list[float]:
-        """Per layer, the mean forward seconds per micro-batch at ``step`` (no noise)."""
-        out = [self.base_forward(i, microbatches) for i in range(self.num_layers)]
+    def stage_speeds(self, step: int, num_stages: int) -> list[float]:
+        """Per stage, the factor its device slows every layer on it by at ``step``."""
+        out = [1.0] * num_stages
         for e in self.effects:
+            if isinstance(e, DeviceSlowdown) and 0 <= e.stage < num_stages:
+                out[e.stage] *= e.expected(step)
+        return out
+
+    def _on_devices(self, values: list[float], step: int, part: Partition | None) -> list[float]:
+        """Scale per-layer ``values`` by the speed of the stage each layer sits on in ``part``."""
+        if part is None:
+            return values
+        speeds = self.stage_speeds(step, part.num_stages)
+        return [x * speeds[part.stage_of(i)] for i, x in enumerate(values)]
+
+    def expected_forward(
+        self, step: int, microbatches: int, partition: Partition | None = None
+    ) -> list[float]:
+        """Per layer, the mean forward seconds per micro-batch at ``step`` (no noise).
+
+        Device slowdowns apply to the layers ``partition`` puts on the slow stages; without a
+        partition they are left out (the layers' own costs).
+        """
+        out = [self.base_forward(i, microbatches) for i in range(self.num_layers)]
+        for e in self.layer_effects():
             k = e.expected(step)
             for i in e.layers:
                 out[i] *= k
-        return out
+        return self._on_devices(out, step, partition)
 
-    def sample_forward(self, step: int, microbatches: int) -> list[list[float]]:
+    def layer_effects(self) -> list[LayerEffect]:
+        """The effects whose cost travels with the layers."""
+        return [e for e in self.effects if not isinstance(e, DeviceSlowdown)]
+
+    def sample_forward(
+        self, step: int, microbatches: int, partition: Partition | None = None
+    ) -> list[list[float]]:
         """Per layer and micro-batch, this step's forward seconds (noise and skew drawn)."""
         rng = random.Random(f"{self.seed}:{step}")
-        base = [self.base_forward(i, microbatches) for i in range(self.num_layers)]
+        base = self._on_devices(
+            [self.base_forward(i, microbatches) for i in range(self.num_layers)], step, partition
+        )
         rows = [[x] * microbatches for x in base]
-        for e in self.effects:
+        for e in self.layer_effects():
             for i in e.layers:
                 if isinstance(e, MoESkew):
                     rows[i] = [x * e.sample(step, rng) for x in rows[i]]
@@ -173,27 +219,32 @@ def _report(scenario: Scenario, plan: Plan, fwd: list[list[float]], step: int) -
 
 def measure(scenario: Scenario, plan: Plan, step: int) -> StepReport:
     """What the runtime would report for ``step`` under ``plan`` (noise and skew drawn)."""
-    return _report(scenario, plan, scenario.sample_forward(step, plan.microbatches), step)
+    fwd = scenario.sample_forward(step, plan.microbatches, plan.partition)
+    return _report(scenario, plan, fwd, step)
 
 
 def true_step_time(scenario: Scenario, plan: Plan, step: int) -> float:
     """Step time of ``plan`` at ``step`` with mean costs (no noise, no per-micro-batch skew)."""
-    fwd = scenario.expected_forward(step, plan.microbatches)
+    fwd = scenario.expected_forward(step, plan.microbatches, plan.partition)
     rows = [[x] * plan.microbatches for x in fwd]
     return _report(scenario, plan, rows, step).step_time
 
 
 def best_plan(scenario: Scenario, plan: Plan, step: int) -> tuple[Plan, float]:
-    """The exact min-max split of the mean costs at ``step`` (same M), and its step time."""
+    """The exact min-max split of the mean costs at ``step`` (same M), and its step time.
+
+    A stage's cost is its device's slowdown x the sum of its layers' own mean costs.
+    """
     fwd = scenario.expected_forward(step, plan.microbatches)
-    part = Partition.balanced(fwd, plan.num_stages)
-    best = Plan(part, plan.microbatches, plan.schedule)
+    speeds = scenario.stage_speeds(step, plan.num_stages)
+    best = Plan(balanced(fwd, plan.num_stages, speeds), plan.microbatches, plan.schedule)
     return best, true_step_time(scenario, best, step)
 
 
 def true_imbalance(scenario: Scenario, plan: Plan, step: int) -> float:
     """Max stage cost over the mean under ``plan`` with mean costs at ``step``."""
-    costs = plan.partition.stage_costs(scenario.expected_forward(step, plan.microbatches))
+    fwd = scenario.expected_forward(step, plan.microbatches, plan.partition)
+    costs = plan.partition.stage_costs(fwd)
     return max(costs) * len(costs) / math.fsum(costs)
 
 
