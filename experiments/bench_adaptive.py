@@ -30,7 +30,9 @@ from experiments.common import torch_pipeline_walls, write_json
 
 LAYERS, WIDTH, BATCH, STAGES = 16, 256, 64, 4
 SLOW_STAGE, SLOW_FROM, FACTOR = 2, 5, 2.0
-# Short runs: act after 3 steps of evidence, wait 3 steps after a move, 1.5 standard errors.
+# Short runs: act after 3 steps of evidence (a new stage speed is averaged over as many), wait
+# 3 steps after a move, 1.5 standard errors. (Before 2026-11-23's cost model these were defined
+# but not passed: that run used the defaults, cooldown 10, confidence 3, min_samples 5.)
 REBALANCER: dict[str, Any] = {"cooldown": 3, "confidence": 1.5, "min_samples": 3}
 
 
@@ -54,11 +56,8 @@ def run_ours(
     torch.manual_seed(0)
     model = emulated_mlp(LAYERS, WIDTH, fwd_ms * 1e-3, 2 * fwd_ms * 1e-3)
     layer_bytes = 3 * sum(p.numel() * 4 for p in model[0].parameters())  # weights + Adam moments
-    policy = (
-        AdaptivePolicy(RebalancerConfig(bytes_per_layer=layer_bytes, horizon=steps))
-        if adaptive
-        else None
-    )
+    rebalancer = RebalancerConfig(**REBALANCER, bytes_per_layer=layer_bytes, horizon=steps)
+    policy = AdaptivePolicy(rebalancer) if adaptive else None
     cfg = PipelineConfig(microbatches=m, partition=bounds)
     x, y = _data()
     walls, events, parts = [], [], []
