@@ -110,7 +110,7 @@ class CostModel:
             for i, (old, new) in enumerate(zip(self.where, where, strict=True)):
                 if old != new and est.n[i] > 0:
                     self.probe_from[i], self.probe_n[i], self.probe_log[i] = old, 0, 0.0
-            self.where = where
+            self.where = where  # before settling and probation, which read it
             skip = {i for i, src in enumerate(self.probe_from) if src >= 0}
             for s in range(part.num_stages):
                 if self.nspeed[s] < self.settle:
