@@ -22,9 +22,10 @@ from .decisions import Decision, Keep, MoveLayers, Plan, describe, from_dict, to
 from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
 from .migration import MigrationAborted, apply_decision
 from .partition import Partition
-from .report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
-from .schedules import Action, Schedule, make_schedule, validate
-from .stage import LossFn, Segment, StageLog, StageWorker
+from .report import StepReport, append_jsonl
+from .schedules import Schedule, make_schedule, validate
+from .stage import LossFn, Segment, StageWorker
+from .stepreport import local_part, merge_parts
 from .telemetry import Telemetry
 
 log = structlog.get_logger("adaptive_pp.pipeline")
@@ -122,8 +123,8 @@ class Pipeline:
         self.schedule = self._make_schedule(cfg.microbatches)
         self.device = _device(cfg.device)
         self.last_batch_size: int | None = None
-        self._events: list[str] = []
-        self._change_s = 0.0
+        self.pending_events: list[str] = []  # plan changes since the last report, for the next
+        self.change_s = 0.0  # seconds spent applying them
         s = self.rank
         segments = self._segments(self.partition)
         for i, block in enumerate(self.blocks):
@@ -155,7 +156,7 @@ class Pipeline:
             meter_provider=meter_provider,
         )
         collective("start-up", dist.barrier)
-        self._epoch = time.perf_counter()
+        self.epoch = time.perf_counter()
 
     def _segments(self, partition: Partition) -> list[Segment]:
         """This rank's segments under ``partition`` (pre first on stage 0, post last at the end)."""
@@ -189,12 +190,12 @@ class Pipeline:
                 if span is not None and event is not None:
                     span.set_attribute("adaptive_pp.event", event)
         except (MigrationAborted, ValueError) as exc:
-            self._events.append(f"refused {describe(decision)}: {exc}")
+            self.pending_events.append(f"refused {describe(decision)}: {exc}")
             raise
         finally:
-            self._change_s += time.perf_counter() - t0
+            self.change_s += time.perf_counter() - t0
         if event is not None:
-            self._events.append(event)
+            self.pending_events.append(event)
         return event
 
     def adopt_partition(self, partition: Partition, carried: dict[str, dict[str, Any]]) -> None:
@@ -288,9 +289,9 @@ class Pipeline:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.worker.version += 1
-        local = self._local_report(stage_log, t0, time.perf_counter() - t_opt)
-        report = self._merge(all_gather_json(local), time.perf_counter() - t0)
-        self._events, self._change_s = [], 0.0
+        local = local_part(self, stage_log, t0, time.perf_counter() - t_opt)
+        report = merge_parts(self, all_gather_json(local), time.perf_counter() - t0)
+        self.pending_events, self.change_s = [], 0.0
         self.step_count += 1
         if self.config.run_dir is not None and self.rank == 0:
             append_jsonl(Path(self.config.run_dir) / "reports.jsonl", report)
@@ -328,97 +329,6 @@ class Pipeline:
         except (MigrationAborted, ValueError) as exc:
             # Refused or aborted (apply noted it for the next report): the old plan stays.
             log.warning("decision.refused", decision=describe(decision), error=str(exc))
-
-    def _local_report(self, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
-        layers = list(self.partition.layers(self.rank))
-        queues = []
-        for ln, kind in ((self.worker.up, "act"), (self.worker.down, "grad")):
-            if ln is not None:
-                queues.append(
-                    {
-                        "src": ln.peer,
-                        "dst": self.rank,
-                        "kind": kind,
-                        "arrived": [t - t0 for t in ln.log.arrived],
-                        "consumed": [t - t0 for t in ln.log.consumed],
-                    }
-                )
-        return {
-            "stage": self.rank,
-            "compute": log.compute,
-            "wait": log.wait,
-            "end": log.end[-1] if log.end else 0.0,
-            "peak_stash": log.peak_stash,
-            "peak_stash_bytes": log.peak_stash_bytes,
-            "layers": layers,
-            "layer_forward": [log.layer_forward.get(i, 0.0) for i in layers],
-            "layer_backward": [log.layer_backward.get(i, 0.0) for i in layers],
-            "actions": " ".join(map(str, log.actions)),
-            "start": log.start,
-            "stop": log.end,
-            "queues": queues,
-            "loss": log.loss_sum / self.microbatches if self.is_last else None,
-            "optimizer": optimizer_s,
-            "t0": t0,
-            "since": t0 - self._epoch,
-        }
-
-    def _merge(self, parts: list[dict[str, Any]], wall: float) -> StepReport:
-        # perf_counter is one system-wide monotonic clock on a host: put every rank's times
-        # on the earliest rank's step start, so cross-stage gaps (hop latency) are real.
-        base = min(p["t0"] for p in parts)
-        for p in parts:
-            d = p["t0"] - base
-            p["end"] += d
-            p["start"] = [t + d for t in p["start"]]
-            p["stop"] = [t + d for t in p["stop"]]
-            for q in p["queues"]:
-                q["arrived"] = [t + d for t in q["arrived"]]
-                q["consumed"] = [t + d for t in q["consumed"]]
-        step_time = max(p["end"] for p in parts)
-        stages = tuple(
-            StageStats(
-                stage=p["stage"],
-                compute=p["compute"],
-                wait=p["wait"],
-                wall=step_time,
-                peak_stash=p["peak_stash"],
-                layers=tuple(p["layers"]),
-                layer_forward=tuple(p["layer_forward"]),
-                layer_backward=tuple(p["layer_backward"]),
-                peak_stash_bytes=p["peak_stash_bytes"],
-            )
-            for p in parts
-        )
-        timeline = Timeline(
-            tuple(tuple(Action.parse(a) for a in p["actions"].split()) for p in parts),
-            tuple(tuple(p["start"]) for p in parts),
-            tuple(tuple(p["stop"]) for p in parts),
-        )
-        queues = tuple(
-            QueueTrace(q["src"], q["dst"], q["kind"], tuple(q["arrived"]), tuple(q["consumed"]))
-            for p in parts
-            for q in p["queues"]
-        )
-        return StepReport(
-            step=self.step_count,
-            schedule=self.schedule.name,
-            microbatches=self.microbatches,
-            step_time=step_time,
-            stages=stages,
-            queues=queues,
-            timeline=timeline,
-            partition=self.partition.bounds,
-            source="runtime",
-            loss=parts[-1]["loss"],
-            events=tuple(self._events),
-            extra={
-                "wall": wall,
-                "optimizer": max(p["optimizer"] for p in parts),
-                "change": self._change_s,
-                "offset": min(p["since"] for p in parts),
-            },
-        )
 
     def local_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """This stage's module state dicts keyed by global name ("layers.3", "pre", "post")."""

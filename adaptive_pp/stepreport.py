@@ -1,0 +1,107 @@
+"""The step report of a pipeline run: each rank's share, merged on every rank after a step."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .report import QueueTrace, StageStats, StepReport, Timeline
+from .schedules import Action
+from .stage import StageLog
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+def local_part(pipe: Pipeline, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
+    """This rank's share of the step report, JSON-ready, times relative to its step start."""
+    layers = list(pipe.partition.layers(pipe.rank))
+    queues = []
+    for ln, kind in ((pipe.worker.up, "act"), (pipe.worker.down, "grad")):
+        if ln is not None:
+            queues.append(
+                {
+                    "src": ln.peer,
+                    "dst": pipe.rank,
+                    "kind": kind,
+                    "arrived": [t - t0 for t in ln.log.arrived],
+                    "consumed": [t - t0 for t in ln.log.consumed],
+                }
+            )
+    return {
+        "stage": pipe.rank,
+        "compute": log.compute,
+        "wait": log.wait,
+        "end": log.end[-1] if log.end else 0.0,
+        "peak_stash": log.peak_stash,
+        "peak_stash_bytes": log.peak_stash_bytes,
+        "layers": layers,
+        "layer_forward": [log.layer_forward.get(i, 0.0) for i in layers],
+        "layer_backward": [log.layer_backward.get(i, 0.0) for i in layers],
+        "actions": " ".join(map(str, log.actions)),
+        "start": log.start,
+        "stop": log.end,
+        "queues": queues,
+        "loss": log.loss_sum / pipe.microbatches if pipe.is_last else None,
+        "optimizer": optimizer_s,
+        "t0": t0,
+        "since": t0 - pipe.epoch,
+    }
+
+
+def merge_parts(pipe: Pipeline, parts: list[dict[str, Any]], wall: float) -> StepReport:
+    """Every rank's share (rank order) as one StepReport on a common clock."""
+    # perf_counter is one system-wide monotonic clock on a host: put every rank's times
+    # on the earliest rank's step start, so cross-stage gaps (hop latency) are real.
+    base = min(p["t0"] for p in parts)
+    for p in parts:
+        d = p["t0"] - base
+        p["end"] += d
+        p["start"] = [t + d for t in p["start"]]
+        p["stop"] = [t + d for t in p["stop"]]
+        for q in p["queues"]:
+            q["arrived"] = [t + d for t in q["arrived"]]
+            q["consumed"] = [t + d for t in q["consumed"]]
+    step_time = max(p["end"] for p in parts)
+    stages = tuple(
+        StageStats(
+            stage=p["stage"],
+            compute=p["compute"],
+            wait=p["wait"],
+            wall=step_time,
+            peak_stash=p["peak_stash"],
+            layers=tuple(p["layers"]),
+            layer_forward=tuple(p["layer_forward"]),
+            layer_backward=tuple(p["layer_backward"]),
+            peak_stash_bytes=p["peak_stash_bytes"],
+        )
+        for p in parts
+    )
+    timeline = Timeline(
+        tuple(tuple(Action.parse(a) for a in p["actions"].split()) for p in parts),
+        tuple(tuple(p["start"]) for p in parts),
+        tuple(tuple(p["stop"]) for p in parts),
+    )
+    queues = tuple(
+        QueueTrace(q["src"], q["dst"], q["kind"], tuple(q["arrived"]), tuple(q["consumed"]))
+        for p in parts
+        for q in p["queues"]
+    )
+    return StepReport(
+        step=pipe.step_count,
+        schedule=pipe.schedule.name,
+        microbatches=pipe.microbatches,
+        step_time=step_time,
+        stages=stages,
+        queues=queues,
+        timeline=timeline,
+        partition=pipe.partition.bounds,
+        source="runtime",
+        loss=parts[-1]["loss"],
+        events=tuple(pipe.pending_events),
+        extra={
+            "wall": wall,
+            "optimizer": max(p["optimizer"] for p in parts),
+            "change": pipe.change_s,
+            "offset": min(p["since"] for p in parts),
+        },
+    )
