@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
     demo.add_argument("--steps", type=int, default=8)
     demo.add_argument("--simulate-only", action="store_true", help="skip the live training run")
-    demo.add_argument("--run-dir", help="append every step's report to RUN_DIR/reports.jsonl")
+    demo.add_argument(
+        "--run-dir", help="write every step's report to RUN_DIR/reports.jsonl (replaced if there)"
+    )
     demo.add_argument(
         "--otlp-endpoint",
         metavar="URL",

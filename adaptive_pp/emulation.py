@@ -120,7 +120,7 @@ class EmulatedFFN(Emulated):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Real math, then the emulated kernel time."""
+        """Emulated forward time, then the real math; backward time first in backward."""
         fwd, bwd = self.durations(x.shape[0])
         h = emulated_time(x, fwd, 0.0)
         return emulated_time(h + self.fc2(nn.functional.gelu(self.fc1(h))), 0.0, bwd)

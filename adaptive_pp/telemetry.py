@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry import metrics, trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Span
 
 from . import __version__
 from .report import StepReport
@@ -137,13 +137,9 @@ class Telemetry:
             yield None
             return
         attrs = {**self._attrs, STEP: step, **attributes}
-        with self.tracer.start_as_current_span(
-            f"adaptive_pp.{kind}", attributes=attrs, record_exception=True
-        ) as span:
-            try:
-                yield span
-            except Exception as exc:
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-                raise
+        # An exception leaving the block is recorded on the span and sets status ERROR
+        # (start_as_current_span's record_exception / set_status_on_exception).
+        with self.tracer.start_as_current_span(f"adaptive_pp.{kind}", attributes=attrs) as span:
+            yield span
         if kind == "migration":
             self._migrations.add(1, attrs)
