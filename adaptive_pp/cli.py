@@ -14,7 +14,7 @@ from . import __version__
 from .chrome_trace import load_run, replay_measured, side_by_side, write_chrome_trace
 from .display import summary, timeline
 from .logs import FORMATS, LEVELS
-from .otel import ENV_ENDPOINT, resolve_endpoint
+from .otel import ENV_ENDPOINT
 from .plots import PlotDependencyError, plot_run
 from .schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
 from .simulator import Costs, bubble_approx, bubble_exact, simulate
@@ -101,7 +101,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import Observe, train_rank
     from .launch import launch
 
-    observe = Observe(args.log_format, args.log_level, resolve_endpoint(args.otlp_endpoint))
+    # no endpoint given: setup_otlp in each rank falls back to $OTEL_EXPORTER_OTLP_ENDPOINT
+    observe = Observe(args.log_format, args.log_level, args.otlp_endpoint)
     if args.run_dir is not None:
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.run_dir) / "reports.jsonl").unlink(missing_ok=True)
