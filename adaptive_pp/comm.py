@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -71,6 +72,10 @@ class Header:
 
     def encode(self) -> torch.Tensor:
         """As a 16 x int64 tensor."""
+        return torch.tensor(self.values(), dtype=torch.int64)
+
+    def values(self) -> list[int]:
+        """The 16 int64 values of the encoded header."""
         if len(self.shape) > MAX_DIMS:
             raise ValueError(
                 f"tensors of at most {MAX_DIMS} dimensions can be sent, got {self.shape}"
@@ -89,22 +94,29 @@ class Header:
             len(self.shape),
             *self.shape,
         ]
-        return torch.tensor(vals + [0] * (HEADER_LEN - len(vals)), dtype=torch.int64)
+        return vals + [0] * (HEADER_LEN - len(vals))
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> Header:
         """Inverse of encode; raises PipelineError on a corrupt header."""
-        v = t.tolist()
+        return cls.from_values(t.tolist())
+
+    @classmethod
+    def from_values(cls, v: list[int]) -> Header:
+        """Inverse of values; raises PipelineError on a corrupt header."""
         if v[0] != MAGIC or not 0 <= v[7] < len(_DTYPES) or not 0 <= v[8] <= MAX_DIMS:
             raise PipelineError(f"corrupt message header {v}: peers out of step?")
         return cls(Kind(v[1]), v[2], v[3], v[4], v[5], v[6], _DTYPES[v[7]], tuple(v[9 : 9 + v[8]]))
+
+
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES}
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for d in shape:
         n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * _ITEMSIZE[dtype]
 
 
 @dataclass
@@ -145,13 +157,19 @@ class Link:
     def _receive_loop(self) -> None:
         capacity = INITIAL_CAPACITY
         buf = torch.empty(capacity, dtype=torch.uint8)
-        try:
-            while True:
+        raw = buf.numpy()
+        while True:
+            try:
                 dist.recv(buf, self.peer, group=self.group)
-                header = Header.decode(buf[:HEADER_BYTES].view(torch.int64))
+            except BaseException as exc:  # the peer died or the group went away
+                self._hand_over(exc)
+                return
+            try:
+                header = Header.from_values(raw[:HEADER_BYTES].view(np.int64).tolist())
                 if header.kind == Kind.GROW:
                     capacity = header.layer_lo
                     buf = torch.empty(capacity, dtype=torch.uint8)
+                    raw = buf.numpy()
                     continue
                 if header.kind == Kind.STOP:
                     with self._cond:
@@ -159,16 +177,31 @@ class Link:
                         self._cond.notify_all()
                     return
                 nbytes = _nbytes(header.shape, header.dtype)
-                raw = buf[HEADER_BYTES : HEADER_BYTES + nbytes].clone()  # buf is reused
-                payload = raw.view(header.dtype).reshape(header.shape)
+                if nbytes:  # a copy: buf is reused
+                    data = torch.from_numpy(raw[HEADER_BYTES : HEADER_BYTES + nbytes].copy())
+                    payload = data.view(header.dtype).reshape(header.shape)
+                else:
+                    payload = torch.empty(header.shape, dtype=header.dtype)
                 msg = Message(header, payload, time.perf_counter())
-                with self._cond:
-                    self._box[(header.kind, header.microbatch)] = msg
-                    self._cond.notify_all()
-        except BaseException as exc:  # handed to the stage thread
+            except BaseException as exc:  # a frame we cannot read: our fault, not the peer's
+                self._hand_over(
+                    PipelineError(
+                        f"stage {self.me} could not read a message from stage {self.peer}: "
+                        f"{type(exc).__name__}: {exc}",
+                        stage=self.me,
+                        peer=self.peer,
+                    )
+                )
+                return
             with self._cond:
-                self._error = exc
+                self._box[(header.kind, header.microbatch)] = msg
                 self._cond.notify_all()
+
+    def _hand_over(self, exc: BaseException) -> None:
+        """Give the receiver thread's error to the stage thread (raised by ``take``)."""
+        with self._cond:
+            self._error = exc
+            self._cond.notify_all()
 
     def reset_log(self) -> None:
         """Start a new step's arrival/consumption log."""
@@ -186,9 +219,11 @@ class Link:
                 Kind.GROW, -1, header.step, header.version, self._send_capacity, 0, torch.uint8, ()
             )
             self._post(grow.encode().view(torch.uint8))
+        # Filled through numpy views: a few microseconds less per message than torch indexing.
         frame = torch.empty(size, dtype=torch.uint8)
-        frame[:HEADER_BYTES] = header.encode().view(torch.uint8)
-        frame[HEADER_BYTES:] = data
+        raw = frame.numpy()
+        raw[:HEADER_BYTES].view(np.int64)[:] = header.values()
+        raw[HEADER_BYTES:] = data.numpy()
         self._post(frame)
 
     def _post(self, frame: torch.Tensor) -> None:
@@ -217,6 +252,8 @@ class Link:
         deadline = t0 + timeout
         with self._cond:
             while key not in self._box:
+                if isinstance(self._error, PipelineError):
+                    raise self._error
                 if self._error is not None or self._closed_by_peer:
                     how = "is gone" if self._error is not None else "closed its link"
                     cause = f": {self._error}" if self._error is not None else ""
@@ -273,22 +310,70 @@ def json_tensor(obj: Any) -> torch.Tensor:
 
 def tensor_json(data: torch.Tensor) -> Any:
     """Inverse of json_tensor."""
-    return json.loads(bytes(data.tolist()).decode())
+    return json.loads(data.numpy().tobytes().decode())
+
+
+# The JSON exchanges between steps are point-to-point messages, all posted at once, on their
+# own tag (the stage links use tag 0): one network hop, where gloo's ring all_gather takes
+# several (measured 3.8 ms per all_gather of 4 ranks on one host, against 0.3 ms per hop).
+EXCHANGE_TAG = 1
+EXCHANGE_CAPACITY = 1 << 16  # bytes of the first frame; a longer message sends the rest after
 
 
 def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
-    """Gather one JSON-able object from every rank, as UTF-8 bytes in tensors (no pickle)."""
-    return collective("the end-of-step exchange", lambda: _all_gather_json(obj, group))
-
-
-def _all_gather_json(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
-    data = json_tensor(obj)
+    """Every rank's JSON-able ``obj``, in rank order, sent as UTF-8 bytes (no pickle)."""
     world = dist.get_world_size(group)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=group)
-    longest = max(int(s.item()) for s in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[: data.numel()] = data
-    chunks = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(chunks, padded, group=group)
-    return [tensor_json(c[: int(s.item())]) for c, s in zip(chunks, sizes, strict=True)]
+    me = dist.get_rank(group)
+    others = [r for r in range(world) if r != me]
+    got = collective("the end-of-step exchange", lambda: _exchange(obj, others, others, group))
+    got[me] = json.loads(json.dumps(obj))  # as the others see it (tuples become lists)
+    return [got[r] for r in range(world)]
+
+
+def broadcast_json(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """Rank ``src``'s JSON-able ``obj`` on every rank (``obj`` is ignored elsewhere)."""
+    me = dist.get_rank(group)
+    if me == src:
+        others = [r for r in range(dist.get_world_size(group)) if r != me]
+        collective("a broadcast", lambda: _exchange(obj, others, [], group))
+        return json.loads(json.dumps(obj))
+    return collective("a broadcast", lambda: _exchange(None, [], [src], group))[src]
+
+
+def _exchange(
+    obj: Any, send_to: list[int], recv_from: list[int], group: dist.ProcessGroup | None
+) -> dict[int, Any]:
+    """Send ``obj`` to ``send_to``; receive one object from each of ``recv_from`` (group ranks)."""
+
+    def rank(r: int) -> int:
+        return r if group is None else dist.get_global_rank(group, r)
+
+    body = EXCHANGE_CAPACITY - 8
+    data = json_tensor(obj) if send_to else torch.empty(0, dtype=torch.uint8)
+    first = torch.empty(8 + min(data.numel(), body), dtype=torch.uint8)
+    first[:8] = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
+    first[8:] = data[:body]
+    recvs = []
+    for r in recv_from:
+        buf = torch.empty(EXCHANGE_CAPACITY, dtype=torch.uint8)
+        recvs.append((r, buf, dist.irecv(buf, rank(r), group=group, tag=EXCHANGE_TAG)))
+    sends = []
+    for r in send_to:
+        sends.append(dist.isend(first, rank(r), group=group, tag=EXCHANGE_TAG))
+        if data.numel() > body:
+            sends.append(dist.isend(data[body:], rank(r), group=group, tag=EXCHANGE_TAG))
+    out = {}
+    for r, buf, work in recvs:
+        assert work is not None
+        work.wait()
+        total = int(buf[:8].view(torch.int64).item())
+        msg = buf[8 : 8 + min(total, body)]
+        if total > body:
+            rest = torch.empty(total - body, dtype=torch.uint8)
+            dist.recv(rest, rank(r), group=group, tag=EXCHANGE_TAG)
+            msg = torch.cat([msg, rest])
+        out[r] = tensor_json(msg)
+    for work in sends:
+        if work is not None:
+            work.wait()
+    return out

@@ -16,7 +16,7 @@ from opentelemetry import metrics, trace
 from torch import nn
 
 from . import checkpoint
-from .comm import Link, all_gather_json, collective
+from .comm import Link, all_gather_json, broadcast_json, collective
 from .config import PipelineConfig
 from .decisions import Decision, Keep, MoveLayers, Plan, describe, from_dict, to_dict
 from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
@@ -320,7 +320,7 @@ class Pipeline:
         """Rank 0's controller decides; every rank applies the same decision now."""
         assert self.controller is not None
         mine = to_dict(self.controller.decide(report, self.plan)) if self.rank == 0 else None
-        decision = from_dict(all_gather_json(mine)[0])
+        decision = from_dict(broadcast_json(mine))
         if isinstance(decision, Keep):
             return
         log.info("decision", step=report.step, decision=describe(decision), reason=decision.reason)

@@ -48,7 +48,17 @@ class StashMeter:
         self.bytes += min(t.numel() * t.element_size(), storage.nbytes())
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        self.add(t)
+        # add() inlined: this runs for every tensor autograd saves, on the forward's path.
+        if t.is_meta:
+            return t
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.exclude:
+            return t
+        key = (ptr, int(t.storage_offset()))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.bytes += min(t.nbytes, storage.nbytes())
         return t
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:

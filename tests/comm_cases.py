@@ -1,0 +1,97 @@
+"""Rank jobs for tests/test_comm.py (importable by the stage processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from adaptive_pp.comm import (
+    EXCHANGE_CAPACITY,
+    INITIAL_CAPACITY,
+    Header,
+    Kind,
+    Link,
+    all_gather_json,
+    broadcast_json,
+)
+
+# Around the exchange's first-frame size (8 bytes of it are the length) and well past it.
+SIZES = (
+    0,
+    1,
+    EXCHANGE_CAPACITY - 30,
+    EXCHANGE_CAPACITY - 8,
+    EXCHANGE_CAPACITY,
+    3 * EXCHANGE_CAPACITY,
+)
+
+
+def payload(rank: int, size: int) -> dict[str, Any]:
+    """A JSON object whose encoding is about ``size`` bytes and names its sender."""
+    return {"rank": rank, "size": size, "text": chr(ord("a") + rank) * size, "t": (1, 2.5)}
+
+
+def exchange_job() -> list[Any]:
+    """Every size through all_gather_json and broadcast_json; returns what this rank got."""
+    me = dist.get_rank()
+    got = []
+    for size in SIZES:
+        got.append(all_gather_json(payload(me, size)))
+        got.append(broadcast_json(payload(me, size), src=size % dist.get_world_size()))
+    return got
+
+
+def tensors() -> list[torch.Tensor]:
+    """What rank 0 sends rank 1: small, empty, bfloat16, and one larger than the buffers."""
+    g = torch.Generator().manual_seed(3)
+    big = INITIAL_CAPACITY // 4 + 1000  # float32 elements: over the initial receive capacity
+    return [
+        torch.randn(4, 5, generator=g),
+        torch.empty(0, 3),
+        torch.randn(2, 3, 4, generator=g).to(torch.bfloat16),
+        torch.randn(big, generator=g),
+        torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    ]
+
+
+def link_job() -> dict[str, Any]:
+    """Rank 0 sends ``tensors()`` as ACT messages 0..n-1; rank 1 takes them in reverse order."""
+    me = dist.get_rank()
+    link = Link(me, 1 - me)
+    sent = tensors()
+    out: dict[str, Any] = {}
+    if me == 0:
+        for i, t in enumerate(sent):
+            link.send(Header(Kind.ACT, i, 7, 3, 0, 1, t.dtype, tuple(t.shape)), t)
+        link.flush()
+    else:
+        got = [link.take(Kind.ACT, i, 60.0, "activation") for i in reversed(range(len(sent)))]
+        got.reverse()
+        out["equal"] = [
+            m.payload.dtype == t.dtype and torch.equal(m.payload, t)
+            for m, t in zip(got, sent, strict=True)
+        ]
+        out["headers"] = [(m.header.microbatch, m.header.step, m.header.version) for m in got]
+        out["queue"] = list(zip(link.log.arrived, link.log.consumed, strict=True))
+        out["waited"] = link.log.waited
+    link.close()
+    return out
+
+
+def corrupt_job() -> str:
+    """Rank 0 sends a frame that is not ours; rank 1's take must fail naming both stages."""
+    me = dist.get_rank()
+    link = Link(me, 1 - me)
+    if me == 0:
+        dist.send(torch.full((64,), 7, dtype=torch.uint8), 1)
+        dist.barrier()
+        return ""
+    try:
+        link.take(Kind.ACT, 0, 60.0, "activation")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.barrier()
+    return "no error"
