@@ -199,12 +199,6 @@ class StageWorker:
                     raise self._fail(seg.name, seg.layer, m, "forward", exc) from exc
                 _add(log.layer_forward, seg.layer, time.perf_counter() - t)
                 boundaries.append(h)
-        for b in boundaries:
-            meter.add(b)
-        self._stash_bytes[m] = meter.bytes
-        for b in boundaries:
-            if b.requires_grad:
-                b.register_hook(_stamp(marks))  # type: ignore[no-untyped-call]
         if self.is_last:
             top = self._loss(m, h, targets, m_count, log)
         else:
@@ -216,8 +210,15 @@ class StageWorker:
                     microbatch=m,
                 )
             assert self.down is not None
+            # Sent before the bookkeeping below: the next stage may be waiting for it.
             self.down.send(self._header(Kind.ACT, m, step, h), h.detach().cpu())
             top = h
+        for b in boundaries:
+            meter.add(b)
+        self._stash_bytes[m] = meter.bytes
+        for b in boundaries:
+            if b.requires_grad:
+                b.register_hook(_stamp(marks))  # type: ignore[no-untyped-call]
         self._stash[m] = (boundaries, top, marks)
 
     def _call(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -269,7 +270,6 @@ class StageWorker:
                 _backward_culprit(self.segments, boundaries, marks), -1, m, "backward", exc
             ) from exc
         t_end = time.perf_counter()
-        self._layer_backward_times(boundaries, marks, t0, t_end, log)
         x = boundaries[0]
         if self.up is not None:
             if x.grad is None:
@@ -278,7 +278,9 @@ class StageWorker:
                     stage=self.stage,
                     microbatch=m,
                 )
+            # Sent before the per-layer bookkeeping: the previous stage may be waiting for it.
             self.up.send(self._header(Kind.GRAD, m, step, x.grad), x.grad.cpu())
+        self._layer_backward_times(boundaries, marks, t0, t_end, log)
 
     def _layer_backward_times(
         self,

@@ -115,40 +115,63 @@ def _job(kind: str, *args: Any) -> dict[str, Any]:
     return run_ours(*args, adaptive=(kind == "adaptive"))
 
 
+def converged_after(walls: list[float], events: list[list[str]], steady: float) -> int:
+    """Steps from the slowdown to the first step on the final plan within 5% of ``steady``."""
+    changes = [k for k, es in enumerate(events) if es and k >= SLOW_FROM]
+    first = changes[-1] if changes else SLOW_FROM  # events of step k: its plan is new
+    k = next((k for k in range(first, len(walls)) if walls[k] <= 1.05 * steady), len(walls))
+    return k - SLOW_FROM
+
+
 def main() -> None:
-    """Adaptive, torch static and best-static runs on one pool; print the ratios."""
+    """Adaptive, torch static and best-static runs on one pool, in rounds; print the ratios."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=45)
+    p.add_argument("--steps", type=int, default=45, help="steps of each adaptive run")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="rounds of the three runs, order reversed each round"
+    )
     p.add_argument("--quick", action="store_true")
     ns = p.parse_args()
     m, fwd = (16, 1.0) if not ns.quick else (8, 0.3)
     steps = ns.steps if not ns.quick else 30
+    rounds = ns.rounds if not ns.quick else 1
     initial = Partition.even(LAYERS, STAGES).bounds
     best = best_offline(m)
     tail = 8  # steady state: the last steps of each run
+    static_steps = SLOW_FROM + 3 + tail
+    jobs = {
+        "adaptive": ("adaptive", initial, steps),
+        "torch": ("torch", initial, static_steps),
+        "best": ("best", best.bounds, static_steps),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in jobs}
     with WorkerPool(STAGES) as pool:
-        adaptive = pool.run(_job, "adaptive", initial, steps, m, fwd, timeout=900)[0]
-        torch_static = pool.run(_job, "torch", initial, SLOW_FROM + 3 + tail, m, fwd, timeout=900)[
-            0
-        ]
-        best_static = pool.run(
-            _job, "best", best.bounds, SLOW_FROM + 3 + tail, m, fwd, timeout=900
-        )[0]
-    steady = statistics.median(adaptive["walls"][-tail:])
-    t_torch = statistics.median(torch_static["walls"][-tail:])
-    t_best = statistics.median(best_static["walls"][-tail:])
-    final = adaptive["walls"]
-    converged = next(
-        (k for k in range(SLOW_FROM, steps) if all(w <= 1.05 * steady for w in final[k:])), steps
-    )
-    moves = [(k, e) for k, es in enumerate(adaptive["events"]) for e in es]
+        for r in range(rounds):
+            order = list(jobs) if r % 2 == 0 else list(reversed(jobs))
+            for name in order:
+                kind, bounds, n = jobs[name]
+                runs[name].append(pool.run(_job, kind, bounds, n, m, fwd, timeout=900)[0])
+            print(f"round {r + 1}/{rounds} done", flush=True)
+    med = {
+        k: statistics.median(w for run in v for w in run["walls"][-tail:]) for k, v in runs.items()
+    }
+    steady, t_torch, t_best = med["adaptive"], med["torch"], med["best"]
     print(
         f"EMULATED kernels ({fwd} ms fwd, {2 * fwd} ms bwd per layer), {STAGES} stages, {LAYERS} layers, "
-        f"M={m}; stage {SLOW_STAGE} {FACTOR}x slower from step {SLOW_FROM}"
+        f"M={m}; stage {SLOW_STAGE} {FACTOR}x slower from step {SLOW_FROM}; {rounds} round(s), "
+        f"medians of the last {tail} steps of every run"
     )
-    for k, e in moves:
-        print(f"  step {k}: {e}")
-    print(f"final partition {Partition(tuple(adaptive['partitions'][-1]))}; best offline {best}")
+    converged = []
+    for r, run in enumerate(runs["adaptive"]):
+        moves = [(k, e) for k, es in enumerate(run["events"]) for e in es]
+        converged.append(converged_after(run["walls"], run["events"], steady))
+        print(f"round {r + 1}:")
+        for k, e in moves:
+            print(f"  step {k}: {e}")
+        print(
+            f"  final partition {Partition(tuple(run['partitions'][-1]))}; best offline {best}; "
+            f"converged {converged[-1]} steps after the slowdown, with {len(moves)} change(s)"
+        )
     print(
         f"adaptive steady {steady * 1e3:.1f} ms / torch static {t_torch * 1e3:.1f} ms = "
         f"{steady / t_torch:.3f} (target <= 0.75)"
@@ -158,20 +181,22 @@ def main() -> None:
         f"{steady / t_best:.3f} (target <= 1.05)"
     )
     print(
-        f"converged (every later step within 5% of steady) {converged - SLOW_FROM} steps after the "
-        f"slowdown, with {len(moves)} change(s)"
+        f"steps to converge (first step on the final plan within 5% of steady): "
+        f"{', '.join(map(str, converged))}"
     )
     path = write_json(
         "bench_adaptive",
         {
-            "adaptive_walls": final,
-            "torch_walls": torch_static["walls"],
-            "best_walls": best_static["walls"],
-            "events": moves,
+            "rounds": rounds,
+            "adaptive_walls": [run["walls"] for run in runs["adaptive"]],
+            "torch_walls": [run["walls"] for run in runs["torch"]],
+            "best_walls": [run["walls"] for run in runs["best"]],
+            "events": [run["events"] for run in runs["adaptive"]],
             "best_partition": list(best.bounds),
+            "median_step_s": med,
             "ratio_vs_torch": steady / t_torch,
             "ratio_vs_best": steady / t_best,
-            "steps_to_converge": converged - SLOW_FROM,
+            "steps_to_converge": converged,
         },
     )
     print(f"wrote {path}")
