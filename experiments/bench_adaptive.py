@@ -109,10 +109,10 @@ def best_offline(m: int) -> Partition:
     return best
 
 
-def _job(kind: str, *args: Any) -> dict[str, Any]:
+def _job(kind: str, bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float) -> dict[str, Any]:
     if kind == "torch":
-        return run_torch(*args)
-    return run_ours(*args, adaptive=(kind == "adaptive"))
+        return run_torch(bounds, steps, m, fwd_ms)
+    return run_ours(bounds, steps, m, fwd_ms, adaptive=(kind == "adaptive"))
 
 
 def converged_after(walls: list[float], events: list[list[str]], steady: float) -> int:

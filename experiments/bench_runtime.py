@@ -37,8 +37,8 @@ def _model(args: dict[str, Any]) -> nn.Sequential:
     )
     for i, factor in args.get("slow", {}).items():
         stage_layers = args["layers"] // args["stages"]
-        for layer in model[int(i) * stage_layers : (int(i) + 1) * stage_layers]:
-            layer.slowdown = factor  # type: ignore[assignment]
+        for layer in list(model)[int(i) * stage_layers : (int(i) + 1) * stage_layers]:
+            layer.slowdown = factor
     return model
 
 

@@ -201,13 +201,13 @@ def _plot(
     ax = axes[0][2]
     for name in SCHEDULES:
         reps = reports[name]
-        for q, style in (((0, 1), "-"), ((1, 0), ":")):
+        for (src, dst), style in (((0, 1), "-"), ((1, 0), ":")):
             ax.plot(
                 [r.step for r in reps],
-                [r.queue(*q).mean_depth(r.step_time) for r in reps],
+                [r.queue(src, dst).mean_depth(r.step_time) for r in reps],
                 style,
                 color=colors[name],
-                label=f"{name} {q[0]}->{q[1]}",
+                label=f"{name} {src}->{dst}",
             )
     ax.set(xlabel="step", ylabel="time-averaged depth", title="Mean queue depth per step")
     ax.legend(fontsize=7)

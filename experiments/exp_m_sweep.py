@@ -96,10 +96,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{'config':12s} {'M':>3s} {'bubble':>7s} {'exact':>7s} {'step ms':>8s}  stash KiB per stage"
     )
     for key, by_m in rows.items():
-        for m, r in by_m.items():
+        for m_text, r in by_m.items():
             stash = " ".join(f"{x / 1024:8.1f}" for x in r["stash_bytes"])
             print(
-                f"{key:12s} {m:>3s} {r['bubble']:7.1%} {r['exact_bubble']:7.1%} "
+                f"{key:12s} {m_text:>3s} {r['bubble']:7.1%} {r['exact_bubble']:7.1%} "
                 f"{r['step_ms']:8.1f}  {stash}"
             )
     exact = all(

@@ -95,7 +95,7 @@ def transition_row(report: StepReport) -> dict[str, Any]:
 
 def _compute_ms(rows: Sequence[dict[str, Any]], stage: int) -> float:
     """Median compute (U x step time) of ``stage`` over ``rows``."""
-    return statistics.median(r["utilization"][stage] * r["step_ms"] for r in rows)
+    return float(statistics.median(r["utilization"][stage] * r["step_ms"] for r in rows))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
