@@ -16,21 +16,11 @@ Layout of one run (``pid_base`` shifts every pid, so several runs share a file):
 Thread ids are ``10 * pid + 1`` (compute) and ``10 * pid + 2`` (inbox): unique in the file and
 never 0 (some Perfetto versions merge tid 0 into tid 1).
 
-Rules (``messages`` and ``waits`` give them to plots and tests too):
-
-- The k-th message consumed on a link (in consumption order) feeds the k-th action of that
-  kind on the receiving stage: stages take their inputs in execution order. A link without a
-  ``QueueTrace`` gets arrival = the producer's end (no hop time) and consumption = the
-  consumer's start.
-- An action *waited* when its input (activation for F on stages > 0, gradient for B on all
-  but the last stage) arrived after the stage's previous action ended (the step start, 0, for
-  the first action); its ``wait`` slice spans that previous end to the action's start. Inputs
-  that were already queued leave the gap unmarked (sends, bookkeeping). For simulated
-  reports the wait slices of a stage add up to ``StageStats.wait`` exactly.
-- Steps lie end to end: step k starts at its ``extra["offset"]`` (seconds from the first
-  step's start) when every report has one, else at the previous start + the previous span
-  (``max(step_time, extra["wall"])``) + this step's ``extra["change"]`` (the time spent
-  applying decisions just before it).
+Messages are matched to actions and waits marked by the rules in ``adaptive_pp.analysis``.
+Steps lie end to end: step k starts at its ``extra["offset"]`` (seconds from the first step's
+start) when every report has one, else at the previous start + the previous span
+(``max(step_time, extra["wall"])``) + this step's ``extra["change"]`` (the time spent applying
+decisions just before it).
 """
 
 from __future__ import annotations
@@ -38,14 +28,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import __version__
-from .report import ActionTiming, QueueTrace, StepReport, read_jsonl
-from .schedules import Kind, Schedule
-from .simulator import Costs, simulate
+from .analysis import Message, messages, waits
+from .report import StepReport, read_jsonl
 
 US = 1e6  # trace timestamps are microseconds
 _NUDGE_US = 1e-3  # flow ends sit 1 ns inside their slices so viewers bind them to it
@@ -76,107 +65,6 @@ def load_run(run_dir: str | Path) -> list[StepReport]:
     if not reports:
         raise RunDirError(f"{path} holds no step reports")
     return reports
-
-
-class Message(NamedTuple):
-    """One activation or gradient: who produced it, when it arrived, who consumed it when."""
-
-    src: int
-    dst: int
-    kind: str
-    microbatch: int
-    arrived: float
-    consumed: float
-    producer: ActionTiming | None
-    consumer: ActionTiming
-
-
-class Wait(NamedTuple):
-    """A stage blocked from ``start`` to ``end`` on the late input of ``action``."""
-
-    stage: int
-    start: float
-    end: float
-    action: ActionTiming
-    arrived: float
-
-
-_INPUT_KIND: dict[str, Kind] = {"act": "F", "grad": "B"}
-
-
-def _links(report: StepReport) -> list[QueueTrace]:
-    """The report's queue traces, plus timeline-derived ones for links it has no trace of."""
-    traced = {(q.src, q.dst) for q in report.queues}
-    out = list(report.queues)
-    by_key = {(t.stage, t.kind, t.microbatch): t for t in report.timeline}
-    for s in range(len(report.timeline.actions)):
-        for src, kind in ((s - 1, "act"), (s + 1, "grad")):
-            if (src, s) in traced or not 0 <= src < len(report.timeline.actions):
-                continue
-            pairs = [
-                (by_key[(src, t.kind, t.microbatch)].end, t.start)
-                for t in report.timeline.stage(s)
-                if t.kind == _INPUT_KIND[kind] and (src, t.kind, t.microbatch) in by_key
-            ]
-            out.append(
-                QueueTrace(src, s, kind, tuple(a for a, _ in pairs), tuple(c for _, c in pairs))
-            )
-    return out
-
-
-def messages(report: StepReport) -> list[Message]:
-    """Every message of the step, matched to its producing and consuming actions."""
-    by_key = {(t.stage, t.kind, t.microbatch): t for t in report.timeline}
-    out = []
-    for q in _links(report):
-        kind = _INPUT_KIND.get(q.kind)
-        if kind is None or not 0 <= q.dst < len(report.timeline.actions):
-            continue
-        consumers = [t for t in report.timeline.stage(q.dst) if t.kind == kind]
-        pairs = sorted(zip(q.consumed, q.arrived, strict=True))
-        for (consumed, arrived), t in zip(pairs, consumers, strict=False):
-            producer = by_key.get((q.src, kind, t.microbatch))
-            out.append(Message(q.src, q.dst, q.kind, t.microbatch, arrived, consumed, producer, t))
-    return out
-
-
-def waits(report: StepReport) -> list[Wait]:
-    """Where each stage was blocked on a late input (see the module docstring for the rule)."""
-    arrival = {(m.dst, m.consumer.kind, m.microbatch): m.arrived for m in messages(report)}
-    out = []
-    for s in range(len(report.timeline.actions)):
-        prev_end = 0.0
-        for t in report.timeline.stage(s):
-            arrived = arrival.get((s, t.kind, t.microbatch))
-            if arrived is not None and arrived > prev_end and t.start > prev_end:
-                out.append(Wait(s, prev_end, t.start, t, arrived))
-            prev_end = t.end
-    return out
-
-
-def replay_measured(report: StepReport) -> StepReport:
-    """The simulator's replay of a step with its measured action durations and hop latency.
-
-    Each hop's latency is the median of (arrival - producer's end) over its messages. The
-    replay keeps the step's number, events and timing extras, so side_by_side aligns steps.
-    """
-    stages, m_count = len(report.timeline.actions), report.microbatches
-    tau: dict[Kind, list[list[float]]] = {
-        k: [[0.0] * m_count for _ in range(stages)] for k in ("F", "B")
-    }
-    for t in report.timeline:
-        tau[t.kind][t.stage][t.microbatch] = max(0.0, t.end - t.start)
-    hops = []
-    for h in range(stages - 1):
-        gaps = sorted(
-            max(0.0, m.arrived - m.producer.end)
-            for m in messages(report)
-            if m.producer is not None and {m.src, m.dst} == {h, h + 1}
-        )
-        hops.append(gaps[len(gaps) // 2] if gaps else 0.0)
-    sched = Schedule(report.timeline.actions, m_count, report.schedule)
-    sim = simulate(sched, Costs.build(stages, m_count, tau["F"], tau["B"], hops), step=report.step)
-    return replace(sim, partition=report.partition, events=report.events, extra=report.extra)
 
 
 def _span(report: StepReport) -> float:

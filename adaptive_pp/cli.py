@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .chrome_trace import load_run, replay_measured, side_by_side, write_chrome_trace
+from .analysis import replay_measured
+from .chrome_trace import load_run, side_by_side, write_chrome_trace
 from .display import summary, timeline
 from .logs import FORMATS, LEVELS
 from .otel import ENV_ENDPOINT

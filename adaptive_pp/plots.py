@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .chrome_trace import load_run, step_offsets, waits, write_chrome_trace
+from .analysis import waits
+from .chrome_trace import load_run, step_offsets, write_chrome_trace
 from .report import StepReport
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.chrome_trace import replay_measured
+from adaptive_pp.analysis import replay_measured
 from adaptive_pp.emulation import emulated_mlp
 from adaptive_pp.launch import WorkerPool
 from adaptive_pp.report import StepReport

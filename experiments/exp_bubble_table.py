@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from adaptive_pp import PipelineConfig
-from adaptive_pp.chrome_trace import replay_measured
+from adaptive_pp.analysis import replay_measured
 from adaptive_pp.emulation import BACKWARD_RATIO, emulated_mlp
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule

@@ -1,4 +1,5 @@
-"""Tests for adaptive_pp.chrome_trace: structure, the wait rule, flows, markers, several runs."""
+"""adaptive_pp.chrome_trace and the rules it draws with (adaptive_pp.analysis): structure, the
+wait rule, flows, markers, several runs, the replay of a measured step."""
 
 from __future__ import annotations
 
@@ -13,17 +14,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adaptive_pp.analysis import messages, replay_measured, waits
 from adaptive_pp.chrome_trace import (
     RunDirError,
     chrome_trace,
     event_kind,
     load_run,
     merge,
-    messages,
-    replay_measured,
     side_by_side,
     step_offsets,
-    waits,
     write_chrome_trace,
 )
 from adaptive_pp.report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
@@ -350,3 +349,12 @@ def test_replay_of_a_simulated_step_reproduces_it(name: str) -> None:
         assert a.action == b.action
         assert (a.start, a.end) == pytest.approx((b.start, b.end))
     assert [st_.wait for st_ in again.stages] == pytest.approx([st_.wait for st_ in r.stages])
+
+
+def test_replay_hop_is_the_delay_waiting_consumers_saw() -> None:
+    """hand_report's waited-for messages: 1F0 starts 0.2 ms after 0F0 ends, 0B0 0.3 ms after
+    1B0, 0B1 0.2 ms after 1B1 (1F1's activation was queued): median 0.2 ms, where arrivals
+    alone would say 0.1 ms."""
+    first = replay_measured(hand_report()).timeline.stage(1)[0]
+    assert first.action == Action.parse("1F0")
+    assert first.start == pytest.approx(1.2 * MS)

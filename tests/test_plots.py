@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from report_cases import simulated_run, write_run
 
-from adaptive_pp.chrome_trace import RunDirError, waits
+from adaptive_pp.analysis import waits
+from adaptive_pp.chrome_trace import RunDirError
 
 pytest.importorskip("matplotlib")
 
