@@ -1,0 +1,121 @@
+"""A/B: our runtime at a git ref against the working tree, side by side (EMULATED kernels).
+
+Checks out REF into a temporary git worktree and starts two pools of 4 stage processes, one
+importing the runtime from that worktree (A) and one from this checkout (B). Each round runs
+every configuration on A and on B (order alternating between rounds) and torch's schedule in
+the same round, so machine drift hits all three alike. Configurations:
+
+- ``1f1b`` / ``gpipe``: bench_runtime's setup (16-layer MLP, 4 x 4 layers, M = 16, 1 ms / 2 ms);
+- ``slowbest``: bench_adaptive's setup on the best partition ``0-4 | 5-9 | 10-11 | 12-15`` with
+  stage 2 at 2x, against torch on the initial partition (the bound on the adaptive ratio).
+
+Prints medians and B/A, A/torch, B/torch; writes results/bench_ab/bench_ab.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from experiments.common import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS: dict[str, Any] = dict(
+    layers=16, width=256, batch=64, stages=4, microbatches=16, fwd_ms=1.0, bwd_ms=2.0
+)
+STEPS = 6  # per run; the first is dropped
+SLOW_STEPS = 12  # per slowbest run; stage 2 slows at step 5, steps 7.. are kept
+
+
+def run(pool: Any, kind: str) -> list[float]:
+    """Step walls of one run, ``ours-CONFIG`` or ``torch-CONFIG``, on ``pool``.
+
+    The rank jobs are bench_runtime's and bench_adaptive's ``_job``, which both trees have: a
+    rank resolves them in the tree its pool imports from.
+    """
+    from experiments import bench_adaptive, bench_runtime
+
+    who, config = kind.split("-")
+    if config == "slowbest":
+        if who == "torch":
+            job = ("torch", (0, 4, 8, 12, 16), SLOW_STEPS, 16, 1.0)
+        else:
+            job = ("best", (0, 5, 10, 12, 16), SLOW_STEPS, 16, 1.0)
+        return list(pool.run(bench_adaptive._job, *job, timeout=900)[0]["walls"][7:])
+    return list(pool.run(bench_runtime._job, kind, ARGS, STEPS, timeout=900)[0]["walls"][1:])
+
+
+def _pool(path: Path) -> Any:
+    """A pool of 4 ranks importing adaptive_pp, controllers and experiments from ``path``."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(path))
+    for name in [m for m in sys.modules if m.split(".")[0] in ("adaptive_pp", "controllers")]:
+        del sys.modules[name]
+    # Spawned ranks inherit sys.path and re-import the main module, which the other tree may
+    # not have: hide it while the ranks start (their jobs live in modules both trees have).
+    main = sys.modules["__main__"]
+    spec, file = main.__spec__, main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        from adaptive_pp.launch import WorkerPool
+
+        return WorkerPool(4)
+    finally:
+        sys.path[:] = saved
+        main.__spec__ = spec
+        if file is not None:
+            main.__file__ = file
+
+
+def main() -> None:
+    """Run the rounds and print the ratios."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("ref", help="git commit or branch to compare the working tree with")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--configs", default="1f1b,gpipe,slowbest")
+    ns = p.parse_args()
+    configs = ns.configs.split(",")
+    walls: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="adaptive_pp_ab_") as tmp:
+        tree = Path(tmp) / "ref"
+        git = ["git", "-C", str(ROOT)]
+        subprocess.run([*git, "worktree", "add", "--detach", str(tree), ns.ref], check=True)
+        commit = subprocess.run(
+            [*git, "rev-parse", ns.ref], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        pools = {"A": _pool(tree), "B": _pool(ROOT)}
+        try:
+            for r in range(ns.rounds):
+                order = ["A", "B"] if r % 2 == 0 else ["B", "A"]
+                for config in configs:
+                    for side in order:
+                        got = run(pools[side], f"ours-{config}")
+                        walls.setdefault(f"{side} {config}", []).extend(got)
+                    walls.setdefault(f"torch {config}", []).extend(
+                        run(pools["B"], f"torch-{config}")
+                    )
+                print(f"round {r + 1}/{ns.rounds} done", flush=True)
+        finally:
+            for pool in pools.values():
+                pool.close()
+            subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    print(f"EMULATED kernels; A = {ns.ref} ({commit[:10]}), B = working tree; medians per config")
+    out: dict[str, Any] = {"ref": ns.ref, "commit": commit, "median_step_s": med, "ratios": {}}
+    for config in configs:
+        a, b, t = med[f"A {config}"], med[f"B {config}"], med[f"torch {config}"]
+        out["ratios"][config] = {"B/A": b / a, "A/torch": a / t, "B/torch": b / t}
+        print(
+            f"{config:9s} A {a * 1e3:7.1f} ms  B {b * 1e3:7.1f} ms  torch {t * 1e3:7.1f} ms  "
+            f"B/A {b / a:.3f}  A/torch {a / t:.3f}  B/torch {b / t:.3f}"
+        )
+    print(f"wrote {write_json('bench_ab', out)}")
+
+
+if __name__ == "__main__":
+    main()
