@@ -225,7 +225,8 @@ class Link:
         """Queue one frame (header + payload bytes) for the sender thread; see ``flush``."""
         if header.kind != Kind.STOP and tuple(payload.shape) != header.shape:
             raise ValueError(f"header shape {header.shape} != payload shape {tuple(payload.shape)}")
-        self._outbox.put((header, payload.detach()))
+        # Encoded here, so what cannot travel (dtype, dimensions) raises in the caller.
+        self._outbox.put((header, header.values(), payload.detach()))
 
     def _send_loop(self) -> None:
         while True:
@@ -242,7 +243,7 @@ class Link:
             except BaseException as exc:
                 self._send_error = exc
 
-    def _send_now(self, header: Header, payload: torch.Tensor) -> None:
+    def _send_now(self, header: Header, values: list[int], payload: torch.Tensor) -> None:
         data = payload.contiguous().reshape(-1).view(torch.uint8)
         size = HEADER_BYTES + data.numel()
         if size > self._send_capacity:
@@ -254,7 +255,7 @@ class Link:
         # Filled through numpy views: a few microseconds less per message than torch indexing.
         frame = torch.empty(size, dtype=torch.uint8)
         raw = frame.numpy()
-        raw[:HEADER_BYTES].view(np.int64)[:] = header.values()
+        raw[:HEADER_BYTES].view(np.int64)[:] = values
         raw[HEADER_BYTES:] = data.numpy()
         self._post(frame)
 
@@ -265,13 +266,22 @@ class Link:
 
     def flush(self) -> None:
         """Wait until every posted send has completed."""
-        done = threading.Event()
-        self._outbox.put(done)
-        done.wait()
+        if self._sender.is_alive():  # not yet closed: wait until it posted what was queued
+            done = threading.Event()
+            self._outbox.put(done)
+            done.wait()
         pending, self._pending = self._pending, []
+        error = self._send_error
+        if error is not None and not isinstance(error, RuntimeError):  # ours, not the peer's
+            raise PipelineError(
+                f"stage {self.me} could not send to stage {self.peer}: "
+                f"{type(error).__name__}: {error}",
+                stage=self.me,
+                peer=self.peer,
+            ) from error
         try:
-            if self._send_error is not None:
-                raise RuntimeError(str(self._send_error))
+            if error is not None:
+                raise error
             for work, _ in pending:
                 work.wait()
         except RuntimeError as exc:

@@ -63,6 +63,11 @@ def link_job() -> dict[str, Any]:
     sent = tensors()
     out: dict[str, Any] = {}
     if me == 0:
+        odd = torch.zeros(2, dtype=torch.complex64)
+        try:  # refused in the caller, before anything is queued
+            link.send(Header(Kind.ACT, 99, 7, 3, 0, 1, odd.dtype, (2,)), odd)
+        except ValueError as exc:
+            out["refused"] = str(exc)
         for i, t in enumerate(sent):
             link.send(Header(Kind.ACT, i, 7, 3, 0, 1, t.dtype, tuple(t.shape)), t)
         link.flush()

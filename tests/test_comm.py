@@ -60,7 +60,8 @@ def test_json_exchanges_deliver_every_size(pools: PoolFor) -> None:
 @pytest.mark.multiprocess
 def test_link_delivers_any_order_dtype_and_size(pools: PoolFor) -> None:
     """Frames arrive intact, bigger ones after a capacity raise, taken in any order."""
-    out = pools(2).run(link_job, timeout=120)[1]
+    sender, out = pools(2).run(link_job, timeout=120)
+    assert "complex64" in sender["refused"]
     assert out["equal"] == [True] * len(tensors())
     assert out["headers"] == [(i, 7, 3) for i in range(len(tensors()))]
     assert len(out["queue"]) == len(tensors())
