@@ -37,28 +37,20 @@ class StashMeter:
 
     def add(self, t: torch.Tensor) -> None:
         """Count ``t`` once (by storage and offset), unless it is a parameter's or on meta."""
-        if t.device.type == "meta":
-            return
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        key = (ptr, int(t.storage_offset()))
-        if ptr in self.exclude or key in self.seen:
-            return
-        self.seen.add(key)
-        self.bytes += min(t.numel() * t.element_size(), storage.nbytes())
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        # add() inlined: this runs for every tensor autograd saves, on the forward's path.
+        # Runs for every tensor autograd saves, on the forward's path: cheap accessors only.
         if t.is_meta:
-            return t
+            return
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr in self.exclude:
-            return t
+            return
         key = (ptr, int(t.storage_offset()))
         if key not in self.seen:
             self.seen.add(key)
             self.bytes += min(t.nbytes, storage.nbytes())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.add(t)
         return t
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
