@@ -376,8 +376,9 @@ def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None) -> list[An
     world = dist.get_world_size(group)
     me = dist.get_rank(group)
     others = [r for r in range(world) if r != me]
-    got = collective("the end-of-step exchange", lambda: _exchange(obj, others, others, group))
-    got[me] = json.loads(json.dumps(obj))  # as the others see it (tuples become lists)
+    data = json_tensor(obj)
+    got = collective("the end-of-step exchange", lambda: _exchange(data, others, others, group))
+    got[me] = tensor_json(data)  # as the others see it (tuples become lists)
     return [got[r] for r in range(world)]
 
 
@@ -386,21 +387,22 @@ def broadcast_json(obj: Any, src: int = 0, group: dist.ProcessGroup | None = Non
     me = dist.get_rank(group)
     if me == src:
         others = [r for r in range(dist.get_world_size(group)) if r != me]
-        collective("a broadcast", lambda: _exchange(obj, others, [], group))
-        return json.loads(json.dumps(obj))
-    return collective("a broadcast", lambda: _exchange(None, [], [src], group))[src]
+        data = json_tensor(obj)
+        collective("a broadcast", lambda: _exchange(data, others, [], group))
+        return tensor_json(data)
+    nothing = torch.empty(0, dtype=torch.uint8)
+    return collective("a broadcast", lambda: _exchange(nothing, [], [src], group))[src]
 
 
 def _exchange(
-    obj: Any, send_to: list[int], recv_from: list[int], group: dist.ProcessGroup | None
+    data: torch.Tensor, send_to: list[int], recv_from: list[int], group: dist.ProcessGroup | None
 ) -> dict[int, Any]:
-    """Send ``obj`` to ``send_to``; receive one object from each of ``recv_from`` (group ranks)."""
+    """Send JSON bytes ``data`` to ``send_to``; receive one object from each of ``recv_from``."""
 
     def rank(r: int) -> int:
         return r if group is None else dist.get_global_rank(group, r)
 
     body = EXCHANGE_CAPACITY - 8
-    data = json_tensor(obj) if send_to else torch.empty(0, dtype=torch.uint8)
     first = torch.empty(8 + min(data.numel(), body), dtype=torch.uint8)
     first[:8] = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
     first[8:] = data[:body]
