@@ -85,17 +85,27 @@ def messages(report: StepReport) -> list[Message]:
     return out
 
 
+def _previous_ends(report: StepReport) -> dict[tuple[int, Kind, int], float]:
+    """When each action's stage ended its previous action (0.0, the step start, for the first)."""
+    out = {}
+    for s in range(len(report.timeline.actions)):
+        end = 0.0
+        for t in report.timeline.stage(s):
+            out[(s, t.kind, t.microbatch)] = end
+            end = t.end
+    return out
+
+
 def waits(report: StepReport) -> list[Wait]:
     """Where each stage was blocked on a late input (see the module docstring for the rule)."""
     arrival = {(m.dst, m.consumer.kind, m.microbatch): m.arrived for m in messages(report)}
+    prev_end = _previous_ends(report)
     out = []
-    for s in range(len(report.timeline.actions)):
-        prev_end = 0.0
-        for t in report.timeline.stage(s):
-            arrived = arrival.get((s, t.kind, t.microbatch))
-            if arrived is not None and arrived > prev_end and t.start > prev_end:
-                out.append(Wait(s, prev_end, t.start, t, arrived))
-            prev_end = t.end
+    for t in report.timeline:
+        key = (t.stage, t.kind, t.microbatch)
+        arrived, prev = arrival.get(key), prev_end[key]
+        if arrived is not None and arrived > prev and t.start > prev:
+            out.append(Wait(t.stage, prev, t.start, t, arrived))
     return out
 
 
@@ -112,15 +122,10 @@ def replay_measured(report: StepReport) -> StepReport:
     tau: dict[Kind, list[list[float]]] = {
         k: [[0.0] * m_count for _ in range(stages)] for k in ("F", "B")
     }
-    prev_end: dict[tuple[int, Kind, int], float] = {}
-    for s in range(stages):
-        end = 0.0
-        for t in report.timeline.stage(s):
-            prev_end[(s, t.kind, t.microbatch)] = end
-            end = t.end
     for t in report.timeline:
         tau[t.kind][t.stage][t.microbatch] = max(0.0, t.end - t.start)
-    msgs = [m for m in messages(report) if m.producer is not None]
+    prev_end = _previous_ends(report)
+    msgs = messages(report)
     hops = []
     for h in range(stages - 1):
         on_hop = [m for m in msgs if {m.src, m.dst} == {h, h + 1}]
