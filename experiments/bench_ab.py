@@ -15,6 +15,7 @@ Prints medians and B/A, A/torch, B/torch; writes results/bench_ab/bench_ab.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -25,11 +26,22 @@ from typing import Any
 from experiments.common import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS: dict[str, Any] = dict(
-    layers=16, width=256, batch=64, stages=4, microbatches=16, fwd_ms=1.0, bwd_ms=2.0
-)
-STEPS = 6  # per run; the first is dropped
-SLOW_STEPS = 12  # per slowbest run; stage 2 slows at step 5, steps 7.. are kept
+STEPS = 6  # per bench_runtime run; the first is dropped
+SLOW_STEPS = 12  # per slowbest run; the steps from 2 after the slowdown are kept
+
+
+@functools.cache
+def _slow_jobs() -> dict[str, tuple[Any, ...]]:
+    """bench_adaptive's rank-job arguments: torch on the initial partition, ours on the best."""
+    from adaptive_pp.partition import Partition
+    from experiments import bench_adaptive as ba
+
+    m, fwd = 16, 1.0
+    initial = Partition.even(ba.LAYERS, ba.STAGES).bounds
+    return {
+        "torch": ("torch", initial, SLOW_STEPS, m, fwd),
+        "ours": ("best", ba.best_offline(m).bounds, SLOW_STEPS, m, fwd),
+    }
 
 
 def run(pool: Any, kind: str) -> list[float]:
@@ -42,12 +54,10 @@ def run(pool: Any, kind: str) -> list[float]:
 
     who, config = kind.split("-")
     if config == "slowbest":
-        if who == "torch":
-            job = ("torch", (0, 4, 8, 12, 16), SLOW_STEPS, 16, 1.0)
-        else:
-            job = ("best", (0, 5, 10, 12, 16), SLOW_STEPS, 16, 1.0)
-        return list(pool.run(bench_adaptive._job, *job, timeout=900)[0]["walls"][7:])
-    return list(pool.run(bench_runtime._job, kind, ARGS, STEPS, timeout=900)[0]["walls"][1:])
+        walls = pool.run(bench_adaptive._job, *_slow_jobs()[who], timeout=900)[0]["walls"]
+        return list(walls[bench_adaptive.SLOW_FROM + 2 :])
+    setup = bench_runtime.SETUP
+    return list(pool.run(bench_runtime._job, kind, setup, STEPS, timeout=900)[0]["walls"][1:])
 
 
 def _pool(path: Path) -> Any:

@@ -28,6 +28,9 @@ from adaptive_pp.simulator import Costs, bubble_exact, simulate
 from experiments.common import torch_pipeline_walls, write_json
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
+SETUP: dict[str, Any] = dict(
+    layers=16, width=256, batch=64, stages=4, microbatches=16, fwd_ms=1.0, bwd_ms=2.0
+)
 
 
 def _model(args: dict[str, Any]) -> nn.Sequential:
@@ -113,9 +116,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     p.add_argument("--slow", type=str, default="", help="STAGE=FACTOR to slow one stage, e.g. 2=2")
     ns = p.parse_args()
-    args: dict[str, Any] = dict(
-        layers=16, width=256, batch=64, stages=4, microbatches=16, fwd_ms=1.0, bwd_ms=2.0
-    )
+    args: dict[str, Any] = dict(SETUP)
     if ns.slow:
         stage, factor = ns.slow.split("=")
         args["slow"] = {int(stage): float(factor)}
