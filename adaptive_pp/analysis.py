@@ -15,6 +15,7 @@ Rules (the Chrome trace, the plots and the tests all use them):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -109,21 +110,14 @@ def waits(report: StepReport) -> list[Wait]:
     return out
 
 
-def replay_measured(report: StepReport) -> StepReport:
-    """The simulator's replay of a step with its measured action durations and hop latency.
+def hop_latencies(report: StepReport) -> list[float]:
+    """Per hop (stage h to h+1, both directions), the delay a waiting consumer saw.
 
-    A hop's latency is the median, over the messages the consumer had to wait for (its previous
-    action ended before the producer's), of the consumer's start minus the producer's end: the
-    delay the replay puts between them, sending and waking included. A hop with no such message
-    takes the median of (arrival - producer's end). The replay keeps the step's number, events
-    and timing extras, so side_by_side aligns steps.
+    The median, over the messages the consumer had to wait for (its previous action ended
+    before the producer's), of the consumer's start minus the producer's end: sending and
+    waking included. A hop with no such message takes the median of (arrival - producer's end).
     """
-    stages, m_count = len(report.timeline.actions), report.microbatches
-    tau: dict[Kind, list[list[float]]] = {
-        k: [[0.0] * m_count for _ in range(stages)] for k in ("F", "B")
-    }
-    for t in report.timeline:
-        tau[t.kind][t.stage][t.microbatch] = max(0.0, t.end - t.start)
+    stages = len(report.timeline.actions)
     prev_end = _previous_ends(report)
     msgs = messages(report)
     hops = []
@@ -139,6 +133,23 @@ def replay_measured(report: StepReport) -> StepReport:
             max(0.0, m.arrived - m.producer.end) for m in on_hop if m.producer is not None
         )
         hops.append(gaps[len(gaps) // 2] if gaps else 0.0)
+    return hops
+
+
+def replay_measured(report: StepReport, hops: Sequence[float] | None = None) -> StepReport:
+    """The simulator's replay of a step with its measured action durations and hop latency.
+
+    ``hops`` defaults to ``hop_latencies(report)``; pass zeros for what the same action
+    durations would give with free communication. The replay keeps the step's number, events
+    and timing extras, so side_by_side aligns steps.
+    """
+    stages, m_count = len(report.timeline.actions), report.microbatches
+    tau: dict[Kind, list[list[float]]] = {
+        k: [[0.0] * m_count for _ in range(stages)] for k in ("F", "B")
+    }
+    for t in report.timeline:
+        tau[t.kind][t.stage][t.microbatch] = max(0.0, t.end - t.start)
+    hop = list(hop_latencies(report) if hops is None else hops)
     sched = Schedule(report.timeline.actions, m_count, report.schedule)
-    sim = simulate(sched, Costs.build(stages, m_count, tau["F"], tau["B"], hops), step=report.step)
+    sim = simulate(sched, Costs.build(stages, m_count, tau["F"], tau["B"], hop), step=report.step)
     return replace(sim, partition=report.partition, events=report.events, extra=report.extra)

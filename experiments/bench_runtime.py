@@ -19,13 +19,13 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.analysis import replay_measured
+from adaptive_pp.analysis import hop_latencies, replay_measured
 from adaptive_pp.emulation import emulated_mlp
 from adaptive_pp.launch import WorkerPool
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule
 from adaptive_pp.simulator import Costs, bubble_exact, simulate
-from experiments.common import torch_pipeline_walls, write_json
+from experiments.common import timeline_report, torch_pipeline_walls, write_json
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
 SETUP: dict[str, Any] = dict(
@@ -79,8 +79,11 @@ def run_torch(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]
     sub = nn.Sequential(*list(model)[rank * per : (rank + 1) * per])
     opt = torch.optim.SGD(sub.parameters(), lr=1e-3)
     x, y = _data(args)
-    walls = torch_pipeline_walls(sub, schedule, args["microbatches"], opt, x, y, steps)
-    return {"walls": walls, "reports": []}
+    timeline: list[list[tuple[str, int, float, float]]] = []
+    walls = torch_pipeline_walls(
+        sub, schedule, args["microbatches"], opt, x, y, steps, timeline=timeline
+    )
+    return {"walls": walls, "reports": [], "timeline": timeline}
 
 
 def _job(kind: str, args: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -99,11 +102,61 @@ def compare(
     reports: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS}
     for rnd in range(rounds):
         for kind in CONFIGS:
-            res = pool.run(_job, kind, args, steps + 1, timeout=600)[0]
-            walls[kind] += res["walls"][1:]
-            reports[kind] += res["reports"][1:]
+            ranks = pool.run(_job, kind, args, steps + 1, timeout=600)
+            walls[kind] += ranks[0]["walls"][1:]
+            reports[kind] += ranks[0]["reports"][1:]
+            if "timeline" in ranks[0]:  # torch's: one report per step from every rank's chunks
+                sched = kind.split("-")[1]
+                for k in range(1, steps + 1):
+                    per_rank = [r["timeline"][k] for r in ranks]
+                    rep = timeline_report(per_rank, sched, args["microbatches"], k)
+                    reports[kind].append(rep.to_dict())
         print(f"round {rnd + 1}/{rounds} done", flush=True)
     return walls, reports
+
+
+def _median_ms(xs: list[float]) -> float:
+    return 1e3 * statistics.median(xs) if xs else float("nan")
+
+
+def decompose(
+    reports: dict[str, list[dict[str, Any]]], med: dict[str, float], s: int, m: int
+) -> dict[str, Any]:
+    """Where each runtime's step goes, from its timelines; and what free communication gives.
+
+    Per configuration: median forward and backward action time, median hop latency (the delay
+    a waiting consumer saw), and the replay of each step with its measured durations and zero
+    hop latency. The replay of torch's steps with zero hop latency is a bound for any runtime
+    that runs the kernels as torch's does: nothing spent between actions.
+    """
+    out: dict[str, Any] = {}
+    print("\nwhere the step goes (medians over steps; EMULATED kernels):")
+    for kind in CONFIGS:
+        reps = [StepReport.from_dict(r) for r in reports[kind]]
+        if not reps:
+            continue
+        f = [t.end - t.start for r in reps for t in r.timeline if t.kind == "F"]
+        b = [t.end - t.start for r in reps for t in r.timeline if t.kind == "B"]
+        hop = [statistics.median(hop_latencies(r)) for r in reps]
+        free = [replay_measured(r, [0.0] * (s - 1)) for r in reps]
+        row = {
+            "forward_ms": _median_ms(f),
+            "backward_ms": _median_ms(b),
+            "hop_ms": _median_ms(hop),
+            "free_comm_step_ms": _median_ms([r.step_time for r in free]),
+            "free_comm_bubble": statistics.median(r.bubble_fraction for r in free),
+        }
+        row["free_comm_over_torch"] = row["free_comm_step_ms"] / (
+            1e3 * med["torch-" + kind.split("-")[1]]
+        )
+        out[kind] = row
+        print(
+            f"{kind:12s} forward {row['forward_ms']:5.2f} ms  backward {row['backward_ms']:5.2f} ms"
+            f"  hop {row['hop_ms']:5.3f} ms  | same actions, free communication: step "
+            f"{row['free_comm_step_ms']:6.1f} ms = {row['free_comm_over_torch']:.3f} of torch's,"
+            f" bubble {row['free_comm_bubble']:6.2%} ({100 * (row['free_comm_bubble'] - bubble_exact(s, m)):+.2f} pp)"
+        )
+    return out
 
 
 def main() -> None:
@@ -178,6 +231,7 @@ def main() -> None:
             f"{nominal.step_time * 1e3:7.1f} ms ({flush / nominal.step_time - 1:+.1%}), from measured "
             f"action durations {measured * 1e3:7.1f} ms ({flush / measured - 1:+.1%}); target within 5%"
         )
+    out["decomposition"] = decompose(reports, med, s, m)
     path = write_json("bench_runtime", out)
     print(f"wrote {path}")
 

@@ -230,11 +230,15 @@ def torch_pipeline_walls(
     y: Any,
     steps: int,
     before_step: Any = None,
+    timeline: list[list[tuple[str, int, float, float]]] | None = None,
 ) -> list[float]:
     """Rank job body: ``steps`` timed steps of torch.distributed.pipelining on this rank's ``sub``.
 
     The peer we compare against: PipelineStage + Schedule1F1B/ScheduleGPipe with shapes
     inferred on the first step, MSE loss, then ``optimizer``. ``before_step(k)`` runs untimed.
+    ``timeline``, if given, gets per step this rank's (kind, micro-batch, start, end) of every
+    forward and backward chunk, seconds from the step's start (the timing wraps the stage
+    instance's chunk methods; the schedule's sends and receives fall between actions).
     """
     import torch
     import torch.distributed as dist
@@ -245,10 +249,14 @@ def torch_pipeline_walls(
     stage = PipelineStage(sub, rank, stages, torch.device("cpu"))
     cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
     sched = cls(stage, microbatches, loss_fn=nn.functional.mse_loss)
+    records: list[tuple[str, int, float, float]] = []
+    if timeline is not None:
+        _time_chunks(stage, records)
     walls = []
     for k in range(steps):
         if before_step is not None:
             before_step(k)
+        records.clear()
         dist.barrier()
         t0 = time.perf_counter()
         if rank == 0:
@@ -260,4 +268,50 @@ def torch_pipeline_walls(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         walls.append(time.perf_counter() - t0)
+        if timeline is not None:
+            timeline.append([(kind, m, a - t0, b - t0) for kind, m, a, b in records])
     return walls
+
+
+def _time_chunks(stage: Any, records: list[tuple[str, int, float, float]]) -> None:
+    """Wrap ``stage``'s forward_one_chunk / backward_one_chunk to record their start and end."""
+
+    def timed(kind: str, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            chunk = args[0] if args else kwargs[name]
+            records.append((kind, int(chunk), t, time.perf_counter()))
+            return out
+
+        return wrapper
+
+    stage.forward_one_chunk = timed("F", "fwd_chunk_id", stage.forward_one_chunk)
+    stage.backward_one_chunk = timed("B", "bwd_chunk_id", stage.backward_one_chunk)
+
+
+def timeline_report(
+    per_rank: Sequence[Sequence[tuple[str, int, float, float]]],
+    schedule: str,
+    microbatches: int,
+    step: int = 0,
+) -> Any:
+    """A StepReport from every rank's (kind, micro-batch, start, end) of one step (a peer's run).
+
+    Only what a timeline gives: compute per stage, wall = the last action's end, no queue traces
+    (``adaptive_pp.analysis`` then takes arrival = the producer's end).
+    """
+    from adaptive_pp.report import StageStats, StepReport, Timeline
+    from adaptive_pp.schedules import Action
+
+    end = max(b for recs in per_rank for _, _, _, b in recs)
+    stages = tuple(
+        StageStats(s, sum(b - a for _, _, a, b in recs), 0.0, end, 0)
+        for s, recs in enumerate(per_rank)
+    )
+    timeline = Timeline(
+        tuple(tuple(Action(s, k, m) for k, m, _, _ in recs) for s, recs in enumerate(per_rank)),  # type: ignore[arg-type]
+        tuple(tuple(a for _, _, a, _ in recs) for recs in per_rank),
+        tuple(tuple(b for _, _, _, b in recs) for recs in per_rank),
+    )
+    return StepReport(step, schedule, microbatches, end, stages, timeline=timeline, source="peer")

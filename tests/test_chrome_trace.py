@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_pp.analysis import messages, replay_measured, waits
+from adaptive_pp.analysis import hop_latencies, messages, replay_measured, waits
 from adaptive_pp.chrome_trace import (
     RunDirError,
     chrome_trace,
@@ -358,3 +358,21 @@ def test_replay_hop_is_the_delay_waiting_consumers_saw() -> None:
     first = replay_measured(hand_report()).timeline.stage(1)[0]
     assert first.action == Action.parse("1F0")
     assert first.start == pytest.approx(1.2 * MS)
+
+
+@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
+def test_hop_latencies_of_a_simulated_step_are_its_hop_costs(name: str) -> None:
+    costs = Costs.build(3, 5, 1.0 * MS, 2.0 * MS, [0.3 * MS, 0.1 * MS], slowdown={1: 1.7})
+    r = simulate(make_schedule(name, 3, 5), costs)
+    assert hop_latencies(r) == pytest.approx([0.3 * MS, 0.1 * MS])
+
+
+def test_replay_with_given_hops_is_the_step_with_those_hops() -> None:
+    """Zero hops: what the same action durations give with free communication."""
+    tau_f = [[1.0, 1.3, 0.9, 1.1], 1.2, 0.8]
+    with_hops = simulate(make_schedule("1f1b", 3, 4), Costs.build(3, 4, tau_f, 2.0, 0.4))
+    free = simulate(make_schedule("1f1b", 3, 4), Costs.build(3, 4, tau_f, 2.0, 0.0))
+    again = replay_measured(with_hops, [0.0, 0.0])
+    assert again.step_time == pytest.approx(free.step_time)
+    assert free.step_time < with_hops.step_time
+    assert replay_measured(with_hops).step_time == pytest.approx(with_hops.step_time)
