@@ -88,7 +88,9 @@ class StageWorker:
         self.version = 0
         self._stash: dict[int, tuple[list[torch.Tensor], torch.Tensor, list[float]]] = {}
         self._stash_bytes: dict[int, int] = {}
+        self._live_bytes = 0
         self._weights: set[int] = set()
+        self._range = (-1, -1)
 
     @property
     def is_last(self) -> bool:
@@ -112,7 +114,9 @@ class StageWorker:
         log = StageLog()
         self._stash.clear()
         self._stash_bytes.clear()
+        self._live_bytes = 0
         self._weights = storage_ptrs(seg.module for seg in self.segments)
+        self._range = self.layer_range()  # segments change only between steps
         m_count = len(actions) // 2
         for action in actions:
             t_req = time.perf_counter()
@@ -124,8 +128,7 @@ class StageWorker:
             if action.kind == "F":
                 self._forward(action.microbatch, x, targets, m_count, step, log)
                 log.peak_stash = max(log.peak_stash, len(self._stash))
-                live = sum(self._stash_bytes.values())
-                log.peak_stash_bytes = max(log.peak_stash_bytes, live)
+                log.peak_stash_bytes = max(log.peak_stash_bytes, self._live_bytes)
             else:
                 self._backward(action.microbatch, g, step, log)
             if self.device.type == "cuda":
@@ -216,9 +219,10 @@ class StageWorker:
         for b in boundaries:
             meter.add(b)
         self._stash_bytes[m] = meter.bytes
-        for b in boundaries:
-            if b.requires_grad:
-                b.register_hook(_stamp(marks))  # type: ignore[no-untyped-call]
+        self._live_bytes += meter.bytes
+        stamp = marks.append
+        for i in _hooked(boundaries, self.is_last):
+            boundaries[i].register_hook(lambda _g: stamp(time.perf_counter()))  # type: ignore[no-untyped-call]
         self._stash[m] = (boundaries, top, marks)
 
     def _call(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -230,7 +234,7 @@ class StageWorker:
         return result
 
     def _header(self, kind: Kind, m: int, step: int, t: torch.Tensor) -> Header:
-        lo, hi = self.layer_range()
+        lo, hi = self._range
         return Header(kind, m, step, self.version, lo, hi, t.dtype, tuple(t.shape))
 
     def _loss(
@@ -261,13 +265,17 @@ class StageWorker:
 
     def _backward(self, m: int, grad: torch.Tensor | None, step: int, log: StageLog) -> None:
         boundaries, top, marks = self._stash.pop(m)
-        self._stash_bytes.pop(m, None)
+        self._live_bytes -= self._stash_bytes.pop(m, 0)
         t0 = time.perf_counter()
         try:
             torch.autograd.backward(top, grad)  # grad is None on the last stage: top is the loss
         except Exception as exc:
             raise self._fail(
-                _backward_culprit(self.segments, boundaries, marks), -1, m, "backward", exc
+                _backward_culprit(self.segments, boundaries, marks, self.is_last),
+                -1,
+                m,
+                "backward",
+                exc,
             ) from exc
         t_end = time.perf_counter()
         x = boundaries[0]
@@ -291,12 +299,11 @@ class StageWorker:
         log: StageLog,
     ) -> None:
         """Segment i's backward ran from its output's gradient to its input's gradient."""
-        # Hooks fire from the top boundary down; boundaries without grad get no mark.
-        times = iter(marks)
-        when: list[float | None] = [
-            next(times, None) if b.requires_grad else None for b in reversed(boundaries)
-        ]
-        when.reverse()
+        # Hooks fire from the top down; boundaries without a hook have no mark (backward's
+        # start and end stand for the top and the input).
+        when: list[float | None] = [None] * len(boundaries)
+        for i, t in zip(reversed(_hooked(boundaries, self.is_last)), marks, strict=False):
+            when[i] = t
         for i, seg in enumerate(self.segments):
             above, below = when[i + 1], when[i]
             start = t0 if above is None else above
@@ -318,22 +325,27 @@ def _add(acc: dict[int, float], layer: int, seconds: float) -> None:
         acc[layer] = acc.get(layer, 0.0) + seconds
 
 
-def _stamp(marks: list[float]) -> Callable[[torch.Tensor], None]:
-    """A gradient hook that records when it fired."""
+def _hooked(boundaries: list[torch.Tensor], is_last: bool) -> list[int]:
+    """Boundaries whose gradient is timestamped, bottom to top.
 
-    def hook(_grad: torch.Tensor) -> None:
-        marks.append(time.perf_counter())
-
-    return hook
+    The interior ones, plus the top one on the last stage (the loss sits above it there);
+    elsewhere the top's gradient arrives when backward starts and the input's when it ends,
+    which the action's own timestamps give.
+    """
+    top = len(boundaries) if is_last else len(boundaries) - 1
+    return [i for i in range(1, top) if boundaries[i].requires_grad]
 
 
 def _backward_culprit(
-    segments: list[Segment], boundaries: list[torch.Tensor], marks: list[float]
+    segments: list[Segment], boundaries: list[torch.Tensor], marks: list[float], is_last: bool
 ) -> str:
     """Name the segment whose backward raised: the one below the last boundary that got grad."""
     done = len(marks)
-    with_grad = [i for i, b in enumerate(boundaries) if b.requires_grad]
-    # boundaries with_grad[-done:] got their gradient; the failing segment sits just below.
-    reached = with_grad[-done] if done else len(boundaries)
+    hooked = _hooked(boundaries, is_last)
+    if not done and is_last:
+        return "loss or last segment"
+    # hooked[-done:] got their gradient (off the last stage the top always has it); the failing
+    # segment sits just below the lowest of them.
+    reached = hooked[-done] if done else len(boundaries) - 1
     idx = min(max(reached - 1, 0), len(segments) - 1)
-    return segments[idx].name if done else "loss or last segment"
+    return segments[idx].name
