@@ -9,7 +9,9 @@ the same round, so machine drift hits all three alike. Configurations:
 - ``slowbest``: bench_adaptive's setup on the best partition ``0-4 | 5-9 | 10-11 | 12-15`` with
   stage 2 at 2x, against torch on the initial partition (the bound on the adaptive ratio).
 
-Prints medians and B/A, A/torch, B/torch; writes results/bench_ab/bench_ab.json.
+Prints medians and B/A, A/torch, B/torch, then (``1f1b`` / ``gpipe``) each side's median forward
+and backward action and hop latency, steadier than the step ratio for small changes; writes
+results/bench_ab/bench_ab.json.
 """
 
 from __future__ import annotations
@@ -44,20 +46,42 @@ def _slow_jobs() -> dict[str, tuple[Any, ...]]:
     }
 
 
-def run(pool: Any, kind: str) -> list[float]:
-    """Step walls of one run, ``ours-CONFIG`` or ``torch-CONFIG``, on ``pool``.
+def run(pool: Any, kind: str) -> tuple[list[float], list[Any]]:
+    """Step walls and step reports of one run, ``ours-CONFIG`` or ``torch-CONFIG``, on ``pool``.
 
     The rank jobs are bench_runtime's and bench_adaptive's ``_job``, which both trees have: a
-    rank resolves them in the tree its pool imports from.
+    rank resolves them in the tree its pool imports from. Reports (ours, or torch's from the
+    timings of its stage's chunks) come for ``1f1b`` / ``gpipe`` only.
     """
+    from adaptive_pp.report import StepReport
     from experiments import bench_adaptive, bench_runtime
+    from experiments.common import timeline_report
 
     who, config = kind.split("-")
     if config == "slowbest":
         walls = pool.run(bench_adaptive._job, *_slow_jobs()[who], timeout=900)[0]["walls"]
-        return list(walls[bench_adaptive.SLOW_FROM + 2 :])
+        return list(walls[bench_adaptive.SLOW_FROM + 2 :]), []
     setup = bench_runtime.SETUP
-    return list(pool.run(bench_runtime._job, kind, setup, STEPS, timeout=900)[0]["walls"][1:])
+    ranks = pool.run(bench_runtime._job, kind, setup, STEPS, timeout=900)
+    if "timeline" in ranks[0]:
+        m = setup["microbatches"]
+        reps = [
+            timeline_report([r["timeline"][k] for r in ranks], config, m, k)
+            for k in range(1, STEPS)
+        ]
+    else:
+        reps = [StepReport.from_dict(d) for d in ranks[0]["reports"][1:]]
+    return list(ranks[0]["walls"][1:]), reps
+
+
+def _actions(reports: list[Any]) -> tuple[float, float, float]:
+    """Median forward and backward action and median hop latency, in ms."""
+    from adaptive_pp.analysis import hop_latencies
+
+    f = [t.end - t.start for r in reports for t in r.timeline if t.kind == "F"]
+    b = [t.end - t.start for r in reports for t in r.timeline if t.kind == "B"]
+    hop = [statistics.median(hop_latencies(r)) for r in reports]
+    return tuple(1e3 * statistics.median(x) for x in (f, b, hop))  # type: ignore[return-value]
 
 
 def _pool(path: Path) -> Any:
@@ -91,6 +115,7 @@ def main() -> None:
     ns = p.parse_args()
     configs = ns.configs.split(",")
     walls: dict[str, list[float]] = {}
+    reports: dict[str, list[Any]] = {}
     with tempfile.TemporaryDirectory(prefix="adaptive_pp_ab_") as tmp:
         tree = Path(tmp) / "ref"
         git = ["git", "-C", str(ROOT)]
@@ -103,12 +128,11 @@ def main() -> None:
             for r in range(ns.rounds):
                 order = ["A", "B"] if r % 2 == 0 else ["B", "A"]
                 for config in configs:
-                    for side in order:
-                        got = run(pools[side], f"ours-{config}")
-                        walls.setdefault(f"{side} {config}", []).extend(got)
-                    walls.setdefault(f"torch {config}", []).extend(
-                        run(pools["B"], f"torch-{config}")
-                    )
+                    for who, side in [("ours", x) for x in order] + [("torch", "B")]:
+                        got, reps = run(pools[side], f"{who}-{config}")
+                        name = f"{side if who == 'ours' else 'torch'} {config}"
+                        walls.setdefault(name, []).extend(got)
+                        reports.setdefault(name, []).extend(reps)
                 print(f"round {r + 1}/{ns.rounds} done", flush=True)
         finally:
             for pool in pools.values():
@@ -124,6 +148,12 @@ def main() -> None:
             f"{config:9s} A {a * 1e3:7.1f} ms  B {b * 1e3:7.1f} ms  torch {t * 1e3:7.1f} ms  "
             f"B/A {b / a:.3f}  A/torch {a / t:.3f}  B/torch {b / t:.3f}"
         )
+    out["actions_ms"] = {}
+    for name, reps in reports.items():
+        if reps:
+            f, b, hop = _actions(reps)
+            out["actions_ms"][name] = {"forward": f, "backward": b, "hop": hop}
+            print(f"{name:15s} forward {f:5.2f} ms  backward {b:5.2f} ms  hop {hop:5.3f} ms")
     print(f"wrote {write_json('bench_ab', out)}")
 
 
