@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -102,33 +102,53 @@ class Partition:
         return cls.from_sizes([q + (1 if s < r else 0) for s in range(num_stages)])
 
     @classmethod
-    def balanced(cls, costs: Sequence[float], num_stages: int) -> Partition:
-        """A contiguous split minimising the most expensive stage (exact)."""
+    def balanced(
+        cls, costs: Sequence[float], num_stages: int, speeds: Sequence[float] | None = None
+    ) -> Partition:
+        """A contiguous split minimising the most expensive stage (exact).
+
+        ``speeds`` (one per stage, default all 1) scale what a stage's layers cost there: a
+        stage at 2.0 takes twice as long for the same layers (a slow device).
+        """
         n = len(costs)
         _check_stage_count(n, num_stages)
         _check_costs(costs, n)
+        k_of = [1.0] * num_stages if speeds is None else [float(x) for x in speeds]
+        if len(k_of) != num_stages:
+            raise ValueError(f"{len(k_of)} speeds for {num_stages} stages")
+        for s, x in enumerate(k_of):
+            if not math.isfinite(x) or x <= 0:
+                raise ValueError(f"speed of stage {s} must be a finite number > 0, got {x}")
+        uniform = len(set(k_of)) == 1
         prefix = [0.0, *accumulate(float(c) for c in costs)]
         # best[k][j]: least max-stage cost splitting layers 0..j-1 into k+1 non-empty stages.
-        best = [prefix[j] for j in range(n + 1)]
+        best = [k_of[0] * prefix[j] for j in range(n + 1)]
         cuts: list[list[int]] = []
         for k in range(1, num_stages):
             new = [math.inf] * (n + 1)
             cut = [0] * (n + 1)
+            speed = k_of[k]
             for j in range(k + 1, n + 1):
-                # best[i] rises with i and prefix[j] - prefix[i] falls: the optimum is where
-                # they cross; check both sides of the crossing.
-                lo, hi = k, j - 1
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if best[mid] >= prefix[j] - prefix[mid]:
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                for i in (lo - 1, lo):
-                    if k <= i <= j - 1:
-                        val = max(best[i], prefix[j] - prefix[i])
-                        if val < new[j]:
-                            new[j], cut[j] = val, i
+                if uniform:
+                    # best[i] rises with i and the last stage's cost falls: the optimum is
+                    # where they cross; check both sides of the crossing.
+                    lo, hi = k, j - 1
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        if best[mid] >= speed * (prefix[j] - prefix[mid]):
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    candidates: Iterable[int] = (i for i in (lo - 1, lo) if k <= i <= j - 1)
+                else:
+                    # With unequal speeds best[i] need not rise with i (one more layer can let
+                    # a fast stage take a slow one's load): scan every first layer, earliest
+                    # wins ties.
+                    candidates = range(k, j)
+                for i in candidates:
+                    val = max(best[i], speed * (prefix[j] - prefix[i]))
+                    if val < new[j]:
+                        new[j], cut[j] = val, i
             best = new
             cuts.append(cut)
         bounds = [n]

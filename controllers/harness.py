@@ -29,7 +29,6 @@ from adaptive_pp.simulator import Costs, simulate
 
 from .base import Controller
 from .estimates import compiled_schedule
-from .search import balanced
 
 
 @dataclass(frozen=True)
@@ -237,7 +236,7 @@ def best_plan(scenario: Scenario, plan: Plan, step: int) -> tuple[Plan, float]:
     """
     fwd = scenario.expected_forward(step, plan.microbatches)
     speeds = scenario.stage_speeds(step, plan.num_stages)
-    best = Plan(balanced(fwd, plan.num_stages, speeds), plan.microbatches, plan.schedule)
+    best = Plan(Partition.balanced(fwd, plan.num_stages, speeds), plan.microbatches, plan.schedule)
     return best, true_step_time(scenario, best, step)
 
 

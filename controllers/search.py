@@ -51,39 +51,6 @@ def stage_loads(
     return loads if speeds is None else [k * x for k, x in zip(speeds, loads, strict=True)]
 
 
-def balanced(
-    costs: Sequence[float], num_stages: int, speeds: Sequence[float] | None = None
-) -> Partition:
-    """An exact min-max split of layer ``costs`` over stages running at ``speeds``.
-
-    Equal speeds give ``Partition.balanced``; otherwise a dynamic program over (stage, first
-    layer of the next stage), O(S x L^2), ties to the earliest boundaries.
-    """
-    if speeds is None or len(set(speeds)) <= 1:
-        return Partition.balanced(costs, num_stages)
-    if len(speeds) != num_stages:
-        raise ValueError(f"{len(speeds)} speeds for {num_stages} stages")
-    n = len(costs)
-    Partition.even(n, num_stages)  # raises unless every stage can get a layer
-    prefix = [0.0, *accumulate(float(c) for c in costs)]
-    # best[j]: least max stage cost placing layers 0..j-1 on the stages so far.
-    best = [speeds[0] * prefix[j] if j else math.inf for j in range(n + 1)]
-    cuts: list[list[int]] = []
-    for k in range(1, num_stages):
-        new, cut = [math.inf] * (n + 1), [0] * (n + 1)
-        for j in range(k + 1, n + 1):
-            for i in range(k, j):
-                val = max(best[i], speeds[k] * (prefix[j] - prefix[i]))
-                if val < new[j]:
-                    new[j], cut[j] = val, i
-        best = new
-        cuts.append(cut)
-    bounds = [n]
-    for c in reversed(cuts):
-        bounds.append(c[bounds[-1]])
-    return Partition((0, *reversed(bounds)))
-
-
 def near_balanced(
     costs: Sequence[float],
     num_stages: int,
@@ -97,7 +64,7 @@ def near_balanced(
     share of what is left first, so when there are more than ``limit`` the evener ones are kept.
     """
     k = [1.0] * num_stages if speeds is None else [float(x) for x in speeds]
-    best = balanced(costs, num_stages, speeds)
+    best = Partition.balanced(costs, num_stages, speeds)
     cap = max(stage_loads(best, costs, k)) * (1.0 + slack) * (1.0 + 1e-12)
     prefix = [0.0, *accumulate(float(c) for c in costs)]
     # inv[s]: sum of 1 / speed over stages s..; those stages can take cap x inv[s] of base cost.

@@ -45,7 +45,7 @@ from controllers.harness import (
     run,
     true_step_time,
 )
-from controllers.search import balanced, stage_loads
+from controllers.search import stage_loads
 
 
 # Load adaptive_pp's submodules without running the package __init__ (which brings in the
@@ -188,7 +188,7 @@ def test_balanced_with_stage_speeds_is_the_exact_min_max(
     costs: list[float], stages: int, speeds: list[float]
 ) -> None:
     k = speeds[:stages]
-    got = max(stage_loads(balanced(costs, stages, k), costs, k))
+    got = max(stage_loads(Partition.balanced(costs, stages, k), costs, k))
     brute = min(max(stage_loads(p, costs, k)) for p in _splits(len(costs), stages))
     assert got == pytest.approx(brute, rel=1e-12)
 

@@ -50,6 +50,46 @@ def test_balanced_is_optimal(costs: list[float], data: st.DataObject) -> None:
     assert worst == pytest.approx(brute_force_min_max(costs, num_stages), rel=1e-9, abs=1e-12)
 
 
+@given(costs=costs_st, data=st.data())
+def test_balanced_with_stage_speeds_is_optimal(costs: list[float], data: st.DataObject) -> None:
+    """A stage at speed k takes k x its layers' costs; the split minimises the costliest."""
+    num_stages = data.draw(st.integers(1, len(costs)))
+    speeds = data.draw(
+        st.lists(st.sampled_from([0.5, 1.0, 1.5, 3.0]), min_size=num_stages, max_size=num_stages)
+    )
+    part = Partition.balanced(costs, num_stages, speeds)
+    assert part.num_stages == num_stages and part.num_layers == len(costs)
+
+    def worst(p: Partition) -> float:
+        return max(k * c for k, c in zip(speeds, p.stage_costs(costs), strict=True))
+
+    n = len(costs)
+    brute = min(
+        worst(Partition((0, *cuts, n))) for cuts in combinations(range(1, n), num_stages - 1)
+    )
+    assert worst(part) == pytest.approx(brute, rel=1e-9, abs=1e-12)
+
+
+def test_balanced_with_speeds_lets_a_fast_stage_take_more() -> None:
+    """Stage 0 at twice the speed: [1, 2 | 1 | 1] (1.5) beats every split that gives stage 1 the
+    2 (2.0); splitting fewer layers can cost more here, which is why unequal speeds scan."""
+    part = Partition.balanced([1.0, 2.0, 1.0, 1.0], 3, [0.5, 1.0, 1.0])
+    assert part.bounds == (0, 2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("speeds", "pattern"),
+    [
+        ([1.0], "1 speeds for 2 stages"),
+        ([1.0, 0.0], "speed of stage 1"),
+        ([math.inf, 1.0], "stage 0"),
+    ],
+)
+def test_balanced_speed_errors(speeds: list[float], pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        Partition.balanced([1.0, 2.0, 3.0], 2, speeds)
+
+
 @pytest.mark.parametrize(
     ("costs", "num_stages", "best", "bounds"),
     [
