@@ -187,8 +187,8 @@ class StageWorker:
         step: int,
         log: StageLog,
     ) -> None:
-        # One autograd graph per micro-batch; a gradient hook on every segment boundary
-        # timestamps the backward, so per-layer backward time costs no extra backward calls.
+        # One autograd graph per micro-batch; gradient hooks on the segment boundaries (see
+        # _hooked) timestamp the backward, so per-layer backward time costs no extra calls.
         h = x.requires_grad_() if x.is_floating_point() and self.up is not None else x
         marks: list[float] = []
         boundaries = [h]
