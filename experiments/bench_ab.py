@@ -74,16 +74,6 @@ def run(pool: Any, kind: str) -> tuple[list[float], list[Any]]:
     return list(ranks[0]["walls"][1:]), reps
 
 
-def _actions(reports: list[Any]) -> tuple[float, float, float]:
-    """Median forward and backward action and median hop latency, in ms."""
-    from adaptive_pp.analysis import hop_latencies
-
-    f = [t.end - t.start for r in reports for t in r.timeline if t.kind == "F"]
-    b = [t.end - t.start for r in reports for t in r.timeline if t.kind == "B"]
-    hop = [statistics.median(hop_latencies(r)) for r in reports]
-    return tuple(1e3 * statistics.median(x) for x in (f, b, hop))  # type: ignore[return-value]
-
-
 def _pool(path: Path) -> Any:
     """A pool of 4 ranks importing adaptive_pp, controllers and experiments from ``path``."""
     saved = list(sys.path)
@@ -148,10 +138,12 @@ def main() -> None:
             f"{config:9s} A {a * 1e3:7.1f} ms  B {b * 1e3:7.1f} ms  torch {t * 1e3:7.1f} ms  "
             f"B/A {b / a:.3f}  A/torch {a / t:.3f}  B/torch {b / t:.3f}"
         )
+    from experiments import bench_runtime
+
     out["actions_ms"] = {}
     for name, reps in reports.items():
         if reps:
-            f, b, hop = _actions(reps)
+            f, b, hop = bench_runtime.action_medians(reps)
             out["actions_ms"][name] = {"forward": f, "backward": b, "hop": hop}
             print(f"{name:15s} forward {f:5.2f} ms  backward {b:5.2f} ms  hop {hop:5.3f} ms")
     print(f"wrote {write_json('bench_ab', out)}")

@@ -119,6 +119,14 @@ def _median_ms(xs: list[float]) -> float:
     return 1e3 * statistics.median(xs) if xs else float("nan")
 
 
+def action_medians(reports: list[StepReport]) -> tuple[float, float, float]:
+    """Median forward action, backward action and (per step) hop latency, in ms."""
+    f = [t.end - t.start for r in reports for t in r.timeline if t.kind == "F"]
+    b = [t.end - t.start for r in reports for t in r.timeline if t.kind == "B"]
+    hop = [statistics.median(hop_latencies(r)) for r in reports]
+    return _median_ms(f), _median_ms(b), _median_ms(hop)
+
+
 def decompose(
     reports: dict[str, list[dict[str, Any]]], med: dict[str, float], s: int, m: int
 ) -> dict[str, Any]:
@@ -135,14 +143,12 @@ def decompose(
         reps = [StepReport.from_dict(r) for r in reports[kind]]
         if not reps:
             continue
-        f = [t.end - t.start for r in reps for t in r.timeline if t.kind == "F"]
-        b = [t.end - t.start for r in reps for t in r.timeline if t.kind == "B"]
-        hop = [statistics.median(hop_latencies(r)) for r in reps]
+        f, b, hop = action_medians(reps)
         free = [replay_measured(r, [0.0] * (s - 1)) for r in reps]
         row = {
-            "forward_ms": _median_ms(f),
-            "backward_ms": _median_ms(b),
-            "hop_ms": _median_ms(hop),
+            "forward_ms": f,
+            "backward_ms": b,
+            "hop_ms": hop,
             "free_comm_step_ms": _median_ms([r.step_time for r in free]),
             "free_comm_bubble": statistics.median(r.bubble_fraction for r in free),
         }
