@@ -53,9 +53,8 @@ def run(pool: Any, kind: str) -> tuple[list[float], list[Any]]:
     rank resolves them in the tree its pool imports from. Reports (ours, or torch's from the
     timings of its stage's chunks) come for ``1f1b`` / ``gpipe`` only.
     """
-    from adaptive_pp.report import StepReport
     from experiments import bench_adaptive, bench_runtime
-    from experiments.common import timeline_report
+    from experiments.common import run_reports
 
     who, config = kind.split("-")
     if config == "slowbest":
@@ -63,15 +62,7 @@ def run(pool: Any, kind: str) -> tuple[list[float], list[Any]]:
         return list(walls[bench_adaptive.SLOW_FROM + 2 :]), []
     setup = bench_runtime.SETUP
     ranks = pool.run(bench_runtime._job, kind, setup, STEPS, timeout=900)
-    if "timeline" in ranks[0]:
-        m = setup["microbatches"]
-        reps = [
-            timeline_report([r["timeline"][k] for r in ranks], config, m, k)
-            for k in range(1, STEPS)
-        ]
-    else:
-        reps = [StepReport.from_dict(d) for d in ranks[0]["reports"][1:]]
-    return list(ranks[0]["walls"][1:]), reps
+    return list(ranks[0]["walls"][1:]), run_reports(ranks, config, setup["microbatches"])
 
 
 def _pool(path: Path) -> Any:

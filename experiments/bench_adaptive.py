@@ -110,7 +110,7 @@ def best_offline(m: int) -> Partition:
 
 
 def _job(kind: str, bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float) -> dict[str, Any]:
-    if kind.startswith("torch"):
+    if kind == "torch":
         return run_torch(bounds, steps, m, fwd_ms)
     return run_ours(bounds, steps, m, fwd_ms, adaptive=(kind == "adaptive"))
 
@@ -128,7 +128,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=45, help="steps of each adaptive run")
     p.add_argument(
-        "--rounds", type=int, default=2, help="rounds of the three runs, order reversed each round"
+        "--rounds", type=int, default=2, help="rounds of the four runs, order reversed each round"
     )
     p.add_argument("--quick", action="store_true")
     ns = p.parse_args()

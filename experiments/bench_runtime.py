@@ -25,7 +25,7 @@ from adaptive_pp.launch import WorkerPool
 from adaptive_pp.report import StepReport
 from adaptive_pp.schedules import make_schedule
 from adaptive_pp.simulator import Costs, bubble_exact, simulate
-from experiments.common import timeline_report, torch_pipeline_walls, write_json
+from experiments.common import run_reports, torch_pipeline_walls, write_json
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
 SETUP: dict[str, Any] = dict(
@@ -93,24 +93,18 @@ def _job(kind: str, args: dict[str, Any], steps: int) -> dict[str, Any]:
 
 def compare(
     pool: WorkerPool, args: dict[str, Any], rounds: int, steps: int
-) -> tuple[dict[str, list[float]], dict[str, list[dict[str, Any]]]]:
-    """Every configuration in alternating rounds on ``pool``: step walls and our reports.
+) -> tuple[dict[str, list[float]], dict[str, list[StepReport]]]:
+    """Every configuration in alternating rounds on ``pool``: step walls and step reports.
 
     Each run takes ``steps + 1`` steps; its first step warms up and is dropped.
     """
     walls: dict[str, list[float]] = {k: [] for k in CONFIGS}
-    reports: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS}
+    reports: dict[str, list[StepReport]] = {k: [] for k in CONFIGS}
     for rnd in range(rounds):
         for kind in CONFIGS:
             ranks = pool.run(_job, kind, args, steps + 1, timeout=600)
             walls[kind] += ranks[0]["walls"][1:]
-            reports[kind] += ranks[0]["reports"][1:]
-            if "timeline" in ranks[0]:  # torch's: one report per step from every rank's chunks
-                sched = kind.split("-")[1]
-                for k in range(1, steps + 1):
-                    per_rank = [r["timeline"][k] for r in ranks]
-                    rep = timeline_report(per_rank, sched, args["microbatches"], k)
-                    reports[kind].append(rep.to_dict())
+            reports[kind] += run_reports(ranks, kind.split("-")[1], args["microbatches"])
         print(f"round {rnd + 1}/{rounds} done", flush=True)
     return walls, reports
 
@@ -128,7 +122,7 @@ def action_medians(reports: list[StepReport]) -> tuple[float, float, float]:
 
 
 def decompose(
-    reports: dict[str, list[dict[str, Any]]], med: dict[str, float], s: int, m: int
+    reports: dict[str, list[StepReport]], med: dict[str, float], s: int, m: int
 ) -> dict[str, Any]:
     """Where each runtime's step goes, from its timelines; and what free communication gives.
 
@@ -140,7 +134,7 @@ def decompose(
     out: dict[str, Any] = {}
     print("\nwhere the step goes (medians over steps; EMULATED kernels):")
     for kind in CONFIGS:
-        reps = [StepReport.from_dict(r) for r in reports[kind]]
+        reps = reports[kind]
         if not reps:
             continue
         f, b, hop = action_medians(reps)
@@ -216,7 +210,7 @@ def main() -> None:
             f"   ratio ours/torch {ratio:.3f} (target <= 0.95)"
         )
     for sched in ("1f1b", "gpipe"):
-        reps = [StepReport.from_dict(r) for r in reports[f"ours-{sched}"]]
+        reps = reports[f"ours-{sched}"]
         bubble = statistics.median(r.bubble_fraction for r in reps)
         flush = statistics.median(r.step_time for r in reps)
         # Prediction from the durations the run measured (kernel + framework time per action),

@@ -290,6 +290,20 @@ def _time_chunks(stage: Any, records: list[tuple[str, int, float, float]]) -> No
     stage.backward_one_chunk = timed("B", "bwd_chunk_id", stage.backward_one_chunk)
 
 
+def run_reports(ranks: Sequence[dict[str, Any]], schedule: str, microbatches: int) -> list[Any]:
+    """The StepReports of one benchmark run past its warm-up step: rank 0's ``reports`` (ours)
+    or, from every rank's ``timeline`` (torch's, see ``torch_pipeline_walls``), one per step."""
+    from adaptive_pp.report import StepReport
+
+    if "timeline" not in ranks[0]:
+        return [StepReport.from_dict(d) for d in ranks[0]["reports"][1:]]
+    steps = len(ranks[0]["timeline"])
+    return [
+        timeline_report([r["timeline"][k] for r in ranks], schedule, microbatches, k)
+        for k in range(1, steps)
+    ]
+
+
 def timeline_report(
     per_rank: Sequence[Sequence[tuple[str, int, float, float]]],
     schedule: str,
