@@ -6,13 +6,31 @@ length is affine in the micro-batch size, ``launch + per_sample * batch``, with 
 forward by default (as measured for GPT blocks on an H100; see DESIGN.md). ``slowdown`` scales a
 layer at run time to inject skew. Every figure produced with these says so.
 
+**Timing model.** On an accelerator the host launches a layer's kernels asynchronously, so the
+layer's own host work (Python, autograd bookkeeping, here also the small real math) overlaps its
+device time. Each emulated call is therefore a *window*: it sleeps until ``duration`` has passed
+since the window opened, not ``duration`` after the host work. The forward window opens when the
+module's forward starts; the backward window opens when the gradient reaches the module's output
+and closes on an identity node on the module's first parameter, whose gradient is the last one
+autograd computes for the module. A window opened before the thread's last emulated sleep ended
+counts from that wake-up instead, so recomputation under activation checkpointing (a forward
+window inside a backward one) is paid in full. Host work outside any window (the runtime's own:
+sends, receives, bookkeeping) is never hidden. With no parameter that requires a gradient the
+backward sleeps its whole duration at the output. Sleeps aim at their deadline: on Linux each
+sleeping thread asks for a 1 µs timer slack (``prctl``; default 50 µs), and each thread wakes
+its sleeps early by its running mean lateness (about 50 µs per sleep on these machines).
+
 ``EmulatedLayer`` (Linear + tanh) saves only its boundaries for backward; ``EmulatedFFN`` (a
 residual width -> hidden -> width block) also saves its hidden activations, like a transformer
-block. ``emulated_time`` is the sleep itself, for other modules (``adaptive_pp.moe``).
+block. ``Window`` is the timing itself, for other modules (``adaptive_pp.moe``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -21,29 +39,102 @@ import torch
 from torch import nn
 
 BACKWARD_RATIO = 2.4
+_PR_SET_TIMERSLACK = 29
 
 
-class _Sleep(torch.autograd.Function):
-    """Identity whose forward sleeps ``fwd`` s and backward sleeps ``bwd`` s."""
+class _ThreadClock(threading.local):
+    """Per thread: when its last emulated sleep ended, and whether its timer slack is set."""
+
+    woke = 0.0
+    late = 0.0  # running mean of how late a sleep wakes up, aimed off the next one
+    slack_set = False
+
+
+_clock = _ThreadClock()
+
+
+def _set_timer_slack() -> None:
+    """Ask Linux for a 1 µs timer slack on this thread (default 50 µs); elsewhere nothing."""
+    _clock.slack_set = True
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no libc prctl: keep the default
+            ctypes.CDLL(None).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+
+
+def sleep_window(opened: float, duration: float) -> None:
+    """Sleep until ``duration`` s after the window ``opened`` (or after this thread last woke)."""
+    if duration <= 0:
+        return
+    if not _clock.slack_set:
+        _set_timer_slack()
+    deadline = max(opened, _clock.woke) + duration
+    left = deadline - time.perf_counter() - _clock.late
+    if left > 0:
+        time.sleep(left)
+        _clock.late += 0.1 * (time.perf_counter() - deadline)
+    _clock.woke = time.perf_counter()
+
+
+class Window:
+    """One emulated call: a forward window from creation, a backward window set up by ``close``."""
+
+    def __init__(self) -> None:
+        self.opened = time.perf_counter()
+        self.backward_opened = 0.0
+        self.backward_s = 0.0
+        self.anchored = False
+
+    def anchor(self, param: torch.Tensor) -> torch.Tensor:
+        """``param`` through an identity whose backward closes the backward window."""
+        if not (param.requires_grad and torch.is_grad_enabled()):
+            return param
+        self.anchored = True
+        out: torch.Tensor = _CloseBackward.apply(param, self)  # type: ignore[no-untyped-call]
+        return out
+
+    def wait_forward(self, forward_s: float) -> None:
+        """Sleep out the rest of the forward window."""
+        sleep_window(self.opened, forward_s)
+
+    def close(self, y: torch.Tensor, forward_s: float, backward_s: float) -> torch.Tensor:
+        """Sleep out the forward window; ``y``'s gradient opens a ``backward_s`` window."""
+        self.backward_s = backward_s
+        if backward_s > 0 and y.requires_grad and torch.is_grad_enabled():
+            y = _OpenBackward.apply(y, self)  # type: ignore[no-untyped-call]
+        self.wait_forward(forward_s)
+        return y
+
+
+class _OpenBackward(torch.autograd.Function):
+    """Identity whose backward opens the window (and sleeps it whole when nothing is anchored)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fwd: float, bwd: float) -> torch.Tensor:
-        ctx.bwd = bwd
-        if fwd > 0:
-            time.sleep(fwd)
-        return x.view_as(x)
+    def forward(ctx: Any, y: torch.Tensor, window: Window) -> torch.Tensor:
+        ctx.window = window
+        return y.view_as(y)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        if ctx.bwd > 0:
-            time.sleep(ctx.bwd)
-        return grad, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        window: Window = ctx.window
+        window.backward_opened = time.perf_counter()
+        if not window.anchored:
+            sleep_window(window.backward_opened, window.backward_s)
+        return grad, None
 
 
-def emulated_time(x: torch.Tensor, forward_s: float, backward_s: float) -> torch.Tensor:
-    """``x`` after ``forward_s`` of emulated kernel time; its backward takes ``backward_s``."""
-    y: torch.Tensor = _Sleep.apply(x, forward_s, backward_s)  # type: ignore[no-untyped-call]
-    return y
+class _CloseBackward(torch.autograd.Function):
+    """Identity on a parameter whose backward sleeps out the module's backward window."""
+
+    @staticmethod
+    def forward(ctx: Any, param: torch.Tensor, window: Window) -> torch.Tensor:
+        ctx.window = window
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        window: Window = ctx.window
+        sleep_window(window.backward_opened, window.backward_s)
+        return grad, None
 
 
 class Emulated(nn.Module):
@@ -71,9 +162,9 @@ class Emulated(nn.Module):
             self.slowdown * (self.backward_s + ratio * extra),
         )
 
-    def timed(self, y: torch.Tensor, batch: int) -> torch.Tensor:
-        """``y`` after the emulated kernel time of a micro-batch of ``batch`` samples."""
-        return emulated_time(y, *self.durations(batch))
+    def timed(self, window: Window, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """``y`` once the forward window of a ``batch``-sample call is out; backward's set up."""
+        return window.close(y, *self.durations(batch))
 
 
 class EmulatedLayer(Emulated):
@@ -91,8 +182,13 @@ class EmulatedLayer(Emulated):
         self.linear = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Real math, then the emulated kernel time."""
-        return self.timed(torch.tanh(self.linear(x)), x.shape[0])
+        """Real math inside the emulated kernel's window."""
+        if self.durations(x.shape[0]) == (0.0, 0.0):
+            return torch.tanh(self.linear(x))
+        window = Window()
+        weight = window.anchor(self.linear.weight)
+        y = torch.tanh(nn.functional.linear(x, weight, self.linear.bias))
+        return self.timed(window, y, x.shape[0])
 
 
 class EmulatedFFN(Emulated):
@@ -100,10 +196,9 @@ class EmulatedFFN(Emulated):
 
     Unlike EmulatedLayer it keeps internal activations for backward (the hidden pre-activation
     and the GELU output, 2 x hidden per token against width at its boundary), as transformer
-    blocks do: the layer activation checkpointing pays off on. The forward's emulated time comes
-    before the math, so a checkpointed block's recomputation (which stops once the tensors
-    backward needs exist) pays it again, as on a real device; the backward's comes first in
-    backward.
+    blocks do: the layer activation checkpointing pays off on. The forward window is slept out
+    before ``fc2`` packs the last tensor backward needs, so a checkpointed block's recomputation
+    (which stops once those tensors exist) pays it again, as on a real device.
     """
 
     def __init__(
@@ -120,10 +215,16 @@ class EmulatedFFN(Emulated):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Emulated forward time, then the real math; backward time first in backward."""
+        """Real math inside the emulated kernel's window (see the class docstring)."""
         fwd, bwd = self.durations(x.shape[0])
-        h = emulated_time(x, fwd, 0.0)
-        return emulated_time(h + self.fc2(nn.functional.gelu(self.fc1(h))), 0.0, bwd)
+        if (fwd, bwd) == (0.0, 0.0):
+            plain: torch.Tensor = x + self.fc2(nn.functional.gelu(self.fc1(x)))
+            return plain
+        window = Window()
+        weight = window.anchor(self.fc1.weight)
+        hidden = nn.functional.gelu(nn.functional.linear(x, weight, self.fc1.bias))
+        window.wait_forward(fwd)
+        return window.close(x + self.fc2(hidden), 0.0, bwd)
 
 
 def emulated_mlp(

@@ -10,7 +10,8 @@ gate_j * expert_j(x)``. Gradients reach the input, the experts that got tokens a
 Time model (DESIGN.md, H100 calibration): the experts are spread over devices inside the stage
 (expert parallelism), so the stage waits for its busiest expert and the block's emulated time is
 affine in the **max tokens per expert**, ``launch + per_token * max_load`` forward and 2.4x that
-backward (``adaptive_pp.emulation``'s sleep; ``slowdown`` applies too). Balanced routing gives
+backward (an ``adaptive_pp.emulation`` window: routing and dispatch run inside it; ``slowdown``
+applies too). Balanced routing gives
 max_load ~ tokens * k / experts; skewed routing up to tokens (k <= experts / 2: every token
 sends one of its k slots to the hot expert).
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .emulation import Emulated
+from .emulation import Emulated, Window
 
 
 class Expert(nn.Module):
@@ -67,9 +68,12 @@ class MoEBlock(Emulated):
         self.skew, self.hot = skew, hot
         self.last_load: tuple[int, ...] = (0,) * experts
 
-    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(
+        self, tokens: torch.Tensor, window: Window | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token (rows of ``tokens``): the top-k expert indices and their gates (sum 1)."""
-        logits = self.router(tokens)
+        weight = self.router.weight if window is None else window.anchor(self.router.weight)
+        logits = nn.functional.linear(tokens, weight, self.router.bias)
         if self.skew:
             bias = torch.zeros(self.num_experts, dtype=logits.dtype, device=logits.device)
             bias[self.hot] = self.skew
@@ -84,8 +88,9 @@ class MoEBlock(Emulated):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Route, dispatch, run the experts, combine; then the busiest expert's emulated time."""
+        window = Window()
         tokens = x.reshape(-1, x.shape[-1])
-        idx, gates = self.route(tokens)
+        idx, gates = self.route(tokens, window)
         out = torch.zeros_like(tokens)
         for e, expert in enumerate(self.experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)
@@ -94,7 +99,7 @@ class MoEBlock(Emulated):
             y = expert(tokens[tok]) * gates[tok, slot].unsqueeze(-1)
             out = out.index_add(0, tok, y)
         self.last_load = self.load(idx)
-        return self.timed(x + out.reshape(x.shape), max(self.last_load))
+        return self.timed(window, x + out.reshape(x.shape), max(self.last_load))
 
     def balanced_load(self, tokens: int) -> float:
         """Tokens per expert when routing is perfectly even: tokens * k / experts."""

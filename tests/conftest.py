@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.errors import InvalidArgument
 
+from adaptive_pp import emulation
 from adaptive_pp.launch import WorkerPool
 
 settings.register_profile("dev", max_examples=60, deadline=None)
@@ -68,3 +69,35 @@ def pools() -> Iterator[PoolFor]:
     yield get
     for pool in made.values():
         pool.close()
+
+
+class FakeClock:
+    """Stands in for ``time`` in ``adaptive_pp.emulation``: sleeps advance it and are recorded."""
+
+    def __init__(self, oversleep: float = 0.0) -> None:
+        self.now = 1000.0
+        self.oversleep = oversleep
+        self.slept: list[float] = []
+
+    def perf_counter(self) -> float:
+        """The fake time."""
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        """Record the request; the clock moves on by it (plus ``oversleep``)."""
+        self.slept.append(seconds)
+        self.now += seconds + self.oversleep
+
+    def spend(self, seconds: float) -> None:
+        """Host work: time passes without a sleep."""
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """A FakeClock driving emulated kernels, with this thread's emulation clock state reset."""
+    clock = FakeClock()
+    monkeypatch.setattr(emulation, "time", clock)
+    monkeypatch.setattr(emulation._clock, "woke", 0.0)
+    monkeypatch.setattr(emulation._clock, "late", 0.0)
+    return clock

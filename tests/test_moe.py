@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_pp import emulation
 from adaptive_pp.moe import MoEBlock
 
 
@@ -94,17 +94,15 @@ def test_skew_raises_the_max_load() -> None:
     assert block.balanced_load(512) == 128
 
 
-def test_emulated_time_follows_the_busiest_expert(monkeypatch: pytest.MonkeyPatch) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr(emulation.time, "sleep", slept.append)
+def test_emulated_time_follows_the_busiest_expert(fake_clock: FakeClock) -> None:
     block = _block(forward_s=1e-3, per_token_s=1e-5)
     x = torch.randn(64, 16, requires_grad=True)
     for skew in (0.0, 8.0):
-        slept.clear()
+        fake_clock.slept.clear()
         block.skew = skew
         block(x).sum().backward()
         peak = max(block.last_load)
-        assert slept == pytest.approx([1e-3 + 1e-5 * peak, 2.4 * (1e-3 + 1e-5 * peak)])
+        assert fake_clock.slept == pytest.approx([1e-3 + 1e-5 * peak, 2.4 * (1e-3 + 1e-5 * peak)])
     assert max(block.last_load) == 64  # the skewed run sent every token to the hot expert
 
 
