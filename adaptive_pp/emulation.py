@@ -18,7 +18,8 @@ window inside a backward one) is paid in full. Host work outside any window (the
 sends, receives, bookkeeping) is never hidden. With no parameter that requires a gradient the
 backward sleeps its whole duration at the output. Sleeps aim at their deadline: on Linux each
 sleeping thread asks for a 1 µs timer slack (``prctl``; default 50 µs), and each thread wakes
-its sleeps early by its running mean lateness (about 50 µs per sleep on these machines).
+its sleeps early by its running mean lateness (about 50 µs per sleep on these machines), by at
+most half the sleep, so a burst of late wake-ups (a busy core) cannot zero the kernels.
 
 ``EmulatedLayer`` (Linear + tanh) saves only its boundaries for backward; ``EmulatedFFN`` (a
 residual width -> hidden -> width block) also saves its hidden activations, like a transformer
@@ -46,7 +47,7 @@ class _ThreadClock(threading.local):
     """Per thread: when its last emulated sleep ended, and whether its timer slack is set."""
 
     woke = 0.0
-    late = 0.0  # running mean of how late a sleep wakes up, aimed off the next one
+    late = 0.0  # running mean of how much later than asked a sleep wakes up
     slack_set = False
 
 
@@ -68,10 +69,12 @@ def sleep_window(opened: float, duration: float) -> None:
     if not _clock.slack_set:
         _set_timer_slack()
     deadline = max(opened, _clock.woke) + duration
-    left = deadline - time.perf_counter() - _clock.late
+    left = deadline - time.perf_counter()
     if left > 0:
-        time.sleep(left)
-        _clock.late += 0.1 * (time.perf_counter() - deadline)
+        asked = max(left - _clock.late, left / 2)  # aim off by the mean lateness, at most half
+        t0 = time.perf_counter()
+        time.sleep(asked)
+        _clock.late += 0.1 * (time.perf_counter() - t0 - asked - _clock.late)
     _clock.woke = time.perf_counter()
 
 

@@ -129,6 +129,23 @@ def test_sleeps_aim_off_their_mean_lateness(monkeypatch: pytest.MonkeyPatch) -> 
     assert abs(errors[-1]) < 1e-6  # wakes on the deadline once the lateness is learnt
 
 
+def test_a_burst_of_late_wakeups_is_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock(oversleep=5e-3)  # a busy core: every sleep wakes 5 ms late
+    monkeypatch.setattr(emulation, "time", clock)
+    monkeypatch.setattr(emulation._clock, "woke", 0.0)
+    monkeypatch.setattr(emulation._clock, "late", 0.0)
+    for _ in range(50):
+        emulation.sleep_window(clock.now, 1e-3)
+    assert min(clock.slept) == pytest.approx(0.5e-3)  # never aims off more than half
+    clock.oversleep = 0.0
+    errors = []
+    for _ in range(200):
+        opened = clock.now
+        emulation.sleep_window(opened, 1e-3)
+        errors.append(clock.now - (opened + 1e-3))
+    assert abs(errors[-1]) < 1e-6  # back on the deadline once the core is free
+
+
 @pytest.mark.parametrize("make", [lambda: EmulatedLayer(6, 1e-4), lambda: EmulatedFFN(6, 10, 1e-4)])
 def test_the_window_leaves_the_math_unchanged(make: Any, fake_clock: FakeClock) -> None:
     torch.manual_seed(0)
