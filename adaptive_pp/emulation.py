@@ -33,7 +33,7 @@ import ctypes
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -92,8 +92,7 @@ class Window:
         if not (param.requires_grad and torch.is_grad_enabled()):
             return param
         self.anchored = True
-        out: torch.Tensor = _CloseBackward.apply(param, self)  # type: ignore[no-untyped-call]
-        return out
+        return _on_backward(param, self._close_backward)
 
     def wait_forward(self, forward_s: float) -> None:
         """Sleep out the rest of the forward window."""
@@ -103,41 +102,39 @@ class Window:
         """Sleep out the forward window; ``y``'s gradient opens a ``backward_s`` window."""
         self.backward_s = backward_s
         if backward_s > 0 and y.requires_grad and torch.is_grad_enabled():
-            y = _OpenBackward.apply(y, self)  # type: ignore[no-untyped-call]
+            y = _on_backward(y, self._open_backward)
         self.wait_forward(forward_s)
         return y
 
+    def _open_backward(self) -> None:
+        """The gradient reached the output: the window opens (slept whole if nothing anchored)."""
+        self.backward_opened = time.perf_counter()
+        if not self.anchored:
+            sleep_window(self.backward_opened, self.backward_s)
 
-class _OpenBackward(torch.autograd.Function):
-    """Identity whose backward opens the window (and sleeps it whole when nothing is anchored)."""
-
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, window: Window) -> torch.Tensor:
-        ctx.window = window
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        window: Window = ctx.window
-        window.backward_opened = time.perf_counter()
-        if not window.anchored:
-            sleep_window(window.backward_opened, window.backward_s)
-        return grad, None
+    def _close_backward(self) -> None:
+        """The anchored parameter's gradient is done: sleep out the backward window."""
+        sleep_window(self.backward_opened, self.backward_s)
 
 
-class _CloseBackward(torch.autograd.Function):
-    """Identity on a parameter whose backward sleeps out the module's backward window."""
+class _OnBackward(torch.autograd.Function):
+    """Identity that calls ``hook()`` when the gradient passes through it."""
 
     @staticmethod
-    def forward(ctx: Any, param: torch.Tensor, window: Window) -> torch.Tensor:
-        ctx.window = window
-        return param.view_as(param)
+    def forward(ctx: Any, x: torch.Tensor, hook: Callable[[], None]) -> torch.Tensor:
+        ctx.hook = hook
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        window: Window = ctx.window
-        sleep_window(window.backward_opened, window.backward_s)
+        ctx.hook()
         return grad, None
+
+
+def _on_backward(x: torch.Tensor, hook: Callable[[], None]) -> torch.Tensor:
+    """``x`` through an ``_OnBackward`` identity."""
+    out: torch.Tensor = _OnBackward.apply(x, hook)  # type: ignore[no-untyped-call]
+    return out
 
 
 class Emulated(nn.Module):

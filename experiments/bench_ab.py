@@ -11,7 +11,9 @@ the same round, so machine drift hits all three alike. Configurations:
 
 Prints medians and B/A, A/torch, B/torch, then (``1f1b`` / ``gpipe``) each side's median forward
 and backward action and hop latency, steadier than the step ratio for small changes; writes
-results/bench_ab/bench_ab.json.
+results/bench_ab/bench_ab.json. Each side runs its own tree's emulated kernels: when REF's
+``adaptive_pp/emulation.py`` differs from the working tree's (e.g. REF before the windowed
+kernels of 52c9fad), B/A measures the emulation too, and the benchmark says so.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from experiments.common import write_json
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6  # per bench_runtime run; the first is dropped
 SLOW_STEPS = 12  # per slowbest run; the steps from 2 after the slowdown are kept
+EMULATION = "adaptive_pp/emulation.py"  # the kernels both sides run: warned about if they differ
 
 
 @functools.cache
@@ -104,6 +107,15 @@ def main() -> None:
         commit = subprocess.run(
             [*git, "rev-parse", ns.ref], check=True, capture_output=True, text=True
         ).stdout.strip()
+        emulation_differs = (
+            subprocess.run([*git, "diff", "--quiet", commit, "--", EMULATION]).returncode != 0
+        )
+        if emulation_differs:
+            print(
+                f"WARNING: {EMULATION} differs between {ns.ref} and the working tree: A and B "
+                "run different emulated kernels, so B/A measures the emulation too",
+                flush=True,
+            )
         pools = {"A": _pool(tree), "B": _pool(ROOT)}
         try:
             for r in range(ns.rounds):
@@ -121,7 +133,13 @@ def main() -> None:
             subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
     med = {k: statistics.median(v) for k, v in walls.items()}
     print(f"EMULATED kernels; A = {ns.ref} ({commit[:10]}), B = working tree; medians per config")
-    out: dict[str, Any] = {"ref": ns.ref, "commit": commit, "median_step_s": med, "ratios": {}}
+    out: dict[str, Any] = {
+        "ref": ns.ref,
+        "commit": commit,
+        "emulation_differs": emulation_differs,
+        "median_step_s": med,
+        "ratios": {},
+    }
     for config in configs:
         a, b, t = med[f"A {config}"], med[f"B {config}"], med[f"torch {config}"]
         out["ratios"][config] = {"B/A": b / a, "A/torch": a / t, "B/torch": b / t}

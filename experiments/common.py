@@ -99,7 +99,7 @@ def kernel_note(launch_s: float, per_sample_s: float, samples: int) -> str:
 
     fwd = launch_s + per_sample_s * samples
     return (
-        f"EMULATED kernels (sleep): per layer forward {launch_s * 1e3:.3g} ms + "
+        f"EMULATED kernels (sleep windows): per layer forward {launch_s * 1e3:.3g} ms + "
         f"{per_sample_s * 1e3:.3g} ms/sample = {fwd * 1e3:.3g} ms at {samples} samples, "
         f"backward {BACKWARD_RATIO}x = {BACKWARD_RATIO * fwd * 1e3:.3g} ms"
     )
