@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from adaptive_pp.comm import (
     EXCHANGE_CAPACITY,
-    INITIAL_CAPACITY,
+    FRAME_CAPACITY,
+    HEADER_BYTES,
     Header,
     Kind,
     Link,
@@ -44,15 +45,18 @@ def exchange_job() -> list[Any]:
 
 
 def tensors() -> list[torch.Tensor]:
-    """What rank 0 sends rank 1: small, empty, bfloat16, and one larger than the buffers."""
+    """What rank 0 sends rank 1: small, empty, bfloat16, larger than a frame, both sides of it."""
     g = torch.Generator().manual_seed(3)
-    big = INITIAL_CAPACITY // 4 + 1000  # float32 elements: over the initial receive capacity
+    big = FRAME_CAPACITY // 4 + 1000  # float32 elements: over a frame, so sent on its own
     return [
         torch.randn(4, 5, generator=g),
         torch.empty(0, 3),
         torch.randn(2, 3, 4, generator=g).to(torch.bfloat16),
         torch.randn(big, generator=g),
         torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        # the last payload that fits in a frame with its header, and the first that does not
+        torch.randint(0, 255, (FRAME_CAPACITY - HEADER_BYTES,), dtype=torch.uint8, generator=g),
+        torch.randint(0, 255, (FRAME_CAPACITY - HEADER_BYTES + 1,), dtype=torch.uint8, generator=g),
     ]
 
 

@@ -59,7 +59,7 @@ def test_json_exchanges_deliver_every_size(pools: PoolFor) -> None:
 
 @pytest.mark.multiprocess
 def test_link_delivers_any_order_dtype_and_size(pools: PoolFor) -> None:
-    """Frames arrive intact, bigger ones after a capacity raise, taken in any order."""
+    """Frames arrive intact, payloads bigger than a frame sent on their own, in any order."""
     sender, out = pools(2).run(link_job, timeout=120)
     assert "complex64" in sender["refused"]
     assert out["equal"] == [True] * len(tensors())
