@@ -240,11 +240,11 @@ class Link:
         if self._send_error is not None:  # the link already failed: flush says so
             return
         try:
-            self._send_now(header, values, payload.detach())
+            self._send_now(values, payload.detach())
         except Exception as exc:
             self._send_error = exc
 
-    def _send_now(self, header: Header, values: list[int], payload: torch.Tensor) -> None:
+    def _send_now(self, values: list[int], payload: torch.Tensor) -> None:
         data = payload.contiguous().reshape(-1).view(torch.uint8)
         separate = _separate(data.numel())
         # Filled through numpy views: a few microseconds less per message than torch indexing.

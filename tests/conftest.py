@@ -93,11 +93,15 @@ class FakeClock:
         self.now += seconds
 
 
+def drive_emulation(mp: pytest.MonkeyPatch, clock: FakeClock) -> FakeClock:
+    """Let ``clock`` drive emulated kernels, with this thread's emulation clock state reset."""
+    mp.setattr(emulation, "time", clock)
+    mp.setattr(emulation._clock, "woke", 0.0)
+    mp.setattr(emulation._clock, "late", 0.0)
+    return clock
+
+
 @pytest.fixture
 def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """A FakeClock driving emulated kernels, with this thread's emulation clock state reset."""
-    clock = FakeClock()
-    monkeypatch.setattr(emulation, "time", clock)
-    monkeypatch.setattr(emulation._clock, "woke", 0.0)
-    monkeypatch.setattr(emulation._clock, "late", 0.0)
-    return clock
+    """A FakeClock driving emulated kernels (see ``drive_emulation``)."""
+    return drive_emulation(monkeypatch, FakeClock())

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FakeClock
+from conftest import FakeClock, drive_emulation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -65,10 +65,7 @@ def test_a_call_takes_the_longer_of_host_work_and_kernel_time(
     host_f: float, host_b: float, fwd: float
 ) -> None:
     with pytest.MonkeyPatch.context() as mp:
-        clock = FakeClock()
-        mp.setattr(emulation, "time", clock)
-        mp.setattr(emulation._clock, "woke", 0.0)
-        mp.setattr(emulation._clock, "late", 0.0)
+        clock = drive_emulation(mp, FakeClock())
         probe = _Probe(clock, (host_f, host_b), fwd)
         f, b = _timed_step(clock, probe, torch.ones(2, 3, requires_grad=True))
     assert f == pytest.approx(max(host_f, fwd), abs=1e-12)
@@ -116,10 +113,7 @@ def test_checkpointed_recomputation_pays_the_forward_again(fake_clock: FakeClock
 
 
 def test_sleeps_aim_off_their_mean_lateness(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock(oversleep=5e-5)
-    monkeypatch.setattr(emulation, "time", clock)
-    monkeypatch.setattr(emulation._clock, "woke", 0.0)
-    monkeypatch.setattr(emulation._clock, "late", 0.0)
+    clock = drive_emulation(monkeypatch, FakeClock(oversleep=5e-5))
     errors = []
     for _ in range(80):
         opened = clock.now
@@ -130,10 +124,7 @@ def test_sleeps_aim_off_their_mean_lateness(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_a_burst_of_late_wakeups_is_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock(oversleep=5e-3)  # a busy core: every sleep wakes 5 ms late
-    monkeypatch.setattr(emulation, "time", clock)
-    monkeypatch.setattr(emulation._clock, "woke", 0.0)
-    monkeypatch.setattr(emulation._clock, "late", 0.0)
+    clock = drive_emulation(monkeypatch, FakeClock(oversleep=5e-3))  # busy core: 5 ms late
     for _ in range(50):
         emulation.sleep_window(clock.now, 1e-3)
     assert min(clock.slept) == pytest.approx(0.5e-3)  # never aims off more than half
