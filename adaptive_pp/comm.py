@@ -151,10 +151,19 @@ class Link:
     by side with emulated kernels as windows: hop 0.78 -> 0.35 ms, 1F1B step 0.978, GPipe 1.000).
     """
 
-    def __init__(self, me: int, peer: int, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        me: int,
+        peer: int,
+        group: dist.ProcessGroup | None = None,
+        fault: Callable[[], BaseException | None] | None = None,
+    ) -> None:
         self.me, self.peer, self.group = me, peer, group
-        self._box: dict[tuple[Kind, int], Message] = {}
-        self._cond = threading.Condition()
+        self.round = 0
+        #: Another rank's failure to raise instead of waiting (see adaptive_pp.control).
+        self.fault = fault
+        self._box: dict[tuple[Kind, int, int], Message] = {}
+        self.cond = threading.Condition()
         self._error: BaseException | None = None
         self._closed_by_peer = False
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
@@ -172,9 +181,9 @@ class Link:
             try:
                 header = Header.from_values(raw[:HEADER_BYTES].view(np.int64).tolist())
                 if header.kind == Kind.STOP:
-                    with self._cond:
+                    with self.cond:
                         self._closed_by_peer = True
-                        self._cond.notify_all()
+                        self.cond.notify_all()
                     return
                 nbytes = _nbytes(header.shape, header.dtype)
                 separate = _separate(nbytes)  # then the payload follows, straight into place
@@ -198,9 +207,10 @@ class Link:
                 self._unreadable(exc)
                 return
             msg = Message(header, payload, time.perf_counter())
-            with self._cond:
-                self._box[(header.kind, header.microbatch)] = msg
-                self._cond.notify_all()
+            with self.cond:
+                if header.step >= self.round:  # older rounds were aborted: dropped
+                    self._box[(header.kind, header.step, header.microbatch)] = msg
+                    self.cond.notify_all()
 
     def _recv(self, into: torch.Tensor) -> bool:
         """Receive the next message into ``into``; False once the peer is gone (handed over)."""
@@ -224,12 +234,15 @@ class Link:
 
     def _hand_over(self, exc: BaseException) -> None:
         """Give the receiver thread's error to the stage thread (raised by ``take``)."""
-        with self._cond:
+        with self.cond:
             self._error = exc
-            self._cond.notify_all()
+            self.cond.notify_all()
 
-    def reset_log(self) -> None:
-        """Start a new step's arrival/consumption log."""
+    def begin(self, rnd: int) -> None:
+        """Start round ``rnd`` (a step, a decision): drop what is left of earlier rounds."""
+        with self.cond:
+            self.round = rnd
+            self._box = {k: v for k, v in self._box.items() if k[1] >= rnd}
         self.log = LinkLog()
 
     def send(self, header: Header, payload: torch.Tensor) -> None:
@@ -290,11 +303,14 @@ class Link:
 
     def take(self, kind: Kind, microbatch: int, timeout: float, what: str) -> Message:
         """Block until message (kind, microbatch) has arrived; log wait and queue times."""
-        key = (kind, microbatch)
+        key = (kind, self.round, microbatch)
         t0 = time.perf_counter()
         deadline = t0 + timeout
-        with self._cond:
+        with self.cond:
             while key not in self._box:
+                fault = self.fault() if self.fault is not None else None
+                if fault is not None:
+                    raise fault
                 if isinstance(self._error, PipelineError):
                     raise self._error
                 if self._error is not None or self._closed_by_peer:
@@ -317,7 +333,7 @@ class Link:
                         peer=self.peer,
                         microbatch=microbatch,
                     )
-                self._cond.wait(min(left, 1.0))
+                self.cond.wait(min(left, 1.0))
             msg = self._box.pop(key)
         now = time.perf_counter()
         if kind in (Kind.ACT, Kind.GRAD):

@@ -26,6 +26,15 @@ class PipelineConfig:
     """Seconds the process group waits for every rank to join (and for collectives)."""
     recv_timeout: float = 300.0
     """Seconds a stage waits for one message before it reports the peer as stuck."""
+    heartbeat_timeout: float | None = 10.0
+    """Seconds without a heartbeat after which a stage is named frozen or dead on every rank
+    (None: no heartbeats; a frozen stage is then found by recv_timeout alone)."""
+    heartbeat_interval: float = 1.0
+    """Seconds between two heartbeats of a rank (sent from a thread of their own)."""
+    kill_frozen: bool = True
+    """Kill (SIGKILL) a stage named frozen when it runs on the same host as the rank that
+    noticed, so that torchrun or launch ends the job at once (a stopped process cannot act on
+    SIGTERM; torchrun waits 30 s for it). Turn off to attach a debugger that stops a rank."""
     run_dir: str | None = None
     """If set, every step's report is appended to RUN_DIR/reports.jsonl (rank 0 writes)."""
     device: str = "auto"

@@ -66,7 +66,12 @@ def _call(rank: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[int
         from .errors import PeerGone
 
         text = str(exc)
-        secondary = isinstance(exc, PeerGone) or any(m in text for m in _PEER_GONE_MARKS)
+        # Raised because another rank failed: that rank's error is the root cause.
+        secondary = (
+            isinstance(exc, PeerGone)
+            or bool(getattr(exc, "remote", False))
+            or any(m in text for m in _PEER_GONE_MARKS)
+        )
         failure = RankFailure(rank, type(exc).__name__, text, traceback.format_exc(), secondary)
         return rank, False, failure
 

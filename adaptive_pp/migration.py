@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from .comm import Header, Kind, Link, all_gather_json, json_tensor, tensor_json
+from .comm import Header, Kind, Link, json_tensor, tensor_json
 from .decisions import Decision, Keep, MoveLayers, Plan, SetMicrobatches, apply, describe, to_dict
-from .errors import PipelineError, VersionMismatch
+from .errors import DecisionMismatch, PipelineError, VersionMismatch
 from .layerstate import layer_name, load_module_state, module_state, optimizer_state
 from .simulator import Costs, simulate
 
@@ -87,10 +87,11 @@ def _agree(pipe: Pipeline, decision: Decision) -> None:
         "partition": list(pipe.partition.bounds),
         "m": pipe.microbatches,
     }
-    views = all_gather_json(mine)
+    views = pipe.control.all_gather(mine, "the decision agreement")
     if any(v != views[0] for v in views):
-        raise PipelineError(
-            f"stage {pipe.stage}: ranks disagree on {describe(decision)}: {views}; refused"
+        raise DecisionMismatch(
+            f"stage {pipe.stage}: ranks disagree on {describe(decision)}: {views}; refused",
+            stage=pipe.stage,
         )
 
 
@@ -117,10 +118,11 @@ def _link_to(pipe: Pipeline, peer: int) -> Link:
     return link
 
 
-def _send_json(link: Link, ident: int, obj: Any, step: int, version: int) -> None:
+def _send_json(link: Link, ident: int, obj: Any, version: int) -> None:
     data = json_tensor(obj)
     link.send(
-        Header(Kind.CONTROL, ident, step, version, -1, -1, torch.uint8, (data.numel(),)), data
+        Header(Kind.CONTROL, ident, link.round, version, -1, -1, torch.uint8, (data.numel(),)),
+        data,
     )
 
 
@@ -146,10 +148,12 @@ def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
             carried, nbytes = _receive_layers(pipe, link, names, timeout)
         except (PipelineError, KeyError, ValueError) as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"
-        _send_json(link, ACK, {"ok": ok, "error": error}, pipe.step_count, pipe.worker.version)
+        _send_json(link, ACK, {"ok": ok, "error": error}, pipe.worker.version)
         link.flush()
     t_moved = time.perf_counter()
-    votes = all_gather_json({"ok": ok, "error": error, "bytes": nbytes})
+    votes = pipe.control.all_gather(
+        {"ok": ok, "error": error, "bytes": nbytes}, "the migration vote"
+    )
     t_voted = time.perf_counter()
     nbytes = max(int(v["bytes"]) for v in votes)
     failed = [v["error"] for v in votes if not v["ok"]]
@@ -202,14 +206,11 @@ def _send_layers(pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module]
         link,
         MANIFEST,
         {"entries": entries, "versions": versions},
-        pipe.step_count,
         pipe.worker.version,
     )
     for i, t in enumerate(tensors):
         link.send(
-            Header(
-                Kind.STATE, i, pipe.step_count, pipe.worker.version, -1, -1, t.dtype, tuple(t.shape)
-            ),
+            Header(Kind.STATE, i, link.round, pipe.worker.version, -1, -1, t.dtype, tuple(t.shape)),
             t.cpu(),
         )
     link.flush()

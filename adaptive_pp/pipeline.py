@@ -16,9 +16,11 @@ from opentelemetry import metrics, trace
 from torch import nn
 
 from . import checkpoint
-from .comm import Link, all_gather_json, broadcast_json, collective
+from .comm import Link, collective
 from .config import PipelineConfig
+from .control import Control
 from .decisions import Decision, Keep, MoveLayers, Plan, describe, from_dict, to_dict
+from .errors import BatchError, PipelineError
 from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
 from .migration import MigrationAborted, apply_decision
 from .partition import Partition
@@ -79,10 +81,10 @@ def _device(name: str) -> torch.device:
 
 
 def split_batch(batch: torch.Tensor, microbatches: int, what: str) -> list[torch.Tensor]:
-    """Split along dim 0 into equal micro-batches; ValueError if it does not divide."""
+    """Split along dim 0 into equal micro-batches; BatchError (a ValueError) if it does not."""
     size = batch.shape[0]
     if size % microbatches != 0:
-        raise ValueError(
+        raise BatchError(
             f"the {what} batch has {size} samples, which does not split into {microbatches} "
             f"equal micro-batches; use a batch size divisible by M={microbatches} or change M"
         )
@@ -130,8 +132,19 @@ class Pipeline:
         for i, block in enumerate(self.blocks):
             if i not in self.partition.layers(s):
                 block.to("meta")  # a twin without storage: materialised if it migrates here
-        up = Link(s, s - 1) if s > 0 else None
-        down = Link(s, s + 1) if s < self.num_stages - 1 else None
+        self.control = Control(
+            s,
+            world,
+            interval=cfg.heartbeat_interval,
+            timeout=cfg.heartbeat_timeout,
+            wait_timeout=cfg.recv_timeout,
+        )
+        fault = self.control.fault
+        up = Link(s, s - 1, fault=fault) if s > 0 else None
+        down = Link(s, s + 1, fault=fault) if s < self.num_stages - 1 else None
+        for ln in (up, down):
+            if ln is not None:
+                self.control.watch(ln.cond)
         self.worker = StageWorker(
             s,
             self.num_stages,
@@ -148,6 +161,9 @@ class Pipeline:
         )
         self.step_count = 0
         self._closed = False
+        self._phase = "done"  # of the current step: "check" inputs, "run" actions, "done"
+        self._rng = torch.get_rng_state()
+        self._buffer_versions: dict[str, int] = {}
         structlog.contextvars.bind_contextvars(rank=self.rank, stage=s)
         self.telemetry = Telemetry(
             s,
@@ -156,6 +172,7 @@ class Pipeline:
             meter_provider=meter_provider,
         )
         collective("start-up", dist.barrier)
+        self.control.start(kill_frozen=cfg.kill_frozen)
         self.epoch = time.perf_counter()
 
     def _segments(self, partition: Partition) -> list[Segment]:
@@ -177,6 +194,16 @@ class Pipeline:
         the old plan), SetMicrobatches changes M. The next step's report lists the change, or
         the refusal (ValueError for an invalid decision, MigrationAborted), which is re-raised.
         """
+        self._begin()
+        try:
+            return self._apply(decision)
+        except (MigrationAborted, ValueError):
+            raise
+        except BaseException as exc:
+            self._failed(exc, undoable=False)
+            raise
+
+    def _apply(self, decision: Decision) -> str | None:
         t0 = time.perf_counter()
         kind = "migration" if isinstance(decision, MoveLayers) else "microbatches.change"
         attrs = {
@@ -215,13 +242,20 @@ class Pipeline:
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Checkpoint every stage (all ranks call it); ``extra`` (controller state) rides along."""
+        self._begin()
         if self.controller is not None:
             extra = {**(extra or {}), "controller": self.controller.state_dict()}
         return checkpoint.save(self, path, extra)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Resume from a checkpoint saved with any stage count or partition; return its meta."""
+        """Resume from a checkpoint saved with any stage count or partition; return its meta.
+
+        Also the way back from a poisoned pipeline: once every rank has loaded, steps work.
+        """
+        self._begin(recovering=True)
         meta = checkpoint.load(self, path)
+        self._clear_step()  # what a failed step may have left: stash, gradients
+        self.control.cure()
         if self.controller is not None and "controller" in meta["extra"]:
             self.controller.load_state_dict(meta["extra"]["controller"])
         return meta
@@ -247,41 +281,129 @@ class Pipeline:
         return self.worker.is_last
 
     def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> StepOutput:
-        """Forward and backward over all micro-batches, then the optimizer; every rank calls it."""
+        """Forward and backward over all micro-batches, then the optimizer; every rank calls it.
+
+        A failure on any rank fails the step on every rank, with the same error. If no rank
+        can have applied its optimizer yet (a bad batch, a failure during the forward pass,
+        a NaN loss), the step is undone everywhere (``error.undone``) and the next step is
+        correct. Otherwise the pipeline is poisoned: later steps raise PipelinePoisoned until
+        a checkpoint is loaded.
+        """
+        self._begin()
         structlog.contextvars.bind_contextvars(step=self.step_count)
+        self._phase = "check"
+        self._rng = torch.get_rng_state()
+        self._buffer_versions = {name: b._version for name, b in self._buffers()}
         with self.telemetry.step(
             self.step_count, self.microbatches, self.schedule.name, self.partition.bounds
         ) as span:
-            out = self._step(inputs, targets)
-            self.telemetry.record(span, out.report)
-            if self.controller is not None:
-                self._consult(out.report)
+            try:
+                out = self._step(inputs, targets)
+                self.telemetry.record(span, out.report)
+                if self.controller is not None:
+                    self._consult(out.report)
+            except BaseException as exc:
+                self._failed(exc, undoable=self._undoable())
+                raise
         return out
+
+    def _begin(self, *, recovering: bool = False) -> int:
+        """Start a round on every link and the control plane (PipelinePoisoned if poisoned)."""
+        rnd = self.control.begin(recovering=recovering)
+        for ln in (self.worker.up, self.worker.down):
+            if ln is not None:
+                ln.begin(rnd)
+        return rnd
+
+    def _undoable(self) -> bool:
+        """Whether a failure here, now, leaves every rank's optimizer untouched.
+
+        Every rank's last action needs this rank's last forward output (downstream) or its
+        last input gradient (upstream): until this rank has sent them, no rank can finish.
+        """
+        if self._phase == "check":
+            return True
+        if self._phase != "run":
+            return False
+        return self.is_last or self.worker.forwards_done < self.microbatches
+
+    def _failed(self, exc: BaseException, *, undoable: bool) -> None:
+        """Fail this round on every rank: tell the peers, undo the step here or poison."""
+        remote = isinstance(exc, PipelineError) and exc.remote
+        undone = exc.undone if isinstance(exc, PipelineError) and remote else undoable
+        if undone:
+            problem = self._undo()
+            if problem is not None:  # cannot be undone here after all: nobody may go on
+                self.control.poison(problem)
+                undone = False
+        if not remote:
+            if isinstance(exc, PipelineError):
+                exc.undone = undone
+            self.control.notify(exc, undone=undone)
+        log.warning(
+            "step.failed",
+            error=f"{type(exc).__name__}: {exc}",
+            undone=undone,
+            remote=remote,
+        )
+
+    def _clear_step(self) -> None:
+        """Drop the stash and the gradients of a step that did not complete."""
+        self.worker.discard()
+        for module in self.worker.named_segments().values():
+            for p in module.parameters():
+                p.grad = None
+
+    def _undo(self) -> PipelineError | None:
+        """Put this rank back as it was before the step; an error if that is impossible."""
+        self._clear_step()
+        torch.set_rng_state(self._rng)
+        changed = [
+            name
+            for name, b in self._buffers()
+            if b._version != self._buffer_versions.get(name, b._version)
+        ]
+        if changed:
+            return PipelineError(
+                f"stage {self.rank} cannot undo the failed step: its forward pass changed "
+                f"buffer {changed[0]} (batch-norm statistics?)",
+                stage=self.rank,
+            )
+        return None
+
+    def _buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return [
+            (f"{name}.{b}", t)
+            for name, module in self.worker.named_segments().items()
+            for b, t in module.named_buffers()
+        ]
 
     def _step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> StepOutput:
         m_count = self.microbatches
         t0 = time.perf_counter()
-        batch = inputs if inputs is not None else targets
-        if batch is not None:
-            self.last_batch_size = int(batch.shape[0])
         ins = (
             split_batch(inputs, m_count, "input") if inputs is not None and self.rank == 0 else None
         )
         tgts = split_batch(targets, m_count, "target") if targets is not None else None
         if self.rank == 0 and ins is None:
-            raise ValueError("stage 0 needs the inputs: pass them to step() on rank 0")
+            raise BatchError("stage 0 needs the inputs: pass them to step() on rank 0", stage=0)
         if self.is_last and tgts is None:
-            raise ValueError(f"stage {self.rank} computes the loss: pass the targets to step()")
-        links = [ln for ln in (self.worker.up, self.worker.down) if ln is not None]
-        for ln in links:
-            ln.reset_log()
+            raise BatchError(
+                f"stage {self.rank} computes the loss: pass the targets to step()", stage=self.rank
+            )
+        batch = inputs if inputs is not None else targets
+        if batch is not None:
+            self.last_batch_size = int(batch.shape[0])
+        self._phase = "run"
         stage_log = self.worker.run(
             self.schedule.stages[self.rank],
             ins,
             tgts if self.is_last else None,
-            self.step_count,
+            self.control.round,
             t0,
         )
+        self._phase = "done"
+        links = [ln for ln in (self.worker.up, self.worker.down) if ln is not None]
         for ln in links:
             ln.flush()
         t_opt = time.perf_counter()
@@ -290,7 +412,7 @@ class Pipeline:
             self.optimizer.zero_grad(set_to_none=True)
         self.worker.version += 1
         local = local_part(self, stage_log, t0, time.perf_counter() - t_opt)
-        report = merge_parts(self, all_gather_json(local), time.perf_counter() - t0)
+        report = merge_parts(self, self.control.all_gather(local), time.perf_counter() - t0)
         self.pending_events, self.change_s = [], 0.0
         self.step_count += 1
         if self.config.run_dir is not None and self.rank == 0:
@@ -320,12 +442,12 @@ class Pipeline:
         """Rank 0's controller decides; every rank applies the same decision now."""
         assert self.controller is not None
         mine = to_dict(self.controller.decide(report, self.plan)) if self.rank == 0 else None
-        decision = from_dict(broadcast_json(mine))
+        decision = from_dict(self.control.broadcast(mine, what="the decision broadcast"))
         if isinstance(decision, Keep):
             return
         log.info("decision", step=report.step, decision=describe(decision), reason=decision.reason)
         try:
-            self.apply(decision)
+            self._apply(decision)
         except (MigrationAborted, ValueError) as exc:
             # Refused or aborted (apply noted it for the next report): the old plan stays.
             log.warning("decision.refused", decision=describe(decision), error=str(exc))
@@ -342,6 +464,7 @@ class Pipeline:
         for ln in (self.worker.up, self.worker.down):
             if ln is not None:
                 ln.close()
+        self.control.close()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

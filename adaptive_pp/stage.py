@@ -91,6 +91,9 @@ class StageWorker:
         self._live_bytes = 0
         self._weights: set[int] = set()
         self._range = (-1, -1)
+        self._sources: dict[int, Header] = {}
+        #: Forward actions completed (their output sent) in the step being run.
+        self.forwards_done = 0
 
     @property
     def is_last(self) -> bool:
@@ -112,9 +115,7 @@ class StageWorker:
     ) -> StageLog:
         """Run ``actions`` in order; inputs on stage 0, targets on the last stage."""
         log = StageLog()
-        self._stash.clear()
-        self._stash_bytes.clear()
-        self._live_bytes = 0
+        self.discard()
         self._weights = storage_ptrs(seg.module for seg in self.segments)
         self._range = self.layer_range()  # segments change only between steps
         m_count = len(actions) // 2
@@ -127,6 +128,7 @@ class StageWorker:
             t_start = time.perf_counter()
             if action.kind == "F":
                 self._forward(action.microbatch, x, targets, m_count, step, log)
+                self.forwards_done += 1
                 log.peak_stash = max(log.peak_stash, len(self._stash))
                 log.peak_stash_bytes = max(log.peak_stash_bytes, self._live_bytes)
             else:
@@ -140,6 +142,14 @@ class StageWorker:
             log.compute += t_end - t_start
             log.wait += t_start - t_req
         return log
+
+    def discard(self) -> None:
+        """Drop the step's stashed activations and graphs (a new step, or an aborted one)."""
+        self._stash.clear()
+        self._stash_bytes.clear()
+        self._live_bytes = 0
+        self.forwards_done = 0
+        self._sources.clear()
 
     def _check_version(self, header: Header, what: str) -> None:
         if header.version != self.version:
@@ -159,6 +169,7 @@ class StageWorker:
             return inputs[m].to(self.device)
         msg = self.up.take(Kind.ACT, m, self.recv_timeout, "activation")
         self._check_version(msg.header, "activation")
+        self._sources[m] = msg.header  # named if the first segment fails on it
         return msg.payload.to(self.device)
 
     def _output_grad(self, m: int) -> torch.Tensor | None:
@@ -168,11 +179,22 @@ class StageWorker:
         self._check_version(msg.header, "gradient")
         return msg.payload.to(self.device)
 
-    def _fail(self, name: str, layer: int, m: int, phase: str, exc: Exception) -> PipelineError:
+    def _source(self, m: int) -> str:
+        """Where micro-batch ``m``'s input came from ("" on the first stage)."""
+        h = self._sources.get(m)
+        if h is None or self.up is None:
+            return ""
+        producer = f"layers.{h.layer_hi}" if h.layer_hi >= 0 else "pre"
+        return f"its input {tuple(h.shape)} came from stage {self.up.peer}, {producer}"
+
+    def _fail(
+        self, name: str, layer: int, m: int, phase: str, exc: Exception, source: str = ""
+    ) -> PipelineError:
         if isinstance(exc, PipelineError):
             return exc
         return StageFailure(
-            f"stage {self.stage}, {name}, micro-batch {m}, {phase}: {type(exc).__name__}: {exc}",
+            f"stage {self.stage}, {name}, micro-batch {m}, {phase}: {type(exc).__name__}: {exc}"
+            + (f" ({source})" if source else ""),
             stage=self.stage,
             microbatch=m,
             layer=layer if layer >= 0 else None,
@@ -194,12 +216,15 @@ class StageWorker:
         boundaries = [h]
         meter = StashMeter(self._weights)
         with meter.hooks():
-            for seg in self.segments:
+            for i, seg in enumerate(self.segments):
                 t = time.perf_counter()
                 try:
                     h = self._call(seg.module, h)
                 except Exception as exc:
-                    raise self._fail(seg.name, seg.layer, m, "forward", exc) from exc
+                    # The stage's first segment names where its input came from (a shape that
+                    # does not fit is the producer's as much as the consumer's).
+                    source = self._source(m) if i == 0 else ""
+                    raise self._fail(seg.name, seg.layer, m, "forward", exc, source) from exc
                 _add(log.layer_forward, seg.layer, time.perf_counter() - t)
                 boundaries.append(h)
         if self.is_last:

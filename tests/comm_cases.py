@@ -76,6 +76,7 @@ def link_job() -> dict[str, Any]:
             link.send(Header(Kind.ACT, i, 7, 3, 0, 1, t.dtype, tuple(t.shape)), t)
         link.flush()
     else:
+        link.begin(7)  # the sender's round
         got = [link.take(Kind.ACT, i, 60.0, "activation") for i in reversed(range(len(sent)))]
         got.reverse()
         out["equal"] = [

@@ -110,11 +110,12 @@ def train_pipelined(
 
 
 def train_reference(
-    case: Case, m_from: dict[int, int] | None = None
+    case: Case, m_from: dict[int, int] | None = None, skip: frozenset[int] = frozenset()
 ) -> tuple[list[float], dict[str, torch.Tensor], Any]:
     """Single process, same micro-batch split and accumulation order as the pipeline.
 
-    ``m_from[k] = M`` switches to M micro-batches from step k on.
+    ``m_from[k] = M`` switches to M micro-batches from step k on; batches in ``skip`` are
+    left out (a loop that skips the batches whose step failed).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the stage processes: same kernels, same bits
@@ -125,6 +126,8 @@ def train_reference(
         m = case.microbatches
         for k, (x, y) in enumerate(batches(case)):
             m = (m_from or {}).get(k, m)
+            if k in skip:
+                continue
             total = 0.0
             for xm, ym in zip(
                 torch.split(x, len(x) // m), torch.split(y, len(y) // m), strict=True
@@ -141,10 +144,13 @@ def train_reference(
 
 
 def assert_matches_reference(
-    case: Case, ranks: list[dict[str, Any]], m_from: dict[int, int] | None = None
+    case: Case,
+    ranks: list[dict[str, Any]],
+    m_from: dict[int, int] | None = None,
+    skip: frozenset[int] = frozenset(),
 ) -> None:
     """Losses, parameters and optimizer state of every rank equal the single-process run's."""
-    ref_losses, ref_state, ref_opt = train_reference(case, m_from)
+    ref_losses, ref_state, ref_opt = train_reference(case, m_from, skip)
     ref_params = [p for g in ref_opt.param_groups for p in g["params"]]
     ref_by_name = dict(zip(ref_state.keys(), ref_params, strict=True))
     seen: set[str] = set()

@@ -89,7 +89,7 @@ def _failure(job) -> tuple[LaunchError, float]:
 
 def test_indivisible_batch_is_a_clear_error() -> None:
     err, _ = _failure(rc.job_indivisible_batch)
-    assert err.root.kind == "ValueError"
+    assert err.root.kind == "BatchError"  # a ValueError, raised on every rank
     assert "10 samples" in err.root.message and "M=4" in err.root.message
 
 
@@ -97,6 +97,8 @@ def test_shape_mismatch_names_stage_layer_and_microbatch() -> None:
     err, _ = _failure(rc.job_shape_mismatch)
     assert err.root.rank == 1 and err.root.kind == "StageFailure"
     assert "stage 1, layers.1, micro-batch 0, forward" in err.root.message
+    # ... and the layer that produced the input that does not fit
+    assert "its input (2, 8) came from stage 0, layers.0" in err.root.message
 
 
 def test_non_finite_loss_names_stage_and_microbatch() -> None:

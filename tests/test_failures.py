@@ -1,0 +1,95 @@
+"""Multi-process: a failed step fails on every rank and never desynchronises the pipeline;
+a frozen stage is named in seconds; a slow one is not; a Pipeline can be made again."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import failure_cases as fc
+import pytest
+import runtime_cases as rc
+
+from adaptive_pp.launch import LaunchError, launch
+
+pytestmark = pytest.mark.multiprocess
+STAGES = len(fc.CASE.bounds) - 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind"),
+    [("bad_batch", "BatchError"), ("no_targets", "BatchError"), ("nan", "NonFiniteLoss")],
+)
+def test_catch_and_continue_equals_the_reference_that_skips_the_batch(
+    fault: str, kind: str
+) -> None:
+    """Every rank raises the same error at the failing step, nobody advances, and the loop
+    that goes on ends torch.equal to one process that skipped that batch."""
+    ranks = launch(fc.job_catch_and_continue, STAGES, fault, timeout=120)
+    origin = {"bad_batch": 0, "no_targets": STAGES - 1, "nan": STAGES - 1}[fault]
+    for r, out in enumerate(ranks):
+        assert [e["step"] for e in out["errors"]] == [fc.AT], r
+        err = out["errors"][0]
+        assert err["kind"] == kind and err["undone"] is True
+        assert err["remote"] is (r != origin)
+        assert err["message"] == ranks[origin]["errors"][0]["message"]
+        assert err["value_error"] is (kind == "BatchError")
+    rc.assert_matches_reference(fc.CASE, ranks, skip=frozenset({fc.AT}))
+
+
+def test_a_failure_after_the_forward_pass_poisons_until_a_checkpoint_is_loaded(
+    tmp_path: Path,
+) -> None:
+    ranks = launch(fc.job_poisoned_then_reload, STAGES, str(tmp_path / "ckpt"), timeout=120)
+    for r, out in enumerate(ranks):
+        first, second = out["errors"]
+        assert (first["step"], first["kind"], first["undone"]) == (fc.AT, "StageFailure", False)
+        assert "stage 1, layers.3, micro-batch 3, backward" in first["message"], r
+        assert first["remote"] is (r != 1)
+        assert (second["step"], second["kind"]) == (fc.AT + 1, "PipelinePoisoned")
+        assert "Reload a checkpoint" in second["message"]
+        assert "stage 1" in second["message"]
+    rc.assert_matches_reference(fc.CASE, ranks, skip=frozenset({fc.AT, fc.AT + 1}))
+
+
+def test_a_frozen_stage_is_named_on_every_rank_within_15_s(tmp_path: Path) -> None:
+    """Default settings (recv_timeout 300 s): SIGSTOP on stage 2 mid-step."""
+    with pytest.raises(LaunchError) as info:
+        launch(fc.job_frozen, STAGES, str(tmp_path), timeout=120)
+    ended = time.time()
+    frozen_at = float((tmp_path / "frozen").read_text())
+    err = info.value
+    # A peer on the same host killed the frozen rank, so the job ended at once.
+    assert [f.rank for f in err.failures] == [2]
+    assert "died (signal SIGKILL)" in err.root.message
+    detected = []
+    for r in (0, 1, 3):
+        out = json.loads((tmp_path / f"rank-{r}").read_text())
+        assert out["kind"] == "StageFrozen", (r, out)
+        assert out["message"].startswith("stage 2 (rank 2)"), out["message"]
+        assert out["at"] - frozen_at < 15, r
+        detected.append(out["at"])
+    assert ended - max(detected) < 15
+
+
+def test_a_slow_stage_is_not_called_frozen() -> None:
+    """One forward computes for 4x the heartbeat timeout: the step completes, exactly."""
+    ranks = launch(fc.job_slow, STAGES, 1.5, 6.0, timeout=120)
+    case = rc.Case(**{**fc.CASE.__dict__, "steps": 3})
+    rc.assert_matches_reference(case, ranks)
+
+
+def test_a_pipeline_can_be_closed_and_made_again() -> None:
+    ranks = launch(fc.job_twice, STAGES, timeout=120)
+    for losses in ranks:
+        assert losses[:2] == losses[2:] == ranks[-1][:2]
+
+
+def test_ranks_asked_for_different_decisions_all_refuse() -> None:
+    ranks = launch(fc.job_disagree, STAGES, timeout=120)
+    for r, out in enumerate(ranks):
+        assert out["kind"] == "DecisionMismatch" and out["value_error"], r
+        assert out["stage"] == r and "disagree" in out["message"]
+        assert out["bounds"] == fc.CASE.bounds
+    assert len({out["loss"] for out in ranks}) == 1
