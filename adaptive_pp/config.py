@@ -41,6 +41,9 @@ class PipelineConfig:
     """"cpu", "cuda" or "auto" (cuda:LOCAL_RANK when CUDA is available)."""
     telemetry: bool = False
     """Emit OpenTelemetry spans and metrics (opentelemetry-api; no-op without an SDK)."""
+    trace_actions: bool = False
+    """With telemetry: child spans of each step for every forward, backward, wait and the
+    optimizer (made after the step from its timings; ~50 us per span, a diagnostic switch)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward (torch.utils.checkpoint) to save memory."""
 

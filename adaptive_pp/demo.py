@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -31,12 +32,25 @@ class Observe:
 def train_rank(
     steps: int, microbatches: int, schedule: str, observe: Observe | None = None
 ) -> float:
-    """Rank job: regression y = Wx + b on an 8-layer emulated MLP; rank 0 prints each step."""
+    """Rank job: regression y = Wx + b on an 8-layer emulated MLP; rank 0 prints each step.
+
+    With an OTLP endpoint, what was recorded is exported on the way out, error or not (the
+    rank's process may leave by ``os._exit``, which skips the SDK's own flush at exit).
+    """
     observe = observe or Observe()
     configure_logging(observe.log_format, observe.log_level)
-    otel = setup_otlp(
-        observe.otlp_endpoint, attributes={"adaptive_pp.rank": int(os.environ.get("RANK", 0))}
-    )
+    rank = int(os.environ.get("RANK", 0))
+    otel = setup_otlp(observe.otlp_endpoint, attributes={"adaptive_pp.rank": rank})
+    with otel if otel is not None else contextlib.nullcontext():
+        loss = _train(steps, microbatches, schedule, observe, telemetry=otel is not None)
+    if otel is not None and rank == 0:
+        print(f"exported spans and metrics to {otel.endpoint}", flush=True)
+    return loss
+
+
+def _train(
+    steps: int, microbatches: int, schedule: str, observe: Observe, *, telemetry: bool
+) -> float:
     torch.manual_seed(0)
     width, batch = 32, 32
     model = emulated_mlp(8, width, forward_s=2e-3)
@@ -44,7 +58,7 @@ def train_rank(
     cfg = PipelineConfig(
         microbatches=microbatches,
         schedule=schedule,
-        telemetry=otel is not None,
+        telemetry=telemetry,
         run_dir=observe.run_dir,
     )
     g = torch.Generator().manual_seed(1)
@@ -69,8 +83,4 @@ def train_rank(
             progress.close()
             print("\nlast step, per stage:")
             print("\n".join(stage_table(out.report)), flush=True)
-    if otel is not None:
-        otel.shutdown()
-        if pipe.stage == 0:
-            print(f"exported spans and metrics to {otel.endpoint}", flush=True)
     return out.loss if out is not None else float("nan")

@@ -110,6 +110,9 @@ def _serve(
             break
     results.close()
     results.join_thread()
+    from .otel import flush_global
+
+    flush_global()  # os._exit skips the SDK's own flush at exit
     # Leave at once: a process group whose peers died can block interpreter shutdown.
     os._exit(code)
 

@@ -3,6 +3,10 @@
 The library itself uses opentelemetry-api only; call ``setup_otlp`` in each stage process (or
 pass ``--otlp-endpoint`` to the CLI) to send its spans and metrics to a collector. Needs the
 ``otel`` extra (opentelemetry-sdk, opentelemetry-exporter-otlp-proto-grpc).
+
+Flushing: ``with setup_otlp(...) as otel:`` exports what is pending on the way out, error or not.
+The SDK's providers also flush themselves at interpreter exit (atexit), which a process leaving
+by ``os._exit`` skips: call ``flush_global()`` first.
 """
 
 from __future__ import annotations
@@ -11,28 +15,91 @@ import contextlib
 import os
 import subprocess
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
+import structlog
 from opentelemetry import metrics, trace
 
 ENV_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+log = structlog.get_logger("adaptive_pp.otel")
+_shut: weakref.WeakSet[Any] = weakref.WeakSet()  # providers shut down here (twice warns)
+
+
+def _shutdown(provider: Any, *timeout_ms: int) -> None:
+    if provider not in _shut:
+        _shut.add(provider)
+        provider.shutdown(*timeout_ms)
 
 
 @dataclass
 class OtlpSetup:
-    """The providers ``setup_otlp`` made; ``shutdown()`` flushes and stops both."""
+    """The providers ``setup_otlp`` made; ``shutdown()`` (or leaving a ``with``) flushes both."""
 
     endpoint: str
     tracer_provider: Any
     meter_provider: Any
 
     def shutdown(self) -> None:
-        """Export what is pending, then stop the exporters."""
-        self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
+        """Export what is pending, then stop the exporters (once; later calls do nothing)."""
+        try:
+            _shutdown(self.tracer_provider)
+        finally:
+            _shutdown(self.meter_provider)
+
+    def __enter__(self) -> OtlpSetup:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.shutdown()
+            return
+        try:  # an error is leaving the block: export what it left, and keep that error
+            self.shutdown()
+        except Exception as flush_error:
+            log.warning("otel.shutdown_failed", error=repr(flush_error))
+
+
+def flush_global(timeout_s: float = 5.0) -> None:
+    """Flush, then shut down, OpenTelemetry's global providers if they are the SDK's.
+
+    For a process about to leave by ``os._exit``, which skips the SDK's atexit shutdown. A
+    no-op with the API's default providers, without the SDK, or for providers already shut
+    down here (``OtlpSetup``). Best effort: failures are logged, not raised; ``timeout_s`` bounds
+    the flushes (an exporter's own timeout bounds its shutdown).
+    """
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:  # no SDK, so no SDK provider either
+        return
+    deadline = time.monotonic() + timeout_s
+
+    def left_ms() -> int:
+        return max(0, round((deadline - time.monotonic()) * 1e3))
+
+    tracers, meters = trace.get_tracer_provider(), metrics.get_meter_provider()
+    for provider, sdk in ((tracers, TracerProvider), (meters, MeterProvider)):
+        if not isinstance(provider, sdk) or provider in _shut:
+            continue
+        try:  # MeterProvider.shutdown exports a last collection itself, within its timeout;
+            # TracerProvider.shutdown has no timeout, so its spans are flushed with one first.
+            if isinstance(provider, MeterProvider):
+                _shutdown(provider, left_ms())
+            else:
+                provider.force_flush(left_ms())
+                _shutdown(provider)
+        except Exception as exc:
+            log.warning("otel.flush_failed", provider=sdk.__name__, error=repr(exc))
 
 
 def resolve_endpoint(endpoint: str | None) -> str | None:

@@ -13,6 +13,7 @@ import structlog
 import torch
 import torch.distributed as dist
 from opentelemetry import metrics, trace
+from opentelemetry.trace import Span
 from torch import nn
 
 from . import checkpoint
@@ -29,6 +30,7 @@ from .schedules import Schedule, make_schedule, validate
 from .stage import LossFn, Segment, StageWorker
 from .stepreport import local_part, merge_parts
 from .telemetry import Telemetry
+from .undo import StepMark, clear_gradients
 
 log = structlog.get_logger("adaptive_pp.pipeline")
 
@@ -162,17 +164,19 @@ class Pipeline:
         self.step_count = 0
         self._closed = False
         self._phase = "done"  # of the current step: "check" inputs, "run" actions, "done"
-        self._rng = torch.get_rng_state()
-        self._buffer_versions: dict[str, int] = {}
+        self._mark = StepMark.take({}, self.device)
         structlog.contextvars.bind_contextvars(rank=self.rank, stage=s)
         self.telemetry = Telemetry(
             s,
             enabled=cfg.telemetry or tracer_provider is not None or meter_provider is not None,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
+            detail=cfg.trace_actions,
         )
         collective("start-up", dist.barrier)
         self.control.start(kill_frozen=cfg.kill_frozen)
+        # Stage 0 sends each step's trace context when every rank records spans.
+        self._trace_steps = all(self.control.all_gather(self.telemetry.enabled, "start-up"))
         self.epoch = time.perf_counter()
 
     def _segments(self, partition: Partition) -> list[Segment]:
@@ -200,6 +204,7 @@ class Pipeline:
         except (MigrationAborted, ValueError):
             raise
         except BaseException as exc:
+            self.telemetry.error(type(exc).__name__)  # no step span counts it
             self._failed(exc, undoable=False)
             raise
 
@@ -254,7 +259,8 @@ class Pipeline:
         """
         self._begin(recovering=True)
         meta = checkpoint.load(self, path)
-        self._clear_step()  # what a failed step may have left: stash, gradients
+        self.worker.discard()  # what a failed step may have left: stash, gradients
+        clear_gradients(self.worker.named_segments())
         self.control.cure()
         if self.controller is not None and "controller" in meta["extra"]:
             self.controller.load_state_dict(meta["extra"]["controller"])
@@ -292,20 +298,35 @@ class Pipeline:
         self._begin()
         structlog.contextvars.bind_contextvars(step=self.step_count)
         self._phase = "check"
-        self._rng = torch.get_rng_state()
-        self._buffer_versions = {name: b._version for name, b in self._buffers()}
+        self._mark = StepMark.take(self.worker.named_segments(), self.device)
+        parent = self._trace_parent()
         with self.telemetry.step(
-            self.step_count, self.microbatches, self.schedule.name, self.partition.bounds
+            self.step_count,
+            self.microbatches,
+            self.schedule.name,
+            self.partition.bounds,
+            parent=parent,
         ) as span:
             try:
-                out = self._step(inputs, targets)
-                self.telemetry.record(span, out.report)
+                if self._trace_steps and self.rank == 0:
+                    self.control.broadcast(self.telemetry.carrier(), what="the trace context")
+                out = self._step(inputs, targets, span)
                 if self.controller is not None:
                     self._consult(out.report)
             except BaseException as exc:
                 self._failed(exc, undoable=self._undoable())
                 raise
         return out
+
+    def _trace_parent(self) -> dict[str, str] | None:
+        """Stage 0's step span context, for one trace per step across the ranks."""
+        if not self._trace_steps or self.rank == 0:
+            return None
+        try:
+            parent: dict[str, str] = self.control.broadcast(None, what="the trace context")
+        except PipelineError:
+            return None  # the step fails: raised again inside its span
+        return parent
 
     def _begin(self, *, recovering: bool = False) -> int:
         """Start a round on every link and the control plane (PipelinePoisoned if poisoned)."""
@@ -332,53 +353,28 @@ class Pipeline:
         remote = isinstance(exc, PipelineError) and exc.remote
         undone = exc.undone if isinstance(exc, PipelineError) and remote else undoable
         if undone:
-            problem = self._undo()
-            if problem is not None:  # cannot be undone here after all: nobody may go on
-                self.control.poison(problem)
+            self.worker.discard()
+            changed = self._mark.undo(self.worker.named_segments(), self.device)
+            if changed is not None:  # cannot be undone here after all: nobody may go on
+                self.control.poison(
+                    PipelineError(
+                        f"stage {self.rank} cannot undo the failed step: its forward pass "
+                        f"changed buffer {changed} (batch-norm statistics?)",
+                        stage=self.rank,
+                    )
+                )
                 undone = False
         if not remote:
             if isinstance(exc, PipelineError):
                 exc.undone = undone
             self.control.notify(exc, undone=undone)
         log.warning(
-            "step.failed",
-            error=f"{type(exc).__name__}: {exc}",
-            undone=undone,
-            remote=remote,
+            "step.failed", error=f"{type(exc).__name__}: {exc}", undone=undone, remote=remote
         )
 
-    def _clear_step(self) -> None:
-        """Drop the stash and the gradients of a step that did not complete."""
-        self.worker.discard()
-        for module in self.worker.named_segments().values():
-            for p in module.parameters():
-                p.grad = None
-
-    def _undo(self) -> PipelineError | None:
-        """Put this rank back as it was before the step; an error if that is impossible."""
-        self._clear_step()
-        torch.set_rng_state(self._rng)
-        changed = [
-            name
-            for name, b in self._buffers()
-            if b._version != self._buffer_versions.get(name, b._version)
-        ]
-        if changed:
-            return PipelineError(
-                f"stage {self.rank} cannot undo the failed step: its forward pass changed "
-                f"buffer {changed[0]} (batch-norm statistics?)",
-                stage=self.rank,
-            )
-        return None
-
-    def _buffers(self) -> list[tuple[str, torch.Tensor]]:
-        return [
-            (f"{name}.{b}", t)
-            for name, module in self.worker.named_segments().items()
-            for b, t in module.named_buffers()
-        ]
-
-    def _step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> StepOutput:
+    def _step(
+        self, inputs: torch.Tensor | None, targets: torch.Tensor | None, span: Span | None
+    ) -> StepOutput:
         m_count = self.microbatches
         t0 = time.perf_counter()
         ins = (
@@ -411,8 +407,19 @@ class Pipeline:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.worker.version += 1
-        local = local_part(self, stage_log, t0, time.perf_counter() - t_opt)
+        t_done = time.perf_counter()
+        local = local_part(self, stage_log, t0, t_done - t_opt)
         report = merge_parts(self, self.control.all_gather(local), time.perf_counter() - t0)
+        self.telemetry.record(span, report)
+        if self.telemetry.detail:
+            self.telemetry.record_actions(
+                span,
+                stage_log.actions,
+                stage_log.start,
+                stage_log.end,
+                t0,
+                optimizer=(t_opt - t0, t_done - t0),
+            )
         self.pending_events, self.change_s = [], 0.0
         self.step_count += 1
         if self.config.run_dir is not None and self.rank == 0:

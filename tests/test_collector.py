@@ -6,9 +6,11 @@ The collector prints what it receives (debug exporter); the test parses that out
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import telemetry_cases as tc
 
 from adaptive_pp.launch import launch
 from adaptive_pp.otel import local_collector
-from adaptive_pp.telemetry import METRICS
+from adaptive_pp.telemetry import ERROR_METRICS, METRICS
 
 pytestmark = [pytest.mark.collector, pytest.mark.multiprocess]
 STAGES = 3
@@ -55,21 +57,69 @@ def parse(text: str) -> tuple[Counter[tuple[str, int, int]], set[tuple[str, int]
     return spans, metrics
 
 
-def test_every_rank_exports_to_a_real_collector(collector: tuple[str, Path]) -> None:
-    """3 stages, 4 steps with a migration and an M change: all spans and metrics arrive."""
-    endpoint, out = collector
-    launch(tc.job_otlp, STAGES, endpoint, timeout=240)
-    want = {("adaptive_pp.step", r, r): tc.CASE.steps for r in range(STAGES)}
-    for r in range(STAGES):
-        want[("adaptive_pp.migration", r, r)] = 1
-        want[("adaptive_pp.microbatches.change", r, r)] = 1
+def wait_for(
+    out: Path, done: Callable[[Counter[tuple[str, int, int]], set[tuple[str, int]]], bool]
+) -> tuple[Counter[tuple[str, int, int]], set[tuple[str, int]]]:
+    """parse(out) once ``done`` holds of it, or after 30 s."""
     deadline = time.monotonic() + 30
     while True:
         spans, metrics = parse(out.read_text())
-        names = {n for n, _ in metrics}
-        if (dict(spans) == want and names >= set(METRICS)) or time.monotonic() > deadline:
-            break
+        if done(spans, metrics) or time.monotonic() > deadline:
+            return spans, metrics
         time.sleep(0.5)
+
+
+def test_every_rank_exports_to_a_real_collector(collector: tuple[str, Path]) -> None:
+    """3 stages, 4 steps with a migration and an M change, 1 failed step: everything arrives."""
+    endpoint, out = collector
+    launch(tc.job_otlp, STAGES, endpoint, timeout=240)
+    want = {("adaptive_pp.step", r, r): tc.CASE.steps + 1 for r in range(STAGES)}
+    for r in range(STAGES):
+        want[("adaptive_pp.migration", r, r)] = 1
+        want[("adaptive_pp.microbatches.change", r, r)] = 1
+    every = set(METRICS) | set(ERROR_METRICS)  # the failed step counted an error
+    spans, metrics = wait_for(
+        out, lambda spans, metrics: dict(spans) == want and {n for n, _ in metrics} >= every
+    )
     assert dict(spans) == want
     for r in range(STAGES):
-        assert {n for n, s in metrics if s == r} == set(METRICS), f"stage {r}"
+        assert {n for n, s in metrics if s == r} == every, f"stage {r}"
+
+
+# A process that records a failed step, then leaves without calling shutdown: by an uncaught
+# exception (the SDK's atexit shutdown must export) or by os._exit after flush_global (launch's
+# ranks leave so).
+EXIT_SCRIPT = """
+import os, sys
+from adaptive_pp.otel import flush_global, setup_otlp
+from adaptive_pp.telemetry import Telemetry
+
+setup_otlp(sys.argv[1], attributes={"adaptive_pp.rank": 0}, export_interval_s=3600)
+tel = Telemetry(0, enabled=True)
+try:
+    with tel.step(0, 2, "1f1b", (0, 1)):
+        raise RuntimeError("the step failed")
+finally:
+    if sys.argv[2] == "os_exit":
+        flush_global()
+        os._exit(3)
+"""
+
+
+@pytest.mark.parametrize("leave", ["exception", "os_exit"])
+def test_a_process_that_dies_exports_what_it_recorded(
+    collector: tuple[str, Path], leave: str
+) -> None:
+    """Spans and metrics of a failed step arrive though the process never called shutdown."""
+    endpoint, out = collector
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, endpoint, leave],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == (1 if leave == "exception" else 3), done.stderr
+    want = {("adaptive_pp.step", 0, 0): 1}
+    spans, metrics = wait_for(out, lambda spans, metrics: dict(spans) == want and bool(metrics))
+    assert dict(spans) == want
+    assert {n for n, _ in metrics} == set(ERROR_METRICS)  # the step recorded nothing else

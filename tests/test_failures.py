@@ -4,6 +4,9 @@ a frozen stage is named in seconds; a slow one is not; a Pipeline can be made ag
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import failure_cases as fc
 import pytest
 import runtime_cases as rc
 
-from adaptive_pp.launch import LaunchError, launch
+from adaptive_pp.launch import LaunchError, free_port, launch
 
 pytestmark = pytest.mark.multiprocess
 STAGES = len(fc.CASE.bounds) - 1
@@ -53,24 +56,40 @@ def test_a_failure_after_the_forward_pass_poisons_until_a_checkpoint_is_loaded(
     rc.assert_matches_reference(fc.CASE, ranks, skip=frozenset({fc.AT, fc.AT + 1}))
 
 
-def test_a_frozen_stage_is_named_on_every_rank_within_15_s(tmp_path: Path) -> None:
-    """Default settings (recv_timeout 300 s): SIGSTOP on stage 2 mid-step."""
-    with pytest.raises(LaunchError) as info:
-        launch(fc.job_frozen, STAGES, str(tmp_path), timeout=120)
-    ended = time.time()
-    frozen_at = float((tmp_path / "frozen").read_text())
-    err = info.value
-    # A peer on the same host killed the frozen rank, so the job ended at once.
-    assert [f.rank for f in err.failures] == [2]
-    assert "died (signal SIGKILL)" in err.root.message
+def _frozen_named_in_time(folder: Path, ended: float) -> None:
+    """Every rank but 2 raised StageFrozen naming stage 2 within 15 s of its freezing, and the
+    job was over within 15 s of the last of them."""
+    frozen_at = float((folder / "frozen").read_text())
     detected = []
     for r in (0, 1, 3):
-        out = json.loads((tmp_path / f"rank-{r}").read_text())
+        out = json.loads((folder / f"rank-{r}").read_text())
         assert out["kind"] == "StageFrozen", (r, out)
         assert out["message"].startswith("stage 2 (rank 2)"), out["message"]
         assert out["at"] - frozen_at < 15, r
         detected.append(out["at"])
     assert ended - max(detected) < 15
+
+
+def test_a_frozen_stage_is_named_on_every_rank_within_15_s(tmp_path: Path) -> None:
+    """Default settings (recv_timeout 300 s): SIGSTOP on stage 2 mid-step, under launch."""
+    with pytest.raises(LaunchError) as info:
+        launch(fc.job_frozen, STAGES, str(tmp_path), timeout=120)
+    # A peer on the same host killed the frozen rank, so the job ended at once.
+    assert [f.rank for f in info.value.failures] == [2]
+    assert "died (signal SIGKILL)" in info.value.root.message
+    _frozen_named_in_time(tmp_path, time.time())
+
+
+def test_under_torchrun_a_frozen_stage_ends_the_job_within_15_s(tmp_path: Path) -> None:
+    """The same under torchrun (which alone would wait 30 s for the stopped rank)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    here = Path(__file__).parent
+    cmd = [str(torchrun), "--nproc-per-node", str(STAGES), "--master-port", str(free_port())]
+    cmd += ["--max-restarts", "0", str(here / "torchrun_frozen.py"), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(here)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    _frozen_named_in_time(tmp_path, time.time())
 
 
 def test_a_slow_stage_is_not_called_frozen() -> None:
