@@ -12,22 +12,28 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "BatchError": "errors",
     "LaunchError": "launch",
     "Partition": "partition",
     "Pipeline": "pipeline",
     "PipelineConfig": "config",
     "PipelineError": "errors",
+    "PipelinePoisoned": "errors",
+    "StageFrozen": "errors",
     "StepOutput": "pipeline",
     "WorkerPool": "launch",
     "launch": "launch",
 }
 
 __all__ = [
+    "BatchError",
     "LaunchError",
     "Partition",
     "Pipeline",
     "PipelineConfig",
     "PipelineError",
+    "PipelinePoisoned",
+    "StageFrozen",
     "StepOutput",
     "WorkerPool",
     "__version__",
@@ -36,7 +42,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .config import PipelineConfig
-    from .errors import PipelineError
+    from .errors import BatchError, PipelineError, PipelinePoisoned, StageFrozen
     from .launch import LaunchError, WorkerPool, launch
     from .partition import Partition
     from .pipeline import Pipeline, StepOutput

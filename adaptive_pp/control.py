@@ -328,7 +328,18 @@ class Control:
             if silent and self._poison is None:
                 self._frozen(silent[0], now - self._seen[silent[0]])
 
-    def _frozen(self, p: int, silent: float) -> None:
+    def blame(self, exc: PipelineError) -> PipelineError:
+        """``exc``, or StageFrozen if it is a timeout on a peer that also stopped beating."""
+        if not isinstance(exc, PipelineTimeout) or exc.remote or self._beat is None:
+            return exc
+        # The peer waited for may itself wait on the frozen one: blame whoever is silent.
+        silence = {p: self.silent_for(p) for p in self.peers if p not in self._gone}
+        p = max(silence, key=lambda q: (silence[q], q == exc.peer), default=None)
+        if p is None or silence[p] < 2 * self.interval:
+            return exc  # all alive: one is stuck in its own work, as the timeout says
+        return self._frozen(p, silence[p])
+
+    def _frozen(self, p: int, silent: float) -> StageFrozen:
         """Name stage ``p`` frozen on every rank; kill it if it runs here and that is wanted."""
         where = self._where[p] if p < len(self._where) else {}
         killed = ""
@@ -339,15 +350,15 @@ class Control:
             except (ProcessLookupError, PermissionError):
                 pass
         at = f" (pid {where['pid']} on {where['host']})" if where else ""
-        self.poison(
-            StageFrozen(
-                f"stage {p} (rank {p}){at} sent no heartbeat for {silent:.1f} s: it is frozen "
-                f"or dead (stopped, hung in a kernel, or killed); noticed by stage "
-                f"{self.rank}{killed}. PipelineConfig.heartbeat_timeout sets the limit.",
-                stage=self.rank,
-                peer=p,
-            )
+        exc = StageFrozen(
+            f"stage {p} (rank {p}){at} sent no heartbeat for {silent:.1f} s: it is frozen "
+            f"or dead (stopped, hung in a kernel, or killed); noticed by stage "
+            f"{self.rank}{killed}. PipelineConfig.heartbeat_timeout sets the limit.",
+            stage=self.rank,
+            peer=p,
         )
+        self.poison(exc)
+        return exc
 
     def silent_for(self, peer: int) -> float:
         """Seconds since anything arrived from ``peer``."""

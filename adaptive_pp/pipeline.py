@@ -21,7 +21,7 @@ from .comm import Link, collective
 from .config import PipelineConfig
 from .control import Control
 from .decisions import Decision, Keep, MoveLayers, Plan, describe, from_dict, to_dict
-from .errors import BatchError, PipelineError
+from .errors import BatchError, PeerGone, PipelineError, PipelineTimeout
 from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
 from .migration import MigrationAborted, apply_decision
 from .partition import Partition
@@ -313,6 +313,12 @@ class Pipeline:
                 out = self._step(inputs, targets, span)
                 if self.controller is not None:
                     self._consult(out.report)
+            except PipelineError as exc:
+                named = self.control.blame(exc)  # a timeout on a silent peer: it froze
+                self._failed(named, undoable=self._undoable())
+                if named is not exc:
+                    raise named from exc
+                raise
             except BaseException as exc:
                 self._failed(exc, undoable=self._undoable())
                 raise
@@ -352,6 +358,8 @@ class Pipeline:
         """Fail this round on every rank: tell the peers, undo the step here or poison."""
         remote = isinstance(exc, PipelineError) and exc.remote
         undone = exc.undone if isinstance(exc, PipelineError) and remote else undoable
+        if isinstance(exc, PeerGone | PipelineTimeout):
+            undone = False  # a stage is gone or stuck: nothing to go on with
         if undone:
             self.worker.discard()
             changed = self._mark.undo(self.worker.named_segments(), self.device)

@@ -113,7 +113,7 @@ def job_poisoned_then_reload(path: str) -> dict[str, Any]:
     return result
 
 
-def job_frozen(folder: str) -> None:
+def job_frozen(folder: str, recv_timeout: float = 300.0) -> None:
     """Default settings; stage 2 stops itself (SIGSTOP) in its 2nd step's forward (and writes
     when to FOLDER/frozen). The others write what they raised, and when, to FOLDER/rank-R."""
     model = rc.build_model(CASE)
@@ -127,7 +127,7 @@ def job_frozen(folder: str) -> None:
 
     freeze.calls = 0  # type: ignore[attr-defined]
     model[4].register_forward_hook(freeze)
-    pipe = _pipeline(model)
+    pipe = _pipeline(model, recv_timeout=recv_timeout)
     out: dict[str, Any] = {"kind": "none"}
     try:
         for x, y in rc.batches(CASE):

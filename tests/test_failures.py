@@ -70,10 +70,14 @@ def _frozen_named_in_time(folder: Path, ended: float) -> None:
     assert ended - max(detected) < 15
 
 
-def test_a_frozen_stage_is_named_on_every_rank_within_15_s(tmp_path: Path) -> None:
-    """Default settings (recv_timeout 300 s): SIGSTOP on stage 2 mid-step, under launch."""
+@pytest.mark.parametrize("recv_timeout", [300.0, 5.0])
+def test_a_frozen_stage_is_named_on_every_rank_within_15_s(
+    tmp_path: Path, recv_timeout: float
+) -> None:
+    """SIGSTOP on stage 2 mid-step, under launch: defaults (heartbeats find it), and a receive
+    timeout shorter than the heartbeat's (the neighbour's timeout must still blame stage 2)."""
     with pytest.raises(LaunchError) as info:
-        launch(fc.job_frozen, STAGES, str(tmp_path), timeout=120)
+        launch(fc.job_frozen, STAGES, str(tmp_path), recv_timeout, timeout=120)
     # A peer on the same host killed the frozen rank, so the job ended at once.
     assert [f.rank for f in info.value.failures] == [2]
     assert "died (signal SIGKILL)" in info.value.root.message
