@@ -7,22 +7,36 @@ Layout of a checkpoint directory::
     ...
 
 Every rank writes its shard into ``DIR.tmp``; rank 0 writes meta.json last and renames the
-folder into place, so a checkpoint either exists whole or not at all. Loading reads the shards
-with ``weights_only=True`` and takes the layers this rank owns under its *current* partition.
+folder into place, so a checkpoint either exists whole or not at all.
+
+``load`` is all or nothing: each rank reads (``weights_only=True``) the shards holding the layers
+it owns under its *current* partition and checks them against its modules (layer count, saved
+partition; each tensor's name, shape and dtype; optimizer state) before the ranks exchange
+verdicts; then all load, or all raise a CheckpointError naming each misfit tensor and its stage.
+``export_state_dict(path)`` returns the model's state under its own names (``layers.3.0.weight``
+-> ``3.0.weight``; ``pre.*``, ``post.*`` kept) for ``model.load_state_dict``; no process group.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
+from torch import nn
 
-from .comm import collective
-from .layerstate import load_module_state, module_state, optimizer_state, rebuild_optimizer
+from .layerstate import (
+    layer_name,
+    load_module_state,
+    module_state,
+    named_params,
+    optimizer_state,
+    rebuild_optimizer,
+)
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -41,7 +55,7 @@ def save(pipe: Pipeline, path: str | Path, extra: dict[str, Any] | None = None) 
     if pipe.stage == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    collective("checkpoint start", dist.barrier)
+    pipe.control.barrier("the checkpoint start")
     modules = pipe.worker.named_segments()
     opt = optimizer_state(pipe.optimizer, modules)
     shard = {
@@ -57,7 +71,7 @@ def save(pipe: Pipeline, path: str | Path, extra: dict[str, Any] | None = None) 
     }
     name = f"stage-{pipe.stage}-of-{pipe.num_stages}.pt"
     torch.save(shard, tmp / name)
-    collective("checkpoint write", dist.barrier)
+    pipe.control.barrier("the checkpoint write")
     if pipe.stage == 0:
         meta = {
             "format": FORMAT,
@@ -77,7 +91,7 @@ def save(pipe: Pipeline, path: str | Path, extra: dict[str, Any] | None = None) 
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-    collective("checkpoint commit", dist.barrier)
+    pipe.control.barrier("the checkpoint commit")
     return final
 
 
@@ -88,7 +102,7 @@ def _hyper(pipe: Pipeline) -> dict[str, Any]:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """meta.json of a checkpoint, checked."""
+    """meta.json of a checkpoint, checked (format, and a partition that fits its shards)."""
     meta_path = Path(path) / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a checkpoint: {meta_path} is missing")
@@ -96,9 +110,30 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta: dict[str, Any] = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{meta_path} is corrupt: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != FORMAT:
+        raise CheckpointError(f"{meta_path}: unknown checkpoint format {fmt!r}")
+    if not _consistent(meta):
+        raise CheckpointError(f"{meta_path} is inconsistent (step, version, partition, shards)")
     return meta
+
+
+def _consistent(meta: dict[str, Any]) -> bool:
+    """Whole-number step and version; a partition of num_layers with one shard per stage."""
+    try:
+        bounds, shards = list(meta["partition"]), list(meta["shards"])
+        numbers = [meta["step"], meta["version"], meta["num_layers"], *bounds]
+        return (
+            all(isinstance(v, int) for v in numbers)
+            and all(isinstance(s, str) for s in shards)
+            and len(bounds) == len(shards) + 1 >= 2
+            and bounds[0] == 0
+            and bounds[-1] == meta["num_layers"]
+            and all(a < b for a, b in itertools.pairwise(bounds))
+            and isinstance(meta["extra"], dict)
+        )
+    except (KeyError, TypeError):
+        return False
 
 
 def _read_shard(path: Path) -> dict[str, Any]:
@@ -114,30 +149,27 @@ def _read_shard(path: Path) -> dict[str, Any]:
 
 
 def load(pipe: Pipeline, path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint into this rank's layers (any saved partition); return meta.json."""
+    """Load a checkpoint into this rank's layers (any saved partition); return meta.json.
+
+    Every rank calls it: all load, or all raise CheckpointError and keep their parameters,
+    optimizer, version and step count.
+    """
     path = Path(path)
-    meta = read_meta(path)
-    if meta["num_layers"] != len(pipe.blocks):
-        raise CheckpointError(
-            f"{path} holds {meta['num_layers']} layers, this model has {len(pipe.blocks)}"
-        )
     modules = pipe.worker.named_segments()
-    wanted = set(modules)
-    module: dict[str, torch.Tensor] = {}
-    carried: dict[str, dict[str, Any]] = {}
-    hyper: dict[str, Any] = {}
-    for name in meta["shards"]:
-        shard = _read_shard(path / name)
-        mine = [k for k in shard["module"] if _top(k) in wanted]
-        if not mine:
-            continue
-        module.update({k: shard["module"][k] for k in mine})
-        carried.update({k: v for k, v in shard["optimizer"].items() if _top(k) in wanted})
-        hyper = hyper or shard.get("hyper", {})
+    failure: Exception | None = None
     try:
-        load_module_state(modules, module, f"checkpoint {path}")
-    except KeyError as exc:
-        raise CheckpointError(f"{exc.args[0]} (is the checkpoint from another model?)") from exc
+        meta, module, carried, hyper = _read_checked(pipe, path, modules)
+    except Exception as exc:  # whatever it is, this rank must still take part in the verdict
+        failure = exc
+    text = failure if isinstance(failure, CheckpointError) else repr(failure)
+    found = None if failure is None else f"stage {pipe.stage}: {text}"
+    errors = [e for e in pipe.control.all_gather(found, "the checkpoint check") if e is not None]
+    if errors:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit; no stage loaded it: {'; '.join(errors)}"
+        ) from failure
+    # No rank found a fault, so this one read and checked everything: nothing below can fail.
+    load_module_state(modules, module, f"checkpoint {path}")
     device_state = {
         n: {k: (v.to(pipe.device) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
         for n, st in carried.items()
@@ -146,9 +178,89 @@ def load(pipe: Pipeline, path: str | Path) -> dict[str, Any]:
     if pipe.optimizer is not None and hyper:
         for group in pipe.optimizer.param_groups:
             group.update(hyper)
-    pipe.worker.version = int(meta["version"])
-    pipe.step_count = int(meta["step"])
+    pipe.worker.version = meta["version"]
+    pipe.step_count = meta["step"]
     return meta
+
+
+def _read_checked(
+    pipe: Pipeline, path: Path, modules: dict[str, nn.Module]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Meta, module state, optimizer state and hyperparameters for ``modules``, checked."""
+    meta = read_meta(path)
+    n, saved, now = len(pipe.blocks), meta["partition"], pipe.partition.bounds
+    if meta["num_layers"] != n:
+        raise CheckpointError(f"{path} holds {meta['num_layers']} layers, this model has {n}")
+    elsewhere = set().union(*(_held(now, s) for s in range(len(now) - 1) if s != pipe.stage))
+    module: dict[str, torch.Tensor] = {}
+    carried: dict[str, dict[str, Any]] = {}
+    hyper: dict[str, Any] = {}
+    for s, name in enumerate(meta["shards"]):
+        if not _held(saved, s) & set(modules):
+            continue
+        shard = _read_shard(path / name)
+        for key, value in shard["module"].items():
+            if _top(key) in modules:
+                module[key] = value
+            elif _top(key) not in elsewhere:
+                raise CheckpointError(f"the checkpoint holds {key}, which this model does not have")
+        carried.update({k: v for k, v in shard["optimizer"].items() if _top(k) in modules})
+        hyper = hyper or shard.get("hyper", {})
+    _check(modules, module, carried)
+    return meta, module, carried, hyper
+
+
+def _held(bounds: Sequence[int], s: int) -> set[str]:
+    """Modules stage ``s`` holds under ``bounds``: its layers, "pre" first and "post" last."""
+    ends = [name for name, at in (("pre", 0), ("post", len(bounds) - 2)) if s == at]
+    return {layer_name(i) for i in range(bounds[s], bounds[s + 1])}.union(ends)
+
+
+def _check(modules: dict[str, nn.Module], module: dict[str, Any], carried: dict[str, Any]) -> None:
+    """Each tensor of ``modules`` once, with its shape and dtype; optimizer state that fits."""
+    expected = module_state(modules)
+    for key, target in expected.items():
+        if key not in module:
+            raise CheckpointError(f"the checkpoint has no {key} (is it from another model?)")
+        if _describe(module[key]) != _describe(target):
+            raise CheckpointError(
+                f"{key} is {_describe(module[key])} in the checkpoint, {_describe(target)} here"
+            )
+    for key in sorted(module.keys() - expected.keys())[:1]:
+        raise CheckpointError(f"the checkpoint holds {key}, which this model does not have")
+    params = named_params(modules)
+    for name, st in carried.items():
+        if name not in params or not isinstance(st, dict):
+            raise CheckpointError(f"optimizer state for {name}, which is no parameter here")
+        for k, v in st.items():
+            if not _fits(v, params[name]):
+                raise CheckpointError(
+                    f"optimizer state {k!r} of {name} is {_describe(v)}, "
+                    f"the parameter {_describe(params[name])}"
+                )
+
+
+def _fits(state: Any, param: torch.Tensor) -> bool:
+    """Per-element state has the parameter's shape (Adafactor's factored state: 1 in a dim)."""
+    if not isinstance(state, torch.Tensor) or state.dim() != param.dim():
+        return True  # numbers, scalar tensors (step): nothing to compare
+    return all(a in (b, 1) for a, b in zip(state.shape, param.shape, strict=True))
+
+
+def _describe(t: Any) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}, not a tensor"
+    return f"{tuple(t.shape)} {t.dtype}".replace("torch.", "")
+
+
+def export_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model's state under its own names (``layers.3.w`` -> ``3.w``), from any rank."""
+    path = Path(path)
+    out: dict[str, torch.Tensor] = {}
+    for name in read_meta(path)["shards"]:
+        for key, value in _read_shard(path / name)["module"].items():
+            out[key.removeprefix("layers.")] = value
+    return out
 
 
 def _top(key: str) -> str:

@@ -16,8 +16,10 @@ wherever they wait: on a link, in an exchange, or at the start of their step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import threading
@@ -84,7 +86,12 @@ class Control:
         self._poison: Notice | None = None
         self._seen = {p: time.monotonic() for p in self.peers}
         self._gone: set[int] = set()
-        self._pending: list[tuple[Any, torch.Tensor]] = []
+        # gloo completes a send only in wait(), and a send to a stopped peer never completes:
+        # the reaper thread waits on each posted frame, in order, so no sender ever blocks.
+        self._posted: queue.Queue[tuple[Any, torch.Tensor] | threading.Event | None]
+        self._posted = queue.Queue()
+        self._reaper = threading.Thread(target=self._reap, name="adaptive_pp-reap", daemon=True)
+        self._reaper.start()
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._rx = threading.Thread(target=self._receive, name="adaptive_pp-control", daemon=True)
@@ -253,12 +260,12 @@ class Control:
 
     # --- frames ------------------------------------------------------------------------
 
-    def _send(self, peer: int, kind: Frame, rnd: int, ident: int, data: bytes) -> None:
+    def _send(self, peer: int, kind: Frame, rnd: int, ident: int, data: bytes) -> list[Any]:
         """Post ``data`` to ``peer`` in frames of at most FRAME bytes (never waits)."""
         total = len(data)
         offsets = range(0, total, BODY) if total else range(1)
+        works = []
         with self._send_lock:
-            self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
             for off in offsets:
                 chunk = data[off : off + BODY]
                 frame = torch.empty(HEAD * 8 + len(chunk), dtype=torch.uint8)
@@ -268,8 +275,18 @@ class Control:
                 try:
                     work = dist.isend(frame, peer, tag=CONTROL_TAG)
                 except RuntimeError:
-                    return  # a dead peer: the heartbeat names it, the links fail on it
-                self._pending.append((work, frame))
+                    break  # a dead peer: the heartbeat names it, the links fail on it
+                self._posted.put((work, frame))
+                works.append(work)
+        return works
+
+    def _reap(self) -> None:
+        while (item := self._posted.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()  # every frame posted before it has been sent
+                continue
+            with contextlib.suppress(RuntimeError):  # a dead peer: named elsewhere
+                item[0].wait()
 
     def _receive(self) -> None:
         buf = torch.empty(FRAME, dtype=torch.uint8)
@@ -365,14 +382,18 @@ class Control:
         return time.monotonic() - self._seen.get(peer, time.monotonic())
 
     def close(self, timeout: float = 5.0) -> None:
-        """Say goodbye to every peer and stop both threads (waits up to ``timeout``)."""
+        """Say goodbye to every peer and wait for theirs (up to ``timeout``): no rank leaves
+        the process group while another still talks to it. Beats stop first, so none is
+        posted after the goodbye (a frame nobody receives any more would never complete)."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout)
         for p in self.peers:
             self._send(p, Frame.BYE, 0, 0, b"")
-        deadline = time.monotonic() + timeout
-        for work, _ in list(self._pending):
-            while not work.is_completed() and time.monotonic() < deadline:
-                time.sleep(0.01)
+        sent = threading.Event()
+        self._posted.put(sent)
         self._rx.join(max(0.0, deadline - time.monotonic()))
-        if self._beat is not None:
-            self._beat.join(max(0.0, deadline - time.monotonic()))
+        # Delivered before this process may leave (os._exit would drop them).
+        sent.wait(max(0.0, deadline - time.monotonic()))
+        self._posted.put(None)

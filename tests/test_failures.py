@@ -13,6 +13,7 @@ from pathlib import Path
 import failure_cases as fc
 import pytest
 import runtime_cases as rc
+from conftest import PoolFor
 
 from adaptive_pp.launch import LaunchError, free_port, launch
 
@@ -25,11 +26,11 @@ STAGES = len(fc.CASE.bounds) - 1
     [("bad_batch", "BatchError"), ("no_targets", "BatchError"), ("nan", "NonFiniteLoss")],
 )
 def test_catch_and_continue_equals_the_reference_that_skips_the_batch(
-    fault: str, kind: str
+    pools: PoolFor, fault: str, kind: str
 ) -> None:
     """Every rank raises the same error at the failing step, nobody advances, and the loop
     that goes on ends torch.equal to one process that skipped that batch."""
-    ranks = launch(fc.job_catch_and_continue, STAGES, fault, timeout=120)
+    ranks = pools(STAGES).run(fc.job_catch_and_continue, fault, timeout=120)
     origin = {"bad_batch": 0, "no_targets": STAGES - 1, "nan": STAGES - 1}[fault]
     for r, out in enumerate(ranks):
         assert [e["step"] for e in out["errors"]] == [fc.AT], r
@@ -42,9 +43,10 @@ def test_catch_and_continue_equals_the_reference_that_skips_the_batch(
 
 
 def test_a_failure_after_the_forward_pass_poisons_until_a_checkpoint_is_loaded(
-    tmp_path: Path,
+    pools: PoolFor, tmp_path: Path
 ) -> None:
-    ranks = launch(fc.job_poisoned_then_reload, STAGES, str(tmp_path / "ckpt"), timeout=120)
+    path = str(tmp_path / "ckpt")
+    ranks = pools(STAGES).run(fc.job_poisoned_then_reload, path, timeout=120)
     for r, out in enumerate(ranks):
         first, second = out["errors"]
         assert (first["step"], first["kind"], first["undone"]) == (fc.AT, "StageFailure", False)
@@ -96,9 +98,9 @@ def test_under_torchrun_a_frozen_stage_ends_the_job_within_15_s(tmp_path: Path) 
     _frozen_named_in_time(tmp_path, time.time())
 
 
-def test_a_slow_stage_is_not_called_frozen() -> None:
+def test_a_slow_stage_is_not_called_frozen(pools: PoolFor) -> None:
     """One forward computes for 4x the heartbeat timeout: the step completes, exactly."""
-    ranks = launch(fc.job_slow, STAGES, 1.5, 6.0, timeout=120)
+    ranks = pools(STAGES).run(fc.job_slow, 1.5, 6.0, timeout=120)
     case = rc.Case(**{**fc.CASE.__dict__, "steps": 3})
     rc.assert_matches_reference(case, ranks)
 
@@ -109,8 +111,8 @@ def test_a_pipeline_can_be_closed_and_made_again() -> None:
         assert losses[:2] == losses[2:] == ranks[-1][:2]
 
 
-def test_ranks_asked_for_different_decisions_all_refuse() -> None:
-    ranks = launch(fc.job_disagree, STAGES, timeout=120)
+def test_ranks_asked_for_different_decisions_all_refuse(pools: PoolFor) -> None:
+    ranks = pools(STAGES).run(fc.job_disagree, timeout=120)
     for r, out in enumerate(ranks):
         assert out["kind"] == "DecisionMismatch" and out["value_error"], r
         assert out["stage"] == r and "disagree" in out["message"]
