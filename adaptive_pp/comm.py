@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -350,18 +350,6 @@ class Link:
         self._thread.join(timeout)
 
 
-T = TypeVar("T")
-
-
-def collective(what: str, fn: Callable[[], T]) -> T:
-    """Run a collective; a peer that died or failed becomes PeerGone naming ``what``."""
-    try:
-        return fn()
-    except RuntimeError as exc:
-        rank = dist.get_rank()
-        raise PeerGone(f"stage {rank}: a peer failed during {what}: {exc}", stage=rank) from exc
-
-
 def json_tensor(obj: Any) -> torch.Tensor:
     """``obj`` as UTF-8 JSON bytes in a uint8 tensor (what travels instead of pickle)."""
     return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
@@ -370,71 +358,3 @@ def json_tensor(obj: Any) -> torch.Tensor:
 def tensor_json(data: torch.Tensor) -> Any:
     """Inverse of json_tensor."""
     return json.loads(data.numpy().tobytes().decode())
-
-
-# The JSON exchanges between steps are point-to-point messages, all posted at once, on their
-# own tag (the stage links use tag 0): one network hop, where gloo's ring all_gather takes
-# several (measured 3.8 ms per all_gather of 4 ranks on one host, against 0.3 ms per hop).
-EXCHANGE_TAG = 1
-EXCHANGE_CAPACITY = 1 << 16  # bytes of the first frame; a longer message sends the rest after
-
-
-def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
-    """Every rank's JSON-able ``obj``, in rank order, sent as UTF-8 bytes (no pickle)."""
-    world = dist.get_world_size(group)
-    me = dist.get_rank(group)
-    others = [r for r in range(world) if r != me]
-    data = json_tensor(obj)
-    got = collective("the end-of-step exchange", lambda: _exchange(data, others, others, group))
-    got[me] = tensor_json(data)  # as the others see it (tuples become lists)
-    return [got[r] for r in range(world)]
-
-
-def broadcast_json(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
-    """Rank ``src``'s JSON-able ``obj`` on every rank (``obj`` is ignored elsewhere)."""
-    me = dist.get_rank(group)
-    if me == src:
-        others = [r for r in range(dist.get_world_size(group)) if r != me]
-        data = json_tensor(obj)
-        collective("a broadcast", lambda: _exchange(data, others, [], group))
-        return tensor_json(data)
-    nothing = torch.empty(0, dtype=torch.uint8)
-    return collective("a broadcast", lambda: _exchange(nothing, [], [src], group))[src]
-
-
-def _exchange(
-    data: torch.Tensor, send_to: list[int], recv_from: list[int], group: dist.ProcessGroup | None
-) -> dict[int, Any]:
-    """Send JSON bytes ``data`` to ``send_to``; receive one object from each of ``recv_from``."""
-
-    def rank(r: int) -> int:
-        return r if group is None else dist.get_global_rank(group, r)
-
-    body = EXCHANGE_CAPACITY - 8
-    first = torch.empty(8 + min(data.numel(), body), dtype=torch.uint8)
-    first[:8] = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
-    first[8:] = data[:body]
-    recvs = []
-    for r in recv_from:
-        buf = torch.empty(EXCHANGE_CAPACITY, dtype=torch.uint8)
-        recvs.append((r, buf, dist.irecv(buf, rank(r), group=group, tag=EXCHANGE_TAG)))
-    sends = []
-    for r in send_to:
-        sends.append(dist.isend(first, rank(r), group=group, tag=EXCHANGE_TAG))
-        if data.numel() > body:
-            sends.append(dist.isend(data[body:], rank(r), group=group, tag=EXCHANGE_TAG))
-    out = {}
-    for r, buf, work in recvs:
-        assert work is not None
-        work.wait()
-        total = int(buf[:8].view(torch.int64).item())
-        msg = buf[8 : 8 + min(total, body)]
-        if total > body:
-            rest = torch.empty(total - body, dtype=torch.uint8)
-            dist.recv(rest, rank(r), group=group, tag=EXCHANGE_TAG)
-            msg = torch.cat([msg, rest])
-        out[r] = tensor_json(msg)
-    for work in sends:
-        if work is not None:
-            work.wait()
-    return out

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +59,14 @@ class Notice:
     round: int
     undone: bool
     error: dict[str, Any]
+
+
+class Wait(NamedTuple):
+    """What an exchange waits for, how long, and the setting that says so."""
+
+    what: str
+    seconds: float
+    setting: str
 
 
 class Control:
@@ -102,20 +110,31 @@ class Control:
         self._kill_frozen = False
         self._floor = 0  # poison notices of earlier rounds were cured
 
-    def start(self, *, kill_frozen: bool = True) -> None:
+    def start(
+        self,
+        *,
+        kill_frozen: bool = True,
+        share: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any]]:
         """Learn where every rank runs, then beat and watch the peers (once all are up).
 
-        With ``kill_frozen`` a peer named frozen is killed (SIGKILL) if it runs on this host:
-        it cannot act on a polite signal, and torchrun would wait 30 s for it to end.
+        Returns every rank's ``share`` (JSON-able), gathered in the same exchange, which
+        waits up to ``timeout`` (PipelineConfig.init_timeout) for the slowest rank. With
+        ``kill_frozen`` a peer named frozen is killed (SIGKILL) if it runs on this host: it
+        cannot act on a polite signal, and torchrun would wait 30 s for it to end.
         """
-        here = {"pid": os.getpid(), "host": socket.gethostname()}
-        self._where = self.all_gather(here, "the start-up exchange")
+        here = {"pid": os.getpid(), "host": socket.gethostname(), "share": share or {}}
+        wait = Wait("the start-up exchange", timeout or self.wait_timeout, "init_timeout")
+        self._where = self.all_gather(here, wait)
         self._kill_frozen = kill_frozen
+        shared = [w["share"] for w in self._where]
         if self.timeout is None or not self.peers or self._beat is not None:
-            return
+            return shared
         self._seen = {p: time.monotonic() for p in self.peers}
         self._beat = threading.Thread(target=self._heartbeat, name="adaptive_pp-beat", daemon=True)
         self._beat.start()
+        return shared
 
     # --- rounds and faults ---------------------------------------------------------------
 
@@ -209,7 +228,7 @@ class Control:
 
     # --- exchanges ---------------------------------------------------------------------
 
-    def all_gather(self, obj: Any, what: str = "the end-of-step exchange") -> list[Any]:
+    def all_gather(self, obj: Any, what: str | Wait = "the end-of-step exchange") -> list[Any]:
         """Every rank's JSON-able ``obj`` in rank order; raises a peer's failure meanwhile."""
         self._ident += 1
         data = json.dumps(obj).encode()
@@ -233,9 +252,10 @@ class Control:
         """Wait until every rank got here (interruptible, unlike dist.barrier)."""
         self.all_gather(None, what)
 
-    def _collect(self, ident: int, sources: list[int], what: str) -> dict[int, Any]:
+    def _collect(self, ident: int, sources: list[int], what: str | Wait) -> dict[int, Any]:
         key = (self.round, ident)
-        deadline = time.monotonic() + self.wait_timeout
+        wait = what if isinstance(what, Wait) else Wait(what, self.wait_timeout, "recv_timeout")
+        deadline = time.monotonic() + wait.seconds
         with self._cond:
             while True:
                 box = self._ready.get(key, {})
@@ -248,9 +268,9 @@ class Control:
                 if left <= 0:
                     missing = [s for s in sources if s not in box]
                     raise PipelineTimeout(
-                        f"stage {self.rank} waited {self.wait_timeout:.0f} s for stage "
-                        f"{missing[0]} in {what}; is it stuck? (raise "
-                        "PipelineConfig.recv_timeout if its work is that slow)",
+                        f"stage {self.rank} waited {wait.seconds:.0f} s for stage "
+                        f"{missing[0]} in {wait.what}; is it stuck? (raise "
+                        f"PipelineConfig.{wait.setting} if its work is that slow)",
                         stage=self.rank,
                         peer=missing[0],
                     )

@@ -15,9 +15,11 @@ import torch.distributed as dist
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span
 from torch import nn
+from torch._C._distributed_c10d import PrefixStore, Store
+from torch.distributed.rendezvous import rendezvous
 
 from . import checkpoint
-from .comm import Link, collective
+from .comm import Link
 from .config import PipelineConfig
 from .control import Control
 from .decisions import Decision, Keep, MoveLayers, Plan, describe, from_dict, to_dict
@@ -70,8 +72,27 @@ def init_distributed(timeout_s: float) -> bool:
             f"no process group and no {', '.join(missing)} in the environment: run under "
             "`torchrun --nproc-per-node S script.py` or through adaptive_pp.launch(fn, nprocs=S)"
         )
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not _RENDEZVOUS:
+        store, _, _ = next(rendezvous("env://", timeout=timeout))
+        _RENDEZVOUS.append(store)
+    # A group made after one was destroyed gets the same store keys ("default_pg/0/...");
+    # a rank quicker than rank 0 would read the old group's addresses, or the old store,
+    # and hang. One store per process (rank 0 keeps serving it) and a fresh prefix per group.
+    generation = len(_RENDEZVOUS)
+    _RENDEZVOUS.append(store := _RENDEZVOUS[0])
+    dist.init_process_group(
+        "gloo",
+        store=PrefixStore(f"adaptive_pp/{generation}/", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
     return True
+
+
+# The rendezvous store of this process, then one entry per group made on it.
+_RENDEZVOUS: list[Store] = []
 
 
 def _device(name: str) -> torch.device:
@@ -173,10 +194,14 @@ class Pipeline:
             meter_provider=meter_provider,
             detail=cfg.trace_actions,
         )
-        collective("start-up", dist.barrier)
-        self.control.start(kill_frozen=cfg.kill_frozen)
-        # Stage 0 sends each step's trace context when every rank records spans.
-        self._trace_steps = all(self.control.all_gather(self.telemetry.enabled, "start-up"))
+        # One exchange: every rank is up; stage 0 sends each step's trace context when every
+        # rank records spans.
+        shared = self.control.start(
+            kill_frozen=cfg.kill_frozen,
+            share={"telemetry": self.telemetry.enabled},
+            timeout=cfg.init_timeout,
+        )
+        self._trace_steps = all(r["telemetry"] for r in shared)
         self.epoch = time.perf_counter()
 
     def _segments(self, partition: Partition) -> list[Segment]:

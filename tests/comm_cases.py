@@ -7,26 +7,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from adaptive_pp.comm import (
-    EXCHANGE_CAPACITY,
-    FRAME_CAPACITY,
-    HEADER_BYTES,
-    Header,
-    Kind,
-    Link,
-    all_gather_json,
-    broadcast_json,
-)
+from adaptive_pp.comm import FRAME_CAPACITY, HEADER_BYTES, Header, Kind, Link
+from adaptive_pp.control import BODY, FRAME, Control
 
-# Around the exchange's first-frame size (8 bytes of it are the length) and well past it.
-SIZES = (
-    0,
-    1,
-    EXCHANGE_CAPACITY - 30,
-    EXCHANGE_CAPACITY - 8,
-    EXCHANGE_CAPACITY,
-    3 * EXCHANGE_CAPACITY,
-)
+# Around a control frame's body (the rest of the frame is its header) and well past it.
+SIZES = (0, 1, BODY - 30, BODY, BODY + 1, FRAME, 3 * FRAME)
 
 
 def payload(rank: int, size: int) -> dict[str, Any]:
@@ -35,12 +20,14 @@ def payload(rank: int, size: int) -> dict[str, Any]:
 
 
 def exchange_job() -> list[Any]:
-    """Every size through all_gather_json and broadcast_json; returns what this rank got."""
-    me = dist.get_rank()
+    """Every size through Control.all_gather and .broadcast; returns what this rank got."""
+    me, world = dist.get_rank(), dist.get_world_size()
+    control = Control(me, world, timeout=None, wait_timeout=60)
     got = []
     for size in SIZES:
-        got.append(all_gather_json(payload(me, size)))
-        got.append(broadcast_json(payload(me, size), src=size % dist.get_world_size()))
+        got.append(control.all_gather(payload(me, size)))
+        got.append(control.broadcast(payload(me, size), src=size % world))
+    control.close()
     return got
 
 

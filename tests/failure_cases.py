@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import runtime_cases as rc
@@ -62,11 +63,23 @@ def _faulty(x: torch.Tensor, y: torch.Tensor, fault: str, pipe: Pipeline) -> tup
 def job_catch_and_continue(fault: str, case: rc.Case = CASE) -> dict[str, Any]:
     """``try: pipe.step(x, y) except Exception: continue`` with one failing step at AT."""
     pipe = _pipeline(rc.build_model(case), case)
+
+    def batch(k: int, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
+        return _faulty(x, y, fault, pipe) if k == AT else (x, y)
+
+    return _train_catching(pipe, case, batch)
+
+
+def _train_catching(
+    pipe: Pipeline,
+    case: rc.Case,
+    batch: Callable[[int, torch.Tensor, torch.Tensor], tuple[Any, Any]],
+) -> dict[str, Any]:
+    """Train on every batch, catching each step's error (the user's loop); then close."""
     losses, errors = [], []
     for k, (x, y) in enumerate(rc.batches(case)):
-        xin, yin = _faulty(x, y, fault, pipe) if k == AT else (x, y)
         try:
-            losses.append(pipe.step(xin, yin).loss)
+            losses.append(pipe.step(*batch(k, x, y)).loss)
         except Exception as exc:
             errors.append(_error(k, exc))
     result = {"losses": losses, "errors": errors, **rc.snapshot(pipe)}
@@ -98,19 +111,15 @@ def job_poisoned_then_reload(path: str) -> dict[str, Any]:
     model = rc.build_model(case)
     _fail_backward_once(model[3], AT * case.microbatches + case.microbatches)
     pipe = _pipeline(model)
-    losses, errors = [], []
-    for k, (x, y) in enumerate(rc.batches(case)):
+
+    def batch(k: int, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
         if k == AT:
             pipe.save_checkpoint(path)
         if k == AT + 2:
             pipe.load_checkpoint(path)
-        try:
-            losses.append(pipe.step(x, y).loss)
-        except Exception as exc:
-            errors.append(_error(k, exc))
-    result = {"losses": losses, "errors": errors, **rc.snapshot(pipe)}
-    pipe.close()
-    return result
+        return x, y
+
+    return _train_catching(pipe, case, batch)
 
 
 def job_frozen(folder: str, recv_timeout: float = 300.0) -> None:

@@ -45,7 +45,7 @@ def test_header_rejects_what_cannot_travel() -> None:
 
 @pytest.mark.multiprocess
 def test_json_exchanges_deliver_every_size(pools: PoolFor) -> None:
-    """all_gather_json / broadcast_json, below, at and past the first frame's capacity."""
+    """Control exchanges, below, at and past a frame's capacity, in several frames."""
     world = 3
     ranks = pools(world).run(exchange_job, timeout=120)
     for me, got in enumerate(ranks):

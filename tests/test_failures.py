@@ -105,11 +105,9 @@ def test_a_slow_stage_is_not_called_frozen(pools: PoolFor) -> None:
     rc.assert_matches_reference(case, ranks)
 
 
-@pytest.mark.xfail(
-    reason="racy: a fresh-clone run hung re-initialising the group after close (issue #15, open)",
-    strict=False,
-)
 def test_a_pipeline_can_be_closed_and_made_again() -> None:
+    # Each rank closes then re-makes its group as soon as it is done: a quick rank used to
+    # read the first group's store keys and hang (almost every run).
     ranks = launch(fc.job_twice, STAGES, timeout=120)
     for losses in ranks:
         assert losses[:2] == losses[2:] == ranks[-1][:2]
