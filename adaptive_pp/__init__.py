@@ -1,28 +1,37 @@
 """adaptive_pp: a pipeline-parallel training runtime that rebalances itself while it trains.
 
-The runtime names below load on first use, so the data modules (schedules, simulator,
-partition, report, decisions) and the controllers package import without torch.distributed.
+Layout (docs/DESIGN.md): ``core`` (pure data: schedules, partition, simulator, report,
+decisions, analysis, errors; no torch), ``runtime`` (the Pipeline facade and what runs a
+rank), ``observability`` and ``emulation``. The runtime names below load on first use, so
+the core and the controllers package import without torch. The core's public modules keep
+their short paths: ``adaptive_pp.decisions`` is ``adaptive_pp.core.decisions``, and so on.
 """
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from .core import analysis, decisions, errors, partition, report, schedules, simulator
+
+for _module in (analysis, decisions, errors, partition, report, schedules, simulator):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
+
 _EXPORTS = {
-    "BatchError": "errors",
-    "LaunchError": "launch",
-    "Partition": "partition",
-    "Pipeline": "pipeline",
-    "PipelineConfig": "config",
-    "PipelineError": "errors",
-    "PipelinePoisoned": "errors",
-    "StageFrozen": "errors",
-    "StepOutput": "pipeline",
-    "WorkerPool": "launch",
-    "launch": "launch",
+    "BatchError": "core.errors",
+    "LaunchError": "runtime.launch",
+    "Partition": "core.partition",
+    "Pipeline": "runtime.pipeline",
+    "PipelineConfig": "runtime.config",
+    "PipelineError": "core.errors",
+    "PipelinePoisoned": "core.errors",
+    "StageFrozen": "core.errors",
+    "StepOutput": "runtime.pipeline",
+    "WorkerPool": "runtime.launch",
+    "launch": "runtime.launch",
 }
 
 __all__ = [
@@ -41,11 +50,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .config import PipelineConfig
-    from .errors import BatchError, PipelineError, PipelinePoisoned, StageFrozen
-    from .launch import LaunchError, WorkerPool, launch
-    from .partition import Partition
-    from .pipeline import Pipeline, StepOutput
+    from .core.errors import BatchError, PipelineError, PipelinePoisoned, StageFrozen
+    from .core.partition import Partition
+    from .runtime.config import PipelineConfig
+    from .runtime.launch import LaunchError, WorkerPool, launch
+    from .runtime.pipeline import Pipeline, StepOutput
 
 
 def __getattr__(name: str) -> Any:

@@ -11,14 +11,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .analysis import replay_measured
-from .chrome_trace import load_run, side_by_side, write_chrome_trace
-from .display import summary, timeline
-from .logs import FORMATS, LEVELS
-from .otel import ENV_ENDPOINT
-from .plots import PlotDependencyError, plot_run
-from .schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
-from .simulator import Costs, bubble_approx, bubble_exact, simulate
+from .core.analysis import replay_measured
+from .core.schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
+from .core.simulator import Costs, bubble_approx, bubble_exact, simulate
+from .observability.chrome_trace import load_run, side_by_side, write_chrome_trace
+from .observability.display import summary, timeline
+from .observability.logs import FORMATS, LEVELS
+from .observability.otel import ENV_ENDPOINT
+from .observability.plots import PlotDependencyError, plot_run
 
 
 def _slowdown(text: str) -> tuple[int, float]:
@@ -99,8 +99,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         print()
     if args.simulate_only:
         return 0
-    from .demo import Observe, train_rank
-    from .launch import launch
+    from .emulation.demo import Observe, train_rank
+    from .runtime.launch import launch
 
     # no endpoint given: setup_otlp in each rank falls back to $OTEL_EXPORTER_OTLP_ENDPOINT
     observe = Observe(args.log_format, args.log_level, args.otlp_endpoint)

@@ -1,30 +1,24 @@
-"""The Controller protocol and the measurements the built-in controllers share."""
+"""The measurements the built-in controllers share (the Controller protocol is in
+``adaptive_pp.decisions``, the runtime's side of the contract; re-exported here)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from adaptive_pp.decisions import Decision, Keep, Plan
-from adaptive_pp.report import StepReport
+from adaptive_pp.core.decisions import Controller, Decision, Keep, Plan
+from adaptive_pp.core.report import StepReport
 
-
-@runtime_checkable
-class Controller(Protocol):
-    """Anything that turns the latest step report and the current plan into a decision."""
-
-    def decide(self, report: StepReport, plan: Plan) -> Decision:
-        """Decide what to change (if anything) before the next step."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-ready state, saved in checkpoints."""
-        ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what state_dict returned."""
-        ...
+__all__ = [
+    "Controller",
+    "Hold",
+    "Proposal",
+    "Proposer",
+    "busiest_bubble",
+    "check_state",
+    "imbalance",
+]
 
 
 class Hold:

@@ -36,7 +36,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from adaptive_pp.partition import Partition
+from adaptive_pp.core.partition import Partition
 
 from .estimates import LayerEstimator, LayerTimes, predict_step_time
 from .search import near_balanced

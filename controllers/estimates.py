@@ -16,14 +16,12 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from adaptive_pp.decisions import Plan
-from adaptive_pp.partition import Partition
-from adaptive_pp.report import StepReport
-from adaptive_pp.schedules import Compiled, Schedule, make_schedule, validate
-from adaptive_pp.simulator import Costs, simulate
+from adaptive_pp.core.decisions import Plan
+from adaptive_pp.core.partition import Partition
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import Compiled, Schedule, make_schedule, validate
+from adaptive_pp.core.simulator import BACKWARD_RATIO, Costs, simulate
 
-# Backward over forward time when a report has stage totals but no per-layer split.
-BACKWARD_RATIO = 2.4
 _FAST = 0.5  # weight of the newest sample in the fast EMA
 _NOISE = 0.1  # weight of the newest sample in the noise EMA
 _MAD_TO_SIGMA = math.sqrt(math.pi) / 2  # sigma from the mean |difference| of two samples

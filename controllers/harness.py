@@ -22,10 +22,10 @@ import random
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 
-from adaptive_pp.decisions import Decision, MoveLayers, Plan, SetMicrobatches, apply
-from adaptive_pp.partition import Partition
-from adaptive_pp.report import StepReport
-from adaptive_pp.simulator import Costs, simulate
+from adaptive_pp.core.decisions import Decision, MoveLayers, Plan, SetMicrobatches, apply
+from adaptive_pp.core.partition import Partition
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.simulator import BACKWARD_RATIO, Costs, simulate
 
 from .base import Controller
 from .estimates import compiled_schedule
@@ -37,7 +37,7 @@ class LayerCostModel:
 
     launch: float = 0.04e-3
     per_sample: float = 0.36e-3
-    backward_ratio: float = 2.4
+    backward_ratio: float = BACKWARD_RATIO
 
     def forward(self, samples: float) -> float:
         """Forward time of one layer on a micro-batch of ``samples``."""

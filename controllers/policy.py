@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from adaptive_pp.decisions import Decision, Plan
-from adaptive_pp.report import StepReport
+from adaptive_pp.core.decisions import Decision, Plan
+from adaptive_pp.core.report import StepReport
 
 from .base import check_state
 from .rebalancer import Rebalancer, RebalancerConfig

@@ -32,9 +32,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adaptive_pp.decisions import Keep, MoveLayers, Plan
-from adaptive_pp.partition import Partition
-from adaptive_pp.report import StepReport
+from adaptive_pp.core.decisions import Keep, MoveLayers, Plan
+from adaptive_pp.core.partition import Partition
+from adaptive_pp.core.report import StepReport
 
 from .base import Proposal, Proposer, check_state, imbalance
 from .costmodel import CostModel

@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from itertools import accumulate, pairwise
 
-from adaptive_pp.partition import Partition
+from adaptive_pp.core.partition import Partition
 
 Move = tuple[int, int, int]  # (src, dst, count)
 

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adaptive_pp.decisions import Keep, Plan, SetMicrobatches
-from adaptive_pp.report import StepReport
+from adaptive_pp.core.decisions import Keep, Plan, SetMicrobatches
+from adaptive_pp.core.report import StepReport
 
 from .base import Proposal, Proposer, busiest_bubble, check_state
 from .estimates import compiled_schedule

@@ -12,7 +12,8 @@ the same round, so machine drift hits all three alike. Configurations:
 Prints medians and B/A, A/torch, B/torch, then (``1f1b`` / ``gpipe``) each side's median forward
 and backward action and hop latency, steadier than the step ratio for small changes; writes
 results/bench_ab/bench_ab.json. Each side runs its own tree's emulated kernels: when REF's
-``adaptive_pp/emulation.py`` differs from the working tree's (e.g. REF before the windowed
+emulated kernels (``adaptive_pp/emulation/kernels.py``, before the layout of issue #16
+``adaptive_pp/emulation.py``) differ from the working tree's (e.g. REF before the windowed
 kernels of 52c9fad), B/A measures the emulation too, and the benchmark says so.
 """
 
@@ -32,13 +33,15 @@ from experiments.common import write_json
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6  # per bench_runtime run; the first is dropped
 SLOW_STEPS = 12  # per slowbest run; the steps from 2 after the slowdown are kept
-EMULATION = "adaptive_pp/emulation.py"  # the kernels both sides run: warned about if they differ
+# The kernels both sides run (warned about if they differ), at their path before and after #16.
+EMULATION = "adaptive_pp/emulation/kernels.py"
+EMULATION_BEFORE = "adaptive_pp/emulation.py"
 
 
 @functools.cache
 def _slow_jobs() -> dict[str, tuple[Any, ...]]:
     """bench_adaptive's rank-job arguments: torch on the initial partition, ours on the best."""
-    from adaptive_pp.partition import Partition
+    from adaptive_pp.core.partition import Partition
     from experiments import bench_adaptive as ba
 
     m, fwd = 16, 1.0
@@ -80,9 +83,9 @@ def _pool(path: Path) -> Any:
     spec, file = main.__spec__, main.__dict__.pop("__file__", None)
     main.__spec__ = None
     try:
-        from adaptive_pp.launch import WorkerPool
+        import adaptive_pp  # the public name: both layouts have it
 
-        return WorkerPool(4)
+        return adaptive_pp.WorkerPool(4)
     finally:
         sys.path[:] = saved
         main.__spec__ = spec
@@ -107,9 +110,8 @@ def main() -> None:
         commit = subprocess.run(
             [*git, "rev-parse", ns.ref], check=True, capture_output=True, text=True
         ).stdout.strip()
-        emulation_differs = (
-            subprocess.run([*git, "diff", "--quiet", commit, "--", EMULATION]).returncode != 0
-        )
+        theirs = tree / EMULATION if (tree / EMULATION).exists() else tree / EMULATION_BEFORE
+        emulation_differs = theirs.read_bytes() != (ROOT / EMULATION).read_bytes()
         if emulation_differs:
             print(
                 f"WARNING: {EMULATION} differs between {ns.ref} and the working tree: A and B "

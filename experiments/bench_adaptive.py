@@ -20,11 +20,11 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.emulation import EmulatedLayer, emulated_mlp
-from adaptive_pp.launch import WorkerPool
-from adaptive_pp.partition import Partition
-from adaptive_pp.schedules import make_schedule
-from adaptive_pp.simulator import Costs, simulate
+from adaptive_pp.core.partition import Partition
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import Costs, simulate
+from adaptive_pp.emulation.kernels import EmulatedLayer, emulated_mlp
+from adaptive_pp.runtime.launch import WorkerPool
 from controllers import AdaptivePolicy, RebalancerConfig
 from experiments.common import torch_pipeline_walls, write_json
 
@@ -69,7 +69,7 @@ def run_ours(
         controller=policy,
     ) as pipe:
         for k in range(steps):
-            _slow_device(list(pipe.worker.named_segments().values()), pipe.stage, k)
+            _slow_device(list(pipe.local_modules().values()), pipe.stage, k)
             dist.barrier()
             t0 = time.perf_counter()
             report = pipe.step(x, y).report

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.decisions import MoveLayers
-from adaptive_pp.emulation import emulated_mlp
-from adaptive_pp.launch import WorkerPool
+from adaptive_pp.core.decisions import MoveLayers
+from adaptive_pp.emulation.kernels import emulated_mlp
+from adaptive_pp.runtime.launch import WorkerPool
 from experiments.common import write_json
 
 

@@ -19,12 +19,12 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.analysis import hop_latencies, replay_measured
-from adaptive_pp.emulation import emulated_mlp
-from adaptive_pp.launch import WorkerPool
-from adaptive_pp.report import StepReport
-from adaptive_pp.schedules import make_schedule
-from adaptive_pp.simulator import Costs, bubble_exact, simulate
+from adaptive_pp.core.analysis import hop_latencies, replay_measured
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import Costs, bubble_exact, simulate
+from adaptive_pp.emulation.kernels import emulated_mlp
+from adaptive_pp.runtime.launch import WorkerPool
 from experiments.common import run_reports, torch_pipeline_walls, write_json
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")

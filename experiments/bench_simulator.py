@@ -6,8 +6,8 @@ import argparse
 import statistics
 import time
 
-from adaptive_pp.schedules import make_schedule
-from adaptive_pp.simulator import Costs, simulate
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import Costs, simulate
 from experiments.common import write_json
 
 

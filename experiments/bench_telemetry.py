@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.emulation import emulated_mlp
-from adaptive_pp.launch import WorkerPool
-from adaptive_pp.otel import local_collector, setup_otlp
+from adaptive_pp.emulation.kernels import emulated_mlp
+from adaptive_pp.observability.otel import local_collector, setup_otlp
+from adaptive_pp.runtime.launch import WorkerPool
 from experiments.common import write_json
 
 

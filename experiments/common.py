@@ -85,7 +85,7 @@ def pyplot() -> Any:
 
 def save_figure(fig: Any, name: str, stem: str, folder: str | Path | None = None) -> Path:
     """Save ``fig`` as ``FOLDER/STEM.png`` (adaptive_pp.plots.save_figure) and close it."""
-    from adaptive_pp.plots import save_figure as save_png
+    from adaptive_pp.observability.plots import save_figure as save_png
 
     fig.tight_layout()
     path = save_png(fig, results_dir(name, folder) / f"{stem}.png")
@@ -95,7 +95,7 @@ def save_figure(fig: Any, name: str, stem: str, folder: str | Path | None = None
 
 def kernel_note(launch_s: float, per_sample_s: float, samples: int) -> str:
     """One line stating an emulated layer's forward and backward time at ``samples``."""
-    from adaptive_pp.emulation import BACKWARD_RATIO
+    from adaptive_pp.core.simulator import BACKWARD_RATIO
 
     fwd = launch_s + per_sample_s * samples
     return (
@@ -124,7 +124,7 @@ def shared_pools() -> Iterator[None]:
 @contextlib.contextmanager
 def pool(nprocs: int) -> Iterator[Any]:
     """A WorkerPool of ``nprocs`` ranks: the shared one if ``shared_pools`` is active."""
-    from adaptive_pp.launch import WorkerPool
+    from adaptive_pp.runtime.launch import WorkerPool
 
     if _SHARED is None:
         with WorkerPool(nprocs) as p:
@@ -157,7 +157,7 @@ def train_job(
     from torch import nn
 
     from adaptive_pp import Pipeline
-    from adaptive_pp.logs import configure_logging
+    from adaptive_pp.observability.logs import configure_logging
 
     configure_logging(level="warning")  # decisions come back in the reports' events
     torch.manual_seed(0)
@@ -293,7 +293,7 @@ def _time_chunks(stage: Any, records: list[tuple[str, int, float, float]]) -> No
 def run_reports(ranks: Sequence[dict[str, Any]], schedule: str, microbatches: int) -> list[Any]:
     """The StepReports of one benchmark run past its warm-up step: rank 0's ``reports`` (ours)
     or, from every rank's ``timeline`` (torch's, see ``torch_pipeline_walls``), one per step."""
-    from adaptive_pp.report import StepReport
+    from adaptive_pp.core.report import StepReport
 
     if "timeline" not in ranks[0]:
         return [StepReport.from_dict(d) for d in ranks[0]["reports"][1:]]
@@ -315,8 +315,8 @@ def timeline_report(
     Only what a timeline gives: compute per stage, wall = the last action's end, no queue traces
     (``adaptive_pp.analysis`` then takes arrival = the producer's end).
     """
-    from adaptive_pp.report import StageStats, StepReport, Timeline
-    from adaptive_pp.schedules import Action
+    from adaptive_pp.core.report import StageStats, StepReport, Timeline
+    from adaptive_pp.core.schedules import Action
 
     end = max(b for recs in per_rank for _, _, _, b in recs)
     stages = tuple(

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from adaptive_pp import PipelineConfig
-from adaptive_pp.analysis import replay_measured
-from adaptive_pp.emulation import BACKWARD_RATIO, emulated_mlp
-from adaptive_pp.report import StepReport
-from adaptive_pp.schedules import make_schedule
-from adaptive_pp.simulator import Costs, bubble_approx, bubble_exact, simulate
+from adaptive_pp.core.analysis import replay_measured
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import BACKWARD_RATIO, Costs, bubble_approx, bubble_exact, simulate
+from adaptive_pp.emulation.kernels import emulated_mlp
 from experiments.common import (
     kernel_note,
     pool,

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from adaptive_pp import PipelineConfig
-from adaptive_pp.emulation import emulated_mlp
-from adaptive_pp.report import StepReport
-from adaptive_pp.simulator import bubble_exact
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.simulator import bubble_exact
+from adaptive_pp.emulation.kernels import emulated_mlp
 from experiments.common import (
     kernel_note,
     median_stats,

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from adaptive_pp import PipelineConfig
-from adaptive_pp.emulation import EmulatedFFN
-from adaptive_pp.report import StepReport
-from adaptive_pp.schedules import make_schedule, validate
-from adaptive_pp.simulator import bubble_exact
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import make_schedule, validate
+from adaptive_pp.core.simulator import bubble_exact
+from adaptive_pp.emulation.kernels import EmulatedFFN
 from experiments.common import (
     kernel_note,
     median_stats,

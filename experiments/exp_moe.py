@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from adaptive_pp import PipelineConfig
-from adaptive_pp.emulation import EmulatedFFN
-from adaptive_pp.moe import MoEBlock
-from adaptive_pp.report import StepReport
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.emulation.kernels import EmulatedFFN
+from adaptive_pp.emulation.moe import MoEBlock
 from controllers import AdaptivePolicy, MicrobatchTuner, Rebalancer, RebalancerConfig, TunerConfig
 from experiments.common import (
     kernel_note,

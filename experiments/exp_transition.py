@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from adaptive_pp import PipelineConfig
-from adaptive_pp.emulation import emulated_mlp, set_slowdown
-from adaptive_pp.report import StepReport
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.emulation.kernels import emulated_mlp, set_slowdown
 from controllers import Rebalancer, RebalancerConfig
 from experiments.common import (
     kernel_note,
@@ -59,7 +59,7 @@ def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def slow_device(start: int, pipe: Any, step: int) -> None:
     """From ``start`` on, stage SLOW_STAGE runs whatever layers it holds FACTOR x slower."""
     slow = pipe.stage == SLOW_STAGE and step >= start
-    set_slowdown(pipe.worker.named_segments().values(), FACTOR if slow else 1.0)
+    set_slowdown(pipe.local_modules().values(), FACTOR if slow else 1.0)
 
 
 def controller(steps: int) -> Rebalancer:

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from adaptive_pp.comm import FRAME_CAPACITY, HEADER_BYTES, Header, Kind, Link
-from adaptive_pp.control import BODY, FRAME, Control
+from adaptive_pp.runtime.comm import FRAME_CAPACITY, HEADER_BYTES, Header, Link, MessageKind
+from adaptive_pp.runtime.control import BODY, FRAME, Control
 
 # Around a control frame's body (the rest of the frame is its header) and well past it.
 SIZES = (0, 1, BODY - 30, BODY, BODY + 1, FRAME, 3 * FRAME)
@@ -56,15 +56,17 @@ def link_job() -> dict[str, Any]:
     if me == 0:
         odd = torch.zeros(2, dtype=torch.complex64)
         try:  # refused in the caller, before anything is queued
-            link.send(Header(Kind.ACT, 99, 7, 3, 0, 1, odd.dtype, (2,)), odd)
+            link.send(Header(MessageKind.ACT, 99, 7, 3, 0, 1, odd.dtype, (2,)), odd)
         except ValueError as exc:
             out["refused"] = str(exc)
         for i, t in enumerate(sent):
-            link.send(Header(Kind.ACT, i, 7, 3, 0, 1, t.dtype, tuple(t.shape)), t)
+            link.send(Header(MessageKind.ACT, i, 7, 3, 0, 1, t.dtype, tuple(t.shape)), t)
         link.flush()
     else:
         link.begin(7)  # the sender's round
-        got = [link.take(Kind.ACT, i, 60.0, "activation") for i in reversed(range(len(sent)))]
+        got = [
+            link.take(MessageKind.ACT, i, 60.0, "activation") for i in reversed(range(len(sent)))
+        ]
         got.reverse()
         out["equal"] = [
             m.payload.dtype == t.dtype and torch.equal(m.payload, t)
@@ -86,7 +88,7 @@ def corrupt_job() -> str:
         dist.barrier()
         return ""
     try:
-        link.take(Kind.ACT, 0, 60.0, "activation")
+        link.take(MessageKind.ACT, 0, 60.0, "activation")
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:

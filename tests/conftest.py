@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.errors import InvalidArgument
 
-from adaptive_pp import emulation
-from adaptive_pp.launch import WorkerPool
+from adaptive_pp.emulation import kernels as emulation
+from adaptive_pp.runtime.launch import WorkerPool
 
 settings.register_profile("dev", max_examples=60, deadline=None)
 

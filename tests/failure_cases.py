@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.decisions import MoveLayers
+from adaptive_pp.core.decisions import MoveLayers
 
 # 4 stages of 2 x Linear(64, 64) (+ an activation), M = 4, Adam.
 CASE = rc.Case(

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from adaptive_pp.report import StepReport, append_jsonl
-from adaptive_pp.schedules import make_schedule
-from adaptive_pp.simulator import Costs, simulate
+from adaptive_pp.core.report import StepReport, append_jsonl
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import Costs, simulate
 
 DECISIONS: Mapping[int, tuple[str, ...]] = {
     2: ("moved layers 4-4 from stage 2 to stage 1 (1088 bytes, 0.5 ms); partition 0-3 | 4-5",),

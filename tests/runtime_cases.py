@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.decisions import Decision, Keep, MoveLayers
-from adaptive_pp.migration import MigrationAborted
+from adaptive_pp.core.decisions import Decision, Keep, MoveLayers
+from adaptive_pp.runtime.migration import MigrationAborted
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,7 @@ def job_checkpoint_then_resume(case: Case, save_at: int, path: str, phase: str) 
 
 def job_receiver_killed(case: Case, path: str) -> None:
     """Checkpoint after step 1, then stage 1 dies while receiving migrating layers."""
-    from adaptive_pp import migration
+    from adaptive_pp.runtime import migration
 
     pipe = case_pipeline(case)
     data = batches(case)

@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.decisions import Decision, MoveLayers, SetMicrobatches
-from adaptive_pp.otel import setup_otlp
+from adaptive_pp.core.decisions import Decision, MoveLayers, SetMicrobatches
+from adaptive_pp.observability.otel import setup_otlp
 
 
 def in_memory() -> tuple[InMemorySpanExporter, TracerProvider, InMemoryMetricReader, MeterProvider]:

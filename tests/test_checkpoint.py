@@ -11,7 +11,7 @@ import torch
 from conftest import PoolFor
 from torch import nn
 
-from adaptive_pp import checkpoint
+from adaptive_pp.runtime import checkpoint
 
 pytestmark = pytest.mark.multiprocess
 

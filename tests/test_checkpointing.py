@@ -10,9 +10,9 @@ from conftest import PoolFor
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from adaptive_pp.emulation import EmulatedFFN
-from adaptive_pp.report import StepReport
-from adaptive_pp.schedules import make_schedule, validate
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import make_schedule, validate
+from adaptive_pp.emulation.kernels import EmulatedFFN
 
 pytestmark = pytest.mark.multiprocess
 

@@ -14,8 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_pp.analysis import hop_latencies, messages, replay_measured, waits
-from adaptive_pp.chrome_trace import (
+from adaptive_pp.core.analysis import hop_latencies, messages, replay_measured, waits
+from adaptive_pp.core.report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
+from adaptive_pp.core.schedules import Action, Schedule, gpipe, make_schedule
+from adaptive_pp.core.simulator import Costs, simulate
+from adaptive_pp.observability.chrome_trace import (
     RunDirError,
     chrome_trace,
     event_kind,
@@ -25,9 +28,6 @@ from adaptive_pp.chrome_trace import (
     step_offsets,
     write_chrome_trace,
 )
-from adaptive_pp.report import QueueTrace, StageStats, StepReport, Timeline, append_jsonl
-from adaptive_pp.schedules import Action, Schedule, gpipe, make_schedule
-from adaptive_pp.simulator import Costs, simulate
 
 MS = 1e-3
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import telemetry_cases as tc
 
-from adaptive_pp.launch import launch
-from adaptive_pp.otel import local_collector
-from adaptive_pp.telemetry import ERROR_METRICS, METRICS
+from adaptive_pp.observability.otel import local_collector
+from adaptive_pp.observability.telemetry import ERROR_METRICS, METRICS
+from adaptive_pp.runtime.launch import launch
 
 pytestmark = [pytest.mark.collector, pytest.mark.multiprocess]
 STAGES = 3
@@ -91,8 +91,8 @@ def test_every_rank_exports_to_a_real_collector(collector: tuple[str, Path]) -> 
 # ranks leave so).
 EXIT_SCRIPT = """
 import os, sys
-from adaptive_pp.otel import flush_global, setup_otlp
-from adaptive_pp.telemetry import Telemetry
+from adaptive_pp.observability.otel import flush_global, setup_otlp
+from adaptive_pp.observability.telemetry import Telemetry
 
 setup_otlp(sys.argv[1], attributes={"adaptive_pp.rank": 0}, export_interval_s=3600)
 tel = Telemetry(0, enabled=True)

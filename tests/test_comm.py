@@ -9,13 +9,13 @@ from conftest import PoolFor
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_pp.comm import _DTYPES, MAX_DIMS, Header, Kind
-from adaptive_pp.errors import PipelineError
-from adaptive_pp.launch import WorkerPool
+from adaptive_pp.core.errors import PipelineError
+from adaptive_pp.runtime.comm import _DTYPES, MAX_DIMS, Header, MessageKind
+from adaptive_pp.runtime.launch import WorkerPool
 
 headers = st.builds(
     Header,
-    kind=st.sampled_from(list(Kind)),
+    kind=st.sampled_from(list(MessageKind)),
     microbatch=st.integers(-1, 10**6),
     step=st.integers(-1, 10**9),
     version=st.integers(-1, 10**9),
@@ -34,10 +34,10 @@ def test_header_round_trips(header: Header) -> None:
 
 def test_header_rejects_what_cannot_travel() -> None:
     with pytest.raises(ValueError, match="dimensions"):
-        Header(Kind.ACT, 0, 0, 0, 0, 0, torch.float32, (1,) * (MAX_DIMS + 1)).values()
+        Header(MessageKind.ACT, 0, 0, 0, 0, 0, torch.float32, (1,) * (MAX_DIMS + 1)).values()
     with pytest.raises(ValueError, match="complex64"):
-        Header(Kind.ACT, 0, 0, 0, 0, 0, torch.complex64, (1,)).values()
-    bad = Header(Kind.ACT, 0, 0, 0, 0, 0, torch.float32, (2,)).values()
+        Header(MessageKind.ACT, 0, 0, 0, 0, 0, torch.complex64, (1,)).values()
+    bad = Header(MessageKind.ACT, 0, 0, 0, 0, 0, torch.float32, (2,)).values()
     bad[0] += 1
     with pytest.raises(PipelineError, match="corrupt"):
         Header.from_values(bad)

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_pp.decisions import Decision, Keep, MoveLayers, Plan, SetMicrobatches, apply
-from adaptive_pp.partition import Partition
-from adaptive_pp.report import StageStats, StepReport
+from adaptive_pp.core.decisions import Decision, Keep, MoveLayers, Plan, SetMicrobatches, apply
+from adaptive_pp.core.partition import Partition
+from adaptive_pp.core.report import StageStats, StepReport
 from controllers import (
     AdaptivePolicy,
     Controller,

@@ -16,8 +16,8 @@ from dataclasses import replace
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from adaptive_pp.decisions import Keep, Plan, SetMicrobatches, to_dict
-from adaptive_pp.partition import Partition
+from adaptive_pp.core.decisions import Keep, Plan, SetMicrobatches, to_dict
+from adaptive_pp.core.partition import Partition
 from controllers import AdaptivePolicy, MicrobatchTuner, Rebalancer, RebalancerConfig, TunerConfig
 from controllers.harness import (
     DeviceSlowdown,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_pp.decisions import (
+from adaptive_pp.core.decisions import (
     Decision,
     Keep,
     MoveLayers,
@@ -21,7 +21,7 @@ from adaptive_pp.decisions import (
     from_dict,
     to_dict,
 )
-from adaptive_pp.partition import Partition
+from adaptive_pp.core.partition import Partition
 
 reasons = st.text(max_size=20)
 decisions: st.SearchStrategy[Decision] = st.one_of(
@@ -126,6 +126,6 @@ sys.modules["adaptive_pp"] = pkg
 
 
 def test_decisions_module_needs_no_torch() -> None:
-    code = NO_PACKAGE_INIT + "import adaptive_pp.decisions\nprint('torch' in sys.modules)"
+    code = NO_PACKAGE_INIT + "import adaptive_pp.core.decisions\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

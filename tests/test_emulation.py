@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from adaptive_pp import emulation
-from adaptive_pp.emulation import Emulated, EmulatedFFN, EmulatedLayer, Window
+from adaptive_pp.emulation import kernels as emulation
+from adaptive_pp.emulation.kernels import Emulated, EmulatedFFN, EmulatedLayer, Window
 
 
 class _Busy(torch.autograd.Function):

@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adaptive_pp.analysis import hop_latencies, replay_measured  # noqa: E402
-from adaptive_pp.schedules import make_schedule  # noqa: E402
-from adaptive_pp.simulator import Costs, simulate  # noqa: E402
+from adaptive_pp.core.analysis import hop_latencies, replay_measured  # noqa: E402
+from adaptive_pp.core.schedules import make_schedule  # noqa: E402
+from adaptive_pp.core.simulator import Costs, simulate  # noqa: E402
 from experiments.common import timeline_report  # noqa: E402
 
 MS = 1e-3

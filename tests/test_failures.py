@@ -15,7 +15,7 @@ import pytest
 import runtime_cases as rc
 from conftest import PoolFor
 
-from adaptive_pp.launch import LaunchError, free_port, launch
+from adaptive_pp.runtime.launch import LaunchError, free_port, launch
 
 pytestmark = pytest.mark.multiprocess
 STAGES = len(fc.CASE.bounds) - 1

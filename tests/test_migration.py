@@ -11,9 +11,9 @@ from conftest import PoolFor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_pp.decisions import Decision, MoveLayers, SetMicrobatches
-from adaptive_pp.launch import LaunchError, launch
-from adaptive_pp.partition import Partition
+from adaptive_pp.core.decisions import Decision, MoveLayers, SetMicrobatches
+from adaptive_pp.core.partition import Partition
+from adaptive_pp.runtime.launch import LaunchError, launch
 
 pytestmark = pytest.mark.multiprocess
 

@@ -8,7 +8,7 @@ from conftest import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_pp.moe import MoEBlock
+from adaptive_pp.emulation.moe import MoEBlock
 
 
 def _block(experts: int = 8, top_k: int = 2, seed: int = 0, **kw: float) -> MoEBlock:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from adaptive_pp.partition import Partition
+from adaptive_pp.core.partition import Partition
 
 # Includes 0 (free layers) and non-dyadic values (rounding in the prefix sums).
 COST_VALUES = [0.0, 0.1, 0.5, 1.0, 2.5, 3.0, 7.0]

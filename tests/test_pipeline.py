@@ -10,9 +10,9 @@ from conftest import PoolFor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_pp.launch import LaunchError, launch
-from adaptive_pp.report import StepReport
-from adaptive_pp.schedules import make_schedule, validate
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import make_schedule, validate
+from adaptive_pp.runtime.launch import LaunchError, launch
 
 pytestmark = pytest.mark.multiprocess
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from report_cases import simulated_run, write_run
 
-from adaptive_pp.analysis import waits
-from adaptive_pp.chrome_trace import RunDirError
+from adaptive_pp.core.analysis import waits
+from adaptive_pp.observability.chrome_trace import RunDirError
 
 pytest.importorskip("matplotlib")
 
-from adaptive_pp.plots import (
+from adaptive_pp.observability.plots import (
     PlotDependencyError,
     decision_lines,
     plot_run,

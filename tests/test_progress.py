@@ -11,8 +11,8 @@ from typing import NamedTuple
 import pytest
 from report_cases import simulated_run
 
-from adaptive_pp.progress import Progress, status_line
-from adaptive_pp.report import StepReport
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.observability.progress import Progress, status_line
 
 
 class Tty(io.StringIO):

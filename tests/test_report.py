@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptive_pp.report import (
+from adaptive_pp.core.report import (
     ActionTiming,
     QueueTrace,
     StageStats,
@@ -18,8 +18,8 @@ from adaptive_pp.report import (
     read_jsonl,
     summarize,
 )
-from adaptive_pp.schedules import Action, gpipe, one_f_one_b
-from adaptive_pp.simulator import Costs, simulate
+from adaptive_pp.core.schedules import Action, gpipe, one_f_one_b
+from adaptive_pp.core.simulator import Costs, simulate
 
 
 def simulated(step: int = 0, slow: float = 1.0) -> StepReport:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_pp.schedules import (
+from adaptive_pp.core.schedules import (
     KINDS,
     Action,
     Kind,
@@ -22,7 +22,7 @@ from adaptive_pp.schedules import (
     one_f_one_b,
     validate,
 )
-from adaptive_pp.simulator import Costs, simulate
+from adaptive_pp.core.simulator import Costs, simulate
 
 GOLDEN = Path(__file__).parent / "golden"
 GENERATORS = {"gpipe": gpipe, "1f1b": one_f_one_b}

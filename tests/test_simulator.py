@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_pp.report import StepReport
-from adaptive_pp.schedules import (
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import (
     KINDS,
     Action,
     Schedule,
@@ -20,7 +20,7 @@ from adaptive_pp.schedules import (
     one_f_one_b,
     validate,
 )
-from adaptive_pp.simulator import (
+from adaptive_pp.core.simulator import (
     Costs,
     bubble_approx,
     bubble_exact,

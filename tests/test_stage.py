@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from adaptive_pp.comm import Header, Kind, Message
-from adaptive_pp.errors import StageFailure
-from adaptive_pp.schedules import Action
-from adaptive_pp.stage import Segment, StageWorker
+from adaptive_pp.core.errors import StageFailure
+from adaptive_pp.core.schedules import Action
+from adaptive_pp.runtime.comm import Header, Message, MessageKind
+from adaptive_pp.runtime.stage import Segment, StageWorker
 
 WIDTH = 8
 
@@ -48,7 +48,7 @@ class GradLink:
     def __init__(self) -> None:
         self.sent: list[Header] = []
 
-    def take(self, kind: Kind, microbatch: int, timeout: float, what: str) -> Message:
+    def take(self, kind: MessageKind, microbatch: int, timeout: float, what: str) -> Message:
         header = Header(kind, microbatch, 0, 0, 0, 0, torch.float32, (2, WIDTH))
         return Message(header, torch.ones(2, WIDTH), time.perf_counter())
 

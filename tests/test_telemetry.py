@@ -11,10 +11,10 @@ import structlog
 import telemetry_cases as tc
 from conftest import PoolFor
 
-from adaptive_pp import logs, otel
-from adaptive_pp.schedules import make_schedule
-from adaptive_pp.simulator import Costs, simulate
-from adaptive_pp.telemetry import ERROR_METRICS, ERROR_TYPE, METRICS, STAGE, Telemetry
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import Costs, simulate
+from adaptive_pp.observability import logs, otel
+from adaptive_pp.observability.telemetry import ERROR_METRICS, ERROR_TYPE, METRICS, STAGE, Telemetry
 
 
 def test_step_span_and_metrics_from_a_report() -> None:

@@ -26,11 +26,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from adaptive_pp import demo, otel
-from adaptive_pp.errors import NonFiniteLoss
-from adaptive_pp.schedules import make_schedule
-from adaptive_pp.simulator import Costs, simulate
-from adaptive_pp.telemetry import ERROR_TYPE, MICROBATCH, STAGE, Telemetry
+from adaptive_pp.core.errors import NonFiniteLoss
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import Costs, simulate
+from adaptive_pp.emulation import demo
+from adaptive_pp.observability import otel
+from adaptive_pp.observability.telemetry import ERROR_TYPE, MICROBATCH, STAGE, Telemetry
 
 BOUNDS = (0, 2, 4)
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Protocol, TextIO
 
-from .report import StepReport
+from ..core.report import StepReport
 
 
 class _HasReport(Protocol):

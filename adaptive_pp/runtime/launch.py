@@ -63,7 +63,7 @@ def _call(rank: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[int
         torch.save(fn(*args), buf)  # by value: shared-memory handles die with this process
         return rank, True, buf.getvalue()
     except BaseException as exc:
-        from .errors import PeerGone
+        from ..core.errors import PeerGone
 
         text = str(exc)
         # Raised because another rank failed: that rank's error is the root cause.
@@ -110,7 +110,7 @@ def _serve(
             break
     results.close()
     results.join_thread()
-    from .otel import flush_global
+    from ..observability.otel import flush_global
 
     flush_global()  # os._exit skips the SDK's own flush at exit
     # Leave at once: a process group whose peers died can block interpreter shutdown.

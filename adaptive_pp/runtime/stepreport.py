@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .report import QueueTrace, StageStats, StepReport, Timeline
-from .schedules import Action
+from ..core.report import QueueTrace, StageStats, StepReport, Timeline
+from ..core.schedules import Action
 from .stage import StageLog
 
 if TYPE_CHECKING:

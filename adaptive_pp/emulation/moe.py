@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .emulation import Emulated, Window
+from .kernels import Emulated, Window
 
 
 class Expert(nn.Module):

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .analysis import waits
+from ..core.analysis import waits
+from ..core.report import StepReport
 from .chrome_trace import load_run, step_offsets, write_chrome_trace
-from .report import StepReport
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -84,6 +84,8 @@ _CLASSES: dict[str, type[PipelineError]] = {
     )
 }
 _FIELDS = ("stage", "peer", "microbatch", "layer")
+for _cls in _CLASSES.values():
+    _cls.__module__ = "adaptive_pp.errors"  # the public path (tracebacks, spans, pickles)
 
 
 def describe(exc: BaseException) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import PipelineConfig
-from .display import stage_table
-from .emulation import emulated_mlp
-from .logs import configure_logging
-from .otel import setup_otlp
-from .pipeline import Pipeline
-from .progress import Progress
+from ..observability.display import stage_table
+from ..observability.logs import configure_logging
+from ..observability.otel import setup_otlp
+from ..observability.progress import Progress
+from ..runtime.config import PipelineConfig
+from ..runtime.pipeline import Pipeline
+from .kernels import emulated_mlp
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .partition import Partition
 from .schedules import SCHEDULE_NAMES
+
+if TYPE_CHECKING:
+    from .report import StepReport
 
 
 @dataclass(frozen=True)
@@ -163,3 +166,20 @@ def describe(decision: Decision) -> str:
     else:
         text = f"move {decision.count} layer(s) {decision.src}->{decision.dst}"
     return f"{text} ({decision.reason})" if decision.reason else text
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """Anything that turns the latest step report and the current plan into a decision."""
+
+    def decide(self, report: StepReport, plan: Plan) -> Decision:
+        """Decide what to change (if anything) before the next step."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state, saved in checkpoints."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict returned."""
+        ...

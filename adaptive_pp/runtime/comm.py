@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import PeerGone, PipelineError, PipelineTimeout
+from ..core.errors import PeerGone, PipelineError, PipelineTimeout
 
 MAGIC = 0x41505030  # "APP0"
 HEADER_LEN = 16
@@ -47,7 +47,7 @@ _DTYPES: tuple[torch.dtype, ...] = (
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 
 
-class Kind(IntEnum):
+class MessageKind(IntEnum):
     """What a message carries."""
 
     ACT = 1  # activation, stage s -> s+1
@@ -61,7 +61,7 @@ class Kind(IntEnum):
 class Header:
     """The fixed-size description sent ahead of every payload."""
 
-    kind: Kind
+    kind: MessageKind
     microbatch: int
     step: int
     version: int
@@ -106,7 +106,9 @@ class Header:
         """Inverse of values; raises PipelineError on a corrupt header."""
         if v[0] != MAGIC or not 0 <= v[7] < len(_DTYPES) or not 0 <= v[8] <= MAX_DIMS:
             raise PipelineError(f"corrupt message header {v}: peers out of step?")
-        return cls(Kind(v[1]), v[2], v[3], v[4], v[5], v[6], _DTYPES[v[7]], tuple(v[9 : 9 + v[8]]))
+        return cls(
+            MessageKind(v[1]), v[2], v[3], v[4], v[5], v[6], _DTYPES[v[7]], tuple(v[9 : 9 + v[8]])
+        )
 
 
 _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES}
@@ -162,7 +164,7 @@ class Link:
         self.round = 0
         #: Another rank's failure to raise instead of waiting (see adaptive_pp.control).
         self.fault = fault
-        self._box: dict[tuple[Kind, int, int], Message] = {}
+        self._box: dict[tuple[MessageKind, int, int], Message] = {}
         self.cond = threading.Condition()
         self._error: BaseException | None = None
         self._closed_by_peer = False
@@ -180,7 +182,7 @@ class Link:
         while self._recv(buf):
             try:
                 header = Header.from_values(raw[:HEADER_BYTES].view(np.int64).tolist())
-                if header.kind == Kind.STOP:
+                if header.kind == MessageKind.STOP:
                     with self.cond:
                         self._closed_by_peer = True
                         self.cond.notify_all()
@@ -247,7 +249,7 @@ class Link:
 
     def send(self, header: Header, payload: torch.Tensor) -> None:
         """Post one frame (header + payload bytes); a failed post is reported by ``flush``."""
-        if header.kind != Kind.STOP and tuple(payload.shape) != header.shape:
+        if header.kind != MessageKind.STOP and tuple(payload.shape) != header.shape:
             raise ValueError(f"header shape {header.shape} != payload shape {tuple(payload.shape)}")
         values = header.values()  # what cannot travel (dtype, dimensions) raises here
         if self._send_error is not None:  # the link already failed: flush says so
@@ -301,7 +303,7 @@ class Link:
                 peer=self.peer,
             ) from exc
 
-    def take(self, kind: Kind, microbatch: int, timeout: float, what: str) -> Message:
+    def take(self, kind: MessageKind, microbatch: int, timeout: float, what: str) -> Message:
         """Block until message (kind, microbatch) has arrived; log wait and queue times."""
         key = (kind, self.round, microbatch)
         t0 = time.perf_counter()
@@ -336,7 +338,7 @@ class Link:
                 self.cond.wait(min(left, 1.0))
             msg = self._box.pop(key)
         now = time.perf_counter()
-        if kind in (Kind.ACT, Kind.GRAD):
+        if kind in (MessageKind.ACT, MessageKind.GRAD):
             self.log.arrived.append(msg.arrived)
             self.log.consumed.append(now)
             self.log.waited += now - t0
@@ -345,7 +347,7 @@ class Link:
     def close(self, timeout: float = 5.0) -> None:
         """Tell the peer we are done, wait for our sends and for its goodbye."""
         if self._error is None:
-            self.send(Header(Kind.STOP, -1, -1, -1, 0, 0, torch.float32, ()), torch.empty(0))
+            self.send(Header(MessageKind.STOP, -1, -1, -1, 0, 0, torch.float32, ()), torch.empty(0))
             self.flush()
         self._thread.join(timeout)
 

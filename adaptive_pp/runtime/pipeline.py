@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import structlog
 import torch
@@ -18,39 +18,32 @@ from torch import nn
 from torch._C._distributed_c10d import PrefixStore, Store
 from torch.distributed.rendezvous import rendezvous
 
+from ..core.decisions import (
+    Controller,
+    Decision,
+    Keep,
+    MoveLayers,
+    Plan,
+    describe,
+    from_dict,
+    to_dict,
+)
+from ..core.errors import BatchError, PeerGone, PipelineError, PipelineTimeout
+from ..core.partition import Partition
+from ..core.report import StepReport, append_jsonl
+from ..core.schedules import Schedule, make_schedule, validate
+from ..observability.telemetry import Telemetry
 from . import checkpoint
 from .comm import Link
 from .config import PipelineConfig
 from .control import Control
-from .decisions import Decision, Keep, MoveLayers, Plan, describe, from_dict, to_dict
-from .errors import BatchError, PeerGone, PipelineError, PipelineTimeout
 from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
 from .migration import MigrationAborted, apply_decision
-from .partition import Partition
-from .report import StepReport, append_jsonl
-from .schedules import Schedule, make_schedule, validate
 from .stage import LossFn, Segment, StageWorker
 from .stepreport import local_part, merge_parts
-from .telemetry import Telemetry
 from .undo import StepMark, clear_gradients
 
 log = structlog.get_logger("adaptive_pp.pipeline")
-
-
-class DecisionSource(Protocol):
-    """What Pipeline needs of a controller (see the controllers package)."""
-
-    def decide(self, report: StepReport, plan: Plan) -> Decision:
-        """The change to make before the next step."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-ready state for checkpoints."""
-        ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore state_dict()."""
-        ...
 
 
 class StepOutput(NamedTuple):
@@ -126,7 +119,7 @@ class Pipeline:
         *,
         pre: nn.Module | None = None,
         post: nn.Module | None = None,
-        controller: DecisionSource | None = None,
+        controller: Controller | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
@@ -491,6 +484,10 @@ class Pipeline:
         except (MigrationAborted, ValueError) as exc:
             # Refused or aborted (apply noted it for the next report): the old plan stays.
             log.warning("decision.refused", decision=describe(decision), error=str(exc))
+
+    def local_modules(self) -> dict[str, nn.Module]:
+        """The modules this rank holds now, by global name ("pre", "layers.3", "post")."""
+        return self.worker.named_segments()
 
     def local_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """This stage's module state dicts keyed by global name ("layers.3", "pre", "post")."""

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .comm import Header, Kind, Link
-from .errors import NonFiniteLoss, PipelineError, StageFailure, VersionMismatch
-from .schedules import Action
+from ..core.errors import NonFiniteLoss, PipelineError, StageFailure, VersionMismatch
+from ..core.schedules import Action
+from .comm import Header, Link, MessageKind
 from .stash import StashMeter, storage_ptrs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -167,7 +167,7 @@ class StageWorker:
             if inputs is None:
                 raise PipelineError(f"stage {self.stage} needs the inputs", stage=self.stage)
             return inputs[m].to(self.device)
-        msg = self.up.take(Kind.ACT, m, self.recv_timeout, "activation")
+        msg = self.up.take(MessageKind.ACT, m, self.recv_timeout, "activation")
         self._check_version(msg.header, "activation")
         self._sources[m] = msg.header  # named if the first segment fails on it
         return msg.payload.to(self.device)
@@ -175,7 +175,7 @@ class StageWorker:
     def _output_grad(self, m: int) -> torch.Tensor | None:
         if self.down is None:
             return None
-        msg = self.down.take(Kind.GRAD, m, self.recv_timeout, "gradient")
+        msg = self.down.take(MessageKind.GRAD, m, self.recv_timeout, "gradient")
         self._check_version(msg.header, "gradient")
         return msg.payload.to(self.device)
 
@@ -239,7 +239,7 @@ class StageWorker:
                 )
             assert self.down is not None
             # Sent before the bookkeeping below: the next stage may be waiting for it.
-            self.down.send(self._header(Kind.ACT, m, step, h), h.detach().cpu())
+            self.down.send(self._header(MessageKind.ACT, m, step, h), h.detach().cpu())
             top = h
         for b in boundaries:
             meter.add(b)
@@ -258,7 +258,7 @@ class StageWorker:
         result: torch.Tensor = module(h)
         return result
 
-    def _header(self, kind: Kind, m: int, step: int, t: torch.Tensor) -> Header:
+    def _header(self, kind: MessageKind, m: int, step: int, t: torch.Tensor) -> Header:
         lo, hi = self._range
         return Header(kind, m, step, self.version, lo, hi, t.dtype, tuple(t.shape))
 
@@ -312,7 +312,7 @@ class StageWorker:
                     microbatch=m,
                 )
             # Sent before the per-layer bookkeeping: the previous stage may be waiting for it.
-            self.up.send(self._header(Kind.GRAD, m, step, x.grad), x.grad.cpu())
+            self.up.send(self._header(MessageKind.GRAD, m, step, x.grad), x.grad.cpu())
         self._layer_backward_times(boundaries, marks, t0, t_end, log)
 
     def _layer_backward_times(

@@ -175,7 +175,7 @@ def local_collector(log: Path, start_timeout_s: float = 20.0) -> Iterator[str]:
     It prints every span and metric it receives to ``log`` (debug exporter, detailed) and
     forwards nothing; it is stopped on exit. For tests, demos and benchmarks.
     """
-    from .launch import free_port
+    from ..runtime.launch import free_port
 
     grpc, http = free_port(), free_port()
     args = [

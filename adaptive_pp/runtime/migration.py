@@ -22,11 +22,20 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from .comm import Header, Kind, Link, json_tensor, tensor_json
-from .decisions import Decision, Keep, MoveLayers, Plan, SetMicrobatches, apply, describe, to_dict
-from .errors import DecisionMismatch, PipelineError, VersionMismatch
+from ..core.decisions import (
+    Decision,
+    Keep,
+    MoveLayers,
+    Plan,
+    SetMicrobatches,
+    apply,
+    describe,
+    to_dict,
+)
+from ..core.errors import DecisionMismatch, PipelineError, VersionMismatch
+from ..core.simulator import Costs, simulate
+from .comm import Header, Link, MessageKind, json_tensor, tensor_json
 from .layerstate import layer_name, load_module_state, module_state, optimizer_state
-from .simulator import Costs, simulate
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -97,7 +106,7 @@ def _agree(pipe: Pipeline, decision: Decision) -> None:
 
 def _simulate_plan(plan: Plan) -> None:
     """Run the simulator on the new plan (unit costs): a schedule that cannot run is refused."""
-    from .schedules import make_schedule
+    from ..core.schedules import make_schedule
 
     s = plan.partition.num_stages
     simulate(
@@ -121,13 +130,15 @@ def _link_to(pipe: Pipeline, peer: int) -> Link:
 def _send_json(link: Link, ident: int, obj: Any, version: int) -> None:
     data = json_tensor(obj)
     link.send(
-        Header(Kind.CONTROL, ident, link.round, version, -1, -1, torch.uint8, (data.numel(),)),
+        Header(
+            MessageKind.CONTROL, ident, link.round, version, -1, -1, torch.uint8, (data.numel(),)
+        ),
         data,
     )
 
 
 def _take_json(link: Link, ident: int, timeout: float, what: str) -> Any:
-    msg = link.take(Kind.CONTROL, ident, timeout, what)
+    msg = link.take(MessageKind.CONTROL, ident, timeout, what)
     return tensor_json(msg.payload)
 
 
@@ -210,7 +221,16 @@ def _send_layers(pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module]
     )
     for i, t in enumerate(tensors):
         link.send(
-            Header(Kind.STATE, i, link.round, pipe.worker.version, -1, -1, t.dtype, tuple(t.shape)),
+            Header(
+                MessageKind.STATE,
+                i,
+                link.round,
+                pipe.worker.version,
+                -1,
+                -1,
+                t.dtype,
+                tuple(t.shape),
+            ),
             t.cpu(),
         )
     link.flush()
@@ -224,7 +244,9 @@ def _receive_layers(
     entries = manifest["entries"]
     count = sum(1 for e in entries if e["tensor"] is not None)
     # Take every announced tensor before any check, so a refusal leaves no stale messages.
-    tensors = [link.take(Kind.STATE, i, timeout, "migrating tensor").payload for i in range(count)]
+    tensors = [
+        link.take(MessageKind.STATE, i, timeout, "migrating tensor").payload for i in range(count)
+    ]
     for name, version in manifest["versions"].items():
         if version != pipe.worker.version:
             raise VersionMismatch(

@@ -24,11 +24,11 @@ from opentelemetry import context, metrics, trace
 from opentelemetry.trace import NonRecordingSpan, Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from . import __version__
-from .report import StepReport
+from .. import __version__
+from ..core.report import StepReport
 
 if TYPE_CHECKING:
-    from .schedules import Action
+    from ..core.schedules import Action
 
 SCOPE = "adaptive_pp"
 STAGE, STEP, MICROBATCHES = "adaptive_pp.stage", "adaptive_pp.step", "adaptive_pp.microbatches"

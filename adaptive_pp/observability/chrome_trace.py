@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .analysis import Message, messages, waits
-from .report import StepReport, read_jsonl
+from .. import __version__
+from ..core.analysis import Message, messages, waits
+from ..core.report import StepReport, read_jsonl
 
 US = 1e6  # trace timestamps are microseconds
 _NUDGE_US = 1e-3  # flow ends sit 1 ns inside their slices so viewers bind them to it

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-BACKWARD_RATIO = 2.4
+from ..core.simulator import BACKWARD_RATIO
+
 _PR_SET_TIMERSLACK = 29
 
 

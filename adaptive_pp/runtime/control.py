@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import PipelineError, PipelinePoisoned, PipelineTimeout, StageFrozen, rebuild
-from .errors import describe as describe_error
+from ..core.errors import PipelineError, PipelinePoisoned, PipelineTimeout, StageFrozen, rebuild
+from ..core.errors import describe as describe_error
 
 CONTROL_TAG = 2  # the stage links use tag 0
 MAGIC = 0x41505043  # "APPC"

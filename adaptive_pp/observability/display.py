@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .report import StepReport
-from .simulator import bubble_approx, bubble_exact
+from ..core.report import StepReport
+from ..core.simulator import bubble_approx, bubble_exact
 
 
 def bubble_lines(report: StepReport) -> list[str]:

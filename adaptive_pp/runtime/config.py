@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .partition import Partition
+from ..core.partition import Partition
 
 
 @dataclass(kw_only=True)

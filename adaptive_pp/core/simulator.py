@@ -16,6 +16,10 @@ from .schedules import Compiled, Schedule, compile_schedule, replay
 
 CostSpec = float | Sequence[float | Sequence[float]]
 
+# Backward over forward time of a transformer block, measured for GPT blocks on an H100
+# (docs/DESIGN.md): the emulated kernels' default and the controllers' fallback split.
+BACKWARD_RATIO = 2.4
+
 
 @dataclass(frozen=True)
 class Costs:
