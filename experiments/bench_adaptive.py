@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from adaptive_pp.core.simulator import Costs, simulate
 from adaptive_pp.emulation.kernels import EmulatedLayer, emulated_mlp
 from adaptive_pp.runtime.launch import WorkerPool
 from controllers import AdaptivePolicy, RebalancerConfig
-from experiments.common import torch_pipeline_walls, write_json
+from experiments.common import timed_steps, torch_pipeline_walls, write_json
 
 LAYERS, WIDTH, BATCH, STAGES = 16, 256, 64, 4
 SLOW_STAGE, SLOW_FROM, FACTOR = 2, 5, 2.0
@@ -60,7 +59,7 @@ def run_ours(
     policy = AdaptivePolicy(rebalancer) if adaptive else None
     cfg = PipelineConfig(microbatches=m, partition=bounds)
     x, y = _data()
-    walls, events, parts = [], [], []
+    parts: list[list[int]] = []
     with Pipeline(
         model,
         nn.functional.mse_loss,
@@ -68,15 +67,14 @@ def run_ours(
         cfg,
         controller=policy,
     ) as pipe:
-        for k in range(steps):
-            _slow_device(list(pipe.local_modules().values()), pipe.stage, k)
-            dist.barrier()
-            t0 = time.perf_counter()
-            report = pipe.step(x, y).report
-            walls.append(time.perf_counter() - t0)
-            events.append(list(report.events))
-            parts.append(list(pipe.partition.bounds))
-    return {"walls": walls, "events": events, "partitions": parts}
+        timed = timed_steps(
+            lambda _: pipe.step(x, y).report,
+            steps,
+            before_step=lambda k: _slow_device(list(pipe.local_modules().values()), pipe.stage, k),
+            after_step=lambda k, _: parts.append(list(pipe.partition.bounds)),
+        )
+    events = [list(report.events) for report in timed.outputs]
+    return {"walls": timed.walls, "events": events, "partitions": parts}
 
 
 def run_torch(bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float) -> dict[str, Any]:

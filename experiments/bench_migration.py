@@ -19,9 +19,10 @@ from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
 from adaptive_pp.core.decisions import MoveLayers
+from adaptive_pp.core.report import StepReport
 from adaptive_pp.emulation.kernels import emulated_mlp
 from adaptive_pp.runtime.launch import WorkerPool
-from experiments.common import write_json
+from experiments.common import timed_steps, write_json
 
 
 def job(steps: int, move_at: int, microbatches: int, fwd_ms: float) -> dict[str, Any]:
@@ -31,20 +32,23 @@ def job(steps: int, move_at: int, microbatches: int, fwd_ms: float) -> dict[str,
     cfg = PipelineConfig(microbatches=microbatches)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 256, generator=g), torch.randn(64, 256, generator=g)
-    walls, change, events, moved = [], 0.0, [], 0
+    change, moved = 0.0, 0
     with Pipeline(
         model, nn.functional.mse_loss, lambda p: torch.optim.Adam(p, lr=1e-4), cfg
     ) as pipe:
-        for k in range(steps):
-            dist.barrier()
-            t0 = time.perf_counter()
+
+        def step(k: int) -> StepReport:
+            """Step ``k``; at ``move_at`` the move first, timed with the step."""
+            nonlocal change, moved
             if k == move_at:
+                t0 = time.perf_counter()
                 event = pipe.apply(MoveLayers(2, 1, 1))
                 change = time.perf_counter() - t0
                 moved = int(str(event).split("(")[1].split(" bytes")[0])
-            report = pipe.step(x, y).report
-            walls.append(time.perf_counter() - t0)
-            events.append(list(report.events))
+            return pipe.step(x, y).report
+
+        timed = timed_steps(step, steps)
+    walls, events = timed.walls, [list(report.events) for report in timed.outputs]
     dist.barrier()
     payload = torch.zeros(max(1, moved // 4))
     t0 = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from adaptive_pp.core.schedules import make_schedule
 from adaptive_pp.core.simulator import Costs, bubble_exact, simulate
 from adaptive_pp.emulation.kernels import emulated_mlp
 from adaptive_pp.runtime.launch import WorkerPool
-from experiments.common import run_reports, torch_pipeline_walls, write_json
+from experiments.common import run_reports, timed_steps, torch_pipeline_walls, write_json
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
 SETUP: dict[str, Any] = dict(
@@ -58,17 +57,11 @@ def run_ours(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]:
     model = _model(args)
     cfg = PipelineConfig(microbatches=args["microbatches"], schedule=schedule)
     x, y = _data(args)
-    walls, reports = [], []
     with Pipeline(
         model, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=1e-3), cfg
     ) as pipe:
-        for _ in range(steps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            out = pipe.step(x, y)
-            walls.append(time.perf_counter() - t0)
-            reports.append(out.report.to_dict())
-    return {"walls": walls, "reports": reports}
+        timed = timed_steps(lambda _: pipe.step(x, y), steps)
+    return {"walls": timed.walls, "reports": [out.report.to_dict() for out in timed.outputs]}
 
 
 def run_torch(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]:

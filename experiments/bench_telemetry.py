@@ -13,7 +13,6 @@ import argparse
 import re
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from adaptive_pp import Pipeline, PipelineConfig
 from adaptive_pp.emulation.kernels import emulated_mlp
 from adaptive_pp.observability.otel import local_collector, setup_otlp
 from adaptive_pp.runtime.launch import WorkerPool
-from experiments.common import write_json
+from experiments.common import timed_steps, write_json
 
 
 def job(endpoint: str | None, steps: int, microbatches: int, fwd_ms: float) -> list[float]:
@@ -49,7 +48,6 @@ def job(endpoint: str | None, steps: int, microbatches: int, fwd_ms: float) -> l
         if otel is not None
         else {}
     )
-    walls = []
     with Pipeline(
         model,
         nn.functional.mse_loss,
@@ -57,14 +55,11 @@ def job(endpoint: str | None, steps: int, microbatches: int, fwd_ms: float) -> l
         PipelineConfig(microbatches=microbatches),
         **providers,
     ) as pipe:
-        for _ in range(steps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            pipe.step(x, y)
-            walls.append(time.perf_counter() - t0)
+        # The first step warms up: timed, not returned.
+        walls = timed_steps(lambda _: pipe.step(x, y), steps - 1, warmup=1).walls
     if otel is not None:
         otel.shutdown()
-    return walls[1:]  # the first step warms up
+    return walls
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Helpers shared by the experiments: arguments, result folders, run metadata, figures, pools,
-a generic rank job for our runtime, and per-step statistics."""
+the timed-step loop of every rank job (``timed_steps``), a generic rank job for our runtime,
+and per-step statistics."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 def results_dir(name: str, folder: str | Path | None = None) -> Path:
@@ -135,6 +139,57 @@ def pool(nprocs: int) -> Iterator[Any]:
     yield _SHARED[nprocs]
 
 
+@dataclass
+class TimedSteps(Generic[T]):
+    """What ``timed_steps`` measured, one entry per timed step (warm-up steps left out)."""
+
+    walls: list[float] = field(default_factory=list)
+    """Seconds from the barrier's release to ``step`` returning (``time.perf_counter``)."""
+    starts: list[float] = field(default_factory=list)
+    """``time.perf_counter()`` at each step's start: the origin of the step's timings."""
+    outputs: list[T] = field(default_factory=list)
+    """What ``step(k)`` returned (e.g. our StepOutput)."""
+
+
+def timed_steps(
+    step: Callable[[int], T],
+    steps: int,
+    *,
+    warmup: int = 0,
+    before_step: Callable[[int], object] | None = None,
+    after_step: Callable[[int, T], object] | None = None,
+    barrier: Callable[[], object] | None = None,
+) -> TimedSteps[T]:
+    """The timed loop of a rank job: ``warmup + steps`` calls of ``step(k)``, k = 0, 1, ...
+
+    Each step: ``before_step(k)`` (untimed: slow a stage down, make the batch), ``barrier()``
+    (default ``torch.distributed.barrier``: every rank starts the step together), then the wall
+    clock of ``step(k)`` alone, e.g. ``lambda k: pipe.step(x, y)`` (ours) or a torch schedule's
+    step plus its optimizer step (the peer); then ``after_step(k, output)`` (untimed: read state
+    the next step changes). Hooks run on warm-up steps too; only the last ``steps`` steps are
+    recorded: their walls, start times and outputs, in order.
+    """
+    if barrier is None:
+        import torch.distributed as dist
+
+        barrier = dist.barrier
+    timed: TimedSteps[T] = TimedSteps()
+    for k in range(warmup + steps):
+        if before_step is not None:
+            before_step(k)
+        barrier()
+        t0 = time.perf_counter()
+        out = step(k)
+        wall = time.perf_counter() - t0
+        if k >= warmup:
+            timed.walls.append(wall)
+            timed.starts.append(t0)
+            timed.outputs.append(out)
+        if after_step is not None:
+            after_step(k, out)
+    return timed
+
+
 def train_job(
     model_fn: Callable[[], Any],
     config: Any,
@@ -150,10 +205,9 @@ def train_job(
     ``data_fn(k)`` gives step k's (inputs, targets) on every rank; ``before_step(pipe, k)`` runs
     before each step (inject slowdowns, skew); ``controller_fn()`` builds the controller;
     ``probe(pipe, k)`` runs after each step and its values come back as ``probes``.
-    Returns every step's report (as dicts), loss and barrier-to-return wall time.
+    Returns every step's report (as dicts), loss and barrier-to-return wall time (``timed_steps``).
     """
     import torch
-    import torch.distributed as dist
     from torch import nn
 
     from adaptive_pp import Pipeline
@@ -163,7 +217,8 @@ def train_job(
     torch.manual_seed(0)
     model = model_fn()
     controller = controller_fn() if controller_fn is not None else None
-    reports, losses, walls, probes = [], [], [], []
+    batches: dict[int, tuple[Any, Any]] = {}
+    probes: list[Any] = []
     with Pipeline(
         model,
         nn.functional.mse_loss,
@@ -171,18 +226,24 @@ def train_job(
         config,
         controller=controller,
     ) as pipe:
-        for k in range(steps):
+
+        def prepare(k: int) -> None:
             if before_step is not None:
                 before_step(pipe, k)
-            x, y = data_fn(k)
-            dist.barrier()
-            t0 = time.perf_counter()
-            out = pipe.step(x, y)
-            walls.append(time.perf_counter() - t0)
-            reports.append(out.report.to_dict())
-            losses.append(out.loss)
-            probes.append(probe(pipe, k) if probe is not None else None)
-    return {"reports": reports, "losses": losses, "walls": walls, "probes": probes}
+            batches[k] = data_fn(k)
+
+        timed = timed_steps(
+            lambda k: pipe.step(*batches.pop(k)),
+            steps,
+            before_step=prepare,
+            after_step=lambda k, _: probes.append(probe(pipe, k) if probe is not None else None),
+        )
+    return {
+        "reports": [out.report.to_dict() for out in timed.outputs],
+        "losses": [out.loss for out in timed.outputs],
+        "walls": timed.walls,
+        "probes": probes,
+    }
 
 
 def step_stats(report: Any) -> dict[str, Any]:
@@ -235,7 +296,8 @@ def torch_pipeline_walls(
     """Rank job body: ``steps`` timed steps of torch.distributed.pipelining on this rank's ``sub``.
 
     The peer we compare against: PipelineStage + Schedule1F1B/ScheduleGPipe with shapes
-    inferred on the first step, MSE loss, then ``optimizer``. ``before_step(k)`` runs untimed.
+    inferred on the first step, MSE loss, then ``optimizer``, timed by ``timed_steps`` (the
+    schedule's step and the optimizer's); ``before_step(k)`` runs untimed.
     ``timeline``, if given, gets per step this rank's (kind, micro-batch, start, end) of every
     forward and backward chunk, seconds from the step's start (the timing wraps the stage
     instance's chunk methods; the schedule's sends and receives fall between actions).
@@ -250,15 +312,16 @@ def torch_pipeline_walls(
     cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
     sched = cls(stage, microbatches, loss_fn=nn.functional.mse_loss)
     records: list[tuple[str, int, float, float]] = []
+    per_step: list[list[tuple[str, int, float, float]]] = []
     if timeline is not None:
         _time_chunks(stage, records)
-    walls = []
-    for k in range(steps):
+
+    def prepare(k: int) -> None:
         if before_step is not None:
             before_step(k)
         records.clear()
-        dist.barrier()
-        t0 = time.perf_counter()
+
+    def step(_: int) -> None:
         if rank == 0:
             sched.step(x)
         elif rank == stages - 1:
@@ -267,10 +330,16 @@ def torch_pipeline_walls(
             sched.step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        walls.append(time.perf_counter() - t0)
-        if timeline is not None:
-            timeline.append([(kind, m, a - t0, b - t0) for kind, m, a, b in records])
-    return walls
+
+    timed = timed_steps(
+        step, steps, before_step=prepare, after_step=lambda k, _: per_step.append(list(records))
+    )
+    if timeline is not None:
+        timeline += [
+            [(kind, m, a - t0, b - t0) for kind, m, a, b in recs]
+            for recs, t0 in zip(per_step, timed.starts, strict=True)
+        ]
+    return timed.walls
 
 
 def _time_chunks(stage: Any, records: list[tuple[str, int, float, float]]) -> None:

@@ -275,7 +275,7 @@ def job_version_mismatch() -> None:
     """Stage 1 pretends its weights are one optimizer step ahead; stage 2 must refuse."""
     pipe = _pipe(_mlp(4, 3), microbatches=2)
     if pipe.stage == 1:
-        pipe.worker.version += 1
+        pipe.local.skew_version(1)
     pipe.step(torch.randn(4, 4), torch.randn(4, 4))
 
 

@@ -1,8 +1,10 @@
-"""experiments.common helpers that need no processes: a peer's timelines as a StepReport."""
+"""experiments.common helpers that need no processes: the timed-step loop of the rank jobs, and
+a peer's timelines as a StepReport."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ if str(ROOT) not in sys.path:
 from adaptive_pp.core.analysis import hop_latencies, replay_measured  # noqa: E402
 from adaptive_pp.core.schedules import make_schedule  # noqa: E402
 from adaptive_pp.core.simulator import Costs, simulate  # noqa: E402
-from experiments.common import timeline_report  # noqa: E402
+from experiments.common import timed_steps, timeline_report  # noqa: E402
 
 MS = 1e-3
 
@@ -37,3 +39,44 @@ def test_timeline_report_reads_a_peer_step_like_ours(name: str) -> None:
     assert [s.compute for s in rep.stages] == pytest.approx([s.compute for s in sim.stages])
     assert hop_latencies(rep) == pytest.approx([0.25 * MS, 0.25 * MS])
     assert replay_measured(rep).step_time == pytest.approx(sim.step_time)
+
+
+def test_timed_steps_times_each_step_after_its_barrier_and_drops_the_warm_up() -> None:
+    """Hooks see every step k (warm-up included) in order around the barrier; only the last
+    ``steps`` steps come back, one wall each, and a wall is the step's time alone."""
+    log: list[str] = []
+    naps = {0: 0.03, 1: 0.0, 2: 0.02, 3: 0.0, 4: 0.01}
+
+    def step(k: int) -> str:
+        log.append(f"step {k}")
+        time.sleep(naps[k])
+        return f"out {k}"
+
+    def before(k: int) -> None:
+        log.append(f"before {k}")
+        time.sleep(0.05)  # untimed
+
+    timed = timed_steps(
+        step,
+        3,
+        warmup=2,
+        before_step=before,
+        after_step=lambda k, out: log.append(f"after {k} {out}"),
+        barrier=lambda: log.append("barrier"),
+    )
+    assert log == [
+        e for k in range(5) for e in (f"before {k}", "barrier", f"step {k}", f"after {k} out {k}")
+    ]
+    assert timed.outputs == ["out 2", "out 3", "out 4"]
+    assert len(timed.walls) == len(timed.starts) == 3
+    # Walls are the steps' naps (2: 20 ms, 3: none, 4: 10 ms), never before_step's 50 ms.
+    assert timed.walls[0] >= 0.02 and timed.walls[2] >= 0.01
+    assert max(timed.walls) < 0.05 and timed.walls[1] < 0.01
+    assert timed.starts == sorted(timed.starts)
+    assert timed.starts[1] - timed.starts[0] >= timed.walls[0] + 0.05  # step 3's before ran
+
+
+def test_timed_steps_without_warm_up_keeps_every_step() -> None:
+    timed = timed_steps(lambda k: k * k, 4, barrier=lambda: None)
+    assert timed.outputs == [0, 1, 4, 9] and len(timed.walls) == 4
+    assert all(w >= 0 for w in timed.walls)

@@ -14,8 +14,9 @@ from torch import nn
 
 from adaptive_pp.core.errors import StageFailure
 from adaptive_pp.core.schedules import Action
+from adaptive_pp.runtime.chunk import Chunk, Segment
 from adaptive_pp.runtime.comm import Header, Message, MessageKind
-from adaptive_pp.runtime.stage import Segment, StageWorker
+from adaptive_pp.runtime.stage import StageWorker
 
 WIDTH = 8
 
@@ -57,17 +58,18 @@ class GradLink:
 
 
 def worker(modules: list[nn.Module], last: bool) -> StageWorker:
-    segments = [Segment(i, f"layers.{i}", mod) for i, mod in enumerate(modules)]
+    segments = [Segment.block(i, mod) for i, mod in enumerate(modules)]
     down: Any = None if last else GradLink()
     loss = nn.functional.mse_loss if last else None
-    return StageWorker(0, 1 if last else 2, segments, loss, None, down, torch.device("cpu"), 5.0)
+    chunk = Chunk(0, segments)
+    return StageWorker(chunk, 1 if last else 2, loss, None, down, torch.device("cpu"), 5.0)
 
 
 def run(w: StageWorker, microbatches: int = 2) -> Any:
     torch.manual_seed(0)
     xs = [torch.randn(2, WIDTH) for _ in range(microbatches)]
     acts = [Action(0, k, m) for m in range(microbatches) for k in ("F", "B")]  # type: ignore[arg-type]
-    return w.run(acts, xs, xs if w.is_last else None, 0, time.perf_counter())
+    return w.run(acts, xs, xs if w.is_last else None, 0, time.perf_counter(), version=0)
 
 
 @pytest.mark.parametrize("last", [False, True])

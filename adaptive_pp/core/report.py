@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, cast
 
 from .schedules import Action, Kind
 
@@ -136,6 +136,23 @@ class StageStats:
         return 1.0 - self.utilization
 
 
+class StepTimes(TypedDict, total=False):
+    """``StepReport.extra``: seconds the runtime measured besides the stages' own figures.
+
+    All keys are optional (the simulator sets none). A report read back keeps whatever keys
+    its file had, so numbers a user added survive a JSON round trip too.
+    """
+
+    wall: float
+    """The step's wall time on the slowest rank, report merging included."""
+    optimizer: float
+    """The longest optimizer update of any rank."""
+    change: float
+    """Time spent applying plan changes (decisions) since the previous step."""
+    offset: float
+    """The step's start, seconds from the earliest rank's pipeline start."""
+
+
 @dataclass(frozen=True)
 class StepReport:
     """Everything measured (or simulated) about one training step."""
@@ -151,7 +168,7 @@ class StepReport:
     source: str = "simulator"
     loss: float | None = None
     events: tuple[str, ...] = ()
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: StepTimes = field(default_factory=lambda: StepTimes())
 
     @property
     def num_stages(self) -> int:
@@ -230,7 +247,7 @@ class StepReport:
             source=str(data.get("source", "simulator")),
             loss=data.get("loss"),
             events=tuple(data.get("events", ())),
-            extra=dict(data.get("extra", {})),
+            extra=cast(StepTimes, dict(data.get("extra", {}))),
         )
 
 

@@ -3,8 +3,8 @@
 On a 2-core CPU machine four stage processes cannot each run real kernels at accelerator speed,
 so timing studies use these: the math is real (a Linear + tanh), the duration is a sleep whose
 length is affine in the micro-batch size, ``launch + per_sample * batch``, with backward = 2.4x
-forward by default (as measured for GPT blocks on an H100; see DESIGN.md). ``slowdown`` scales a
-layer at run time to inject skew. Every figure produced with these says so.
+forward by default (as measured for GPT blocks on an H100; see docs/DESIGN.md). ``slowdown``
+scales a layer at run time to inject skew. Every figure produced with these says so.
 
 **Timing model.** On an accelerator the host launches a layer's kernels asynchronously, so the
 layer's own host work (Python, autograd bookkeeping, here also the small real math) overlaps its

@@ -7,13 +7,12 @@ and their outputs are combined back, weighted by the gates, onto a residual: ``x
 gate_j * expert_j(x)``. Gradients reach the input, the experts that got tokens and the router
 (through the gates).
 
-Time model (DESIGN.md, H100 calibration): the experts are spread over devices inside the stage
-(expert parallelism), so the stage waits for its busiest expert and the block's emulated time is
-affine in the **max tokens per expert**, ``launch + per_token * max_load`` forward and 2.4x that
-backward (an ``adaptive_pp.emulation`` window: routing and dispatch run inside it; ``slowdown``
-applies too). Balanced routing gives
-max_load ~ tokens * k / experts; skewed routing up to tokens (k <= experts / 2: every token
-sends one of its k slots to the hot expert).
+Time model (docs/DESIGN.md, H100 calibration): the experts are spread over devices inside the
+stage (expert parallelism), so the stage waits for its busiest expert and the block's emulated
+time is affine in the **max tokens per expert**, ``launch + per_token * max_load`` forward and
+2.4x that backward (an ``adaptive_pp.emulation`` window: routing and dispatch run inside it;
+``slowdown`` applies too). Balanced routing gives max_load ~ tokens * k / experts; skewed
+routing up to tokens (k <= experts / 2: every token sends one of its k slots to the hot expert).
 
 Skew is injected reproducibly: ``skew`` is added to the router logit of expert ``hot`` (a plain
 attribute, not state, so an experiment can drift it step by step on every rank alike).

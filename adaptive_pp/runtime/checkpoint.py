@@ -24,7 +24,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,11 +35,8 @@ from .layerstate import (
     module_state,
     named_params,
     optimizer_state,
-    rebuild_optimizer,
 )
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
+from .local import LocalStage
 
 FORMAT = 1
 
@@ -48,16 +45,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, truncated or does not fit the model."""
 
 
-def save(pipe: Pipeline, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save(local: LocalStage, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint of the whole pipeline (every rank calls this); return its path."""
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
-    if pipe.stage == 0:
+    if local.stage == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    pipe.control.barrier("the checkpoint start")
-    modules = pipe.worker.named_segments()
-    opt = optimizer_state(pipe.optimizer, modules)
+    local.control.barrier("the checkpoint start")
+    modules = local.modules()
+    opt = optimizer_state(local.optimizer, modules)
     shard = {
         "module": {k: v.detach().cpu().clone() for k, v in module_state(modules).items()},
         "optimizer": {
@@ -67,21 +64,21 @@ def save(pipe: Pipeline, path: str | Path, extra: dict[str, Any] | None = None) 
             }
             for name, st in opt.items()
         },
-        "hyper": _hyper(pipe),
+        "hyper": _hyper(local),
     }
-    name = f"stage-{pipe.stage}-of-{pipe.num_stages}.pt"
+    name = f"stage-{local.stage}-of-{local.num_stages}.pt"
     torch.save(shard, tmp / name)
-    pipe.control.barrier("the checkpoint write")
-    if pipe.stage == 0:
+    local.control.barrier("the checkpoint write")
+    if local.stage == 0:
         meta = {
             "format": FORMAT,
-            "step": pipe.step_count,
-            "version": pipe.worker.version,
-            "partition": list(pipe.partition.bounds),
-            "microbatches": pipe.microbatches,
-            "schedule": pipe.schedule.name,
-            "num_layers": len(pipe.blocks),
-            "shards": [f"stage-{s}-of-{pipe.num_stages}.pt" for s in range(pipe.num_stages)],
+            "step": local.step_count,
+            "version": local.version,
+            "partition": list(local.partition.bounds),
+            "microbatches": local.microbatches,
+            "schedule": local.schedule.name,
+            "num_layers": len(local.blocks),
+            "shards": [f"stage-{s}-of-{local.num_stages}.pt" for s in range(local.num_stages)],
             "extra": extra or {},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -91,14 +88,14 @@ def save(pipe: Pipeline, path: str | Path, extra: dict[str, Any] | None = None) 
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-    pipe.control.barrier("the checkpoint commit")
+    local.control.barrier("the checkpoint commit")
     return final
 
 
-def _hyper(pipe: Pipeline) -> dict[str, Any]:
-    if pipe.optimizer is None or not pipe.optimizer.param_groups:
+def _hyper(local: LocalStage) -> dict[str, Any]:
+    if local.optimizer is None or not local.optimizer.param_groups:
         return {}
-    return {k: v for k, v in pipe.optimizer.param_groups[0].items() if k != "params"}
+    return {k: v for k, v in local.optimizer.param_groups[0].items() if k != "params"}
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -148,50 +145,41 @@ def _read_shard(path: Path) -> dict[str, Any]:
     return shard
 
 
-def load(pipe: Pipeline, path: str | Path) -> dict[str, Any]:
+def load(local: LocalStage, path: str | Path) -> dict[str, Any]:
     """Load a checkpoint into this rank's layers (any saved partition); return meta.json.
 
     Every rank calls it: all load, or all raise CheckpointError and keep their parameters,
     optimizer, version and step count.
     """
     path = Path(path)
-    modules = pipe.worker.named_segments()
+    modules = local.modules()
     failure: Exception | None = None
     try:
-        meta, module, carried, hyper = _read_checked(pipe, path, modules)
+        meta, module, carried, hyper = _read_checked(local, path, modules)
     except Exception as exc:  # whatever it is, this rank must still take part in the verdict
         failure = exc
     text = failure if isinstance(failure, CheckpointError) else repr(failure)
-    found = None if failure is None else f"stage {pipe.stage}: {text}"
-    errors = [e for e in pipe.control.all_gather(found, "the checkpoint check") if e is not None]
+    found = None if failure is None else f"stage {local.stage}: {text}"
+    errors = [e for e in local.control.all_gather(found, "the checkpoint check") if e is not None]
     if errors:
         raise CheckpointError(
             f"checkpoint {path} does not fit; no stage loaded it: {'; '.join(errors)}"
         ) from failure
     # No rank found a fault, so this one read and checked everything: nothing below can fail.
     load_module_state(modules, module, f"checkpoint {path}")
-    device_state = {
-        n: {k: (v.to(pipe.device) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-        for n, st in carried.items()
-    }
-    pipe.optimizer = rebuild_optimizer(pipe._factory, modules, None, device_state)
-    if pipe.optimizer is not None and hyper:
-        for group in pipe.optimizer.param_groups:
-            group.update(hyper)
-    pipe.worker.version = meta["version"]
-    pipe.step_count = meta["step"]
+    local.restore(carried, hyper, meta["version"], meta["step"])
     return meta
 
 
 def _read_checked(
-    pipe: Pipeline, path: Path, modules: dict[str, nn.Module]
+    local: LocalStage, path: Path, modules: dict[str, nn.Module]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Meta, module state, optimizer state and hyperparameters for ``modules``, checked."""
     meta = read_meta(path)
-    n, saved, now = len(pipe.blocks), meta["partition"], pipe.partition.bounds
+    n, saved, now = len(local.blocks), meta["partition"], local.partition.bounds
     if meta["num_layers"] != n:
         raise CheckpointError(f"{path} holds {meta['num_layers']} layers, this model has {n}")
-    elsewhere = set().union(*(_held(now, s) for s in range(len(now) - 1) if s != pipe.stage))
+    elsewhere = set().union(*(_held(now, s) for s in range(len(now) - 1) if s != local.stage))
     module: dict[str, torch.Tensor] = {}
     carried: dict[str, dict[str, Any]] = {}
     hyper: dict[str, Any] = {}

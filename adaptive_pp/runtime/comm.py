@@ -148,9 +148,9 @@ class Link:
     """A bidirectional connection to one neighbouring stage, with a receiver thread.
 
     The receiver keeps a receive posted, so a message moves while the stage computes, and files
-    arrivals with their time. Sends are posted from the caller's thread: building and posting a
-    frame costs the stage ~0.1 ms, a sender thread's hand-off cost every hop more (measured side
-    by side with emulated kernels as windows: hop 0.78 -> 0.35 ms, 1F1B step 0.978, GPipe 1.000).
+    arrivals with their time. Sends are posted from the caller's thread: a sender thread's
+    hand-off cost every hop more than the post costs the stage (docs/EXPERIMENTS.md, appendix
+    "runtime changes measured side by side").
     """
 
     def __init__(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import torch
@@ -36,9 +36,7 @@ from ..core.errors import DecisionMismatch, PipelineError, VersionMismatch
 from ..core.simulator import Costs, simulate
 from .comm import Header, Link, MessageKind, json_tensor, tensor_json
 from .layerstate import layer_name, load_module_state, module_state, optimizer_state
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
+from .local import LocalStage
 
 MANIFEST, ACK = 0, 1
 log = structlog.get_logger("adaptive_pp.migration")
@@ -48,29 +46,33 @@ class MigrationAborted(PipelineError):
     """A migration failed before its commit; every rank kept the old plan."""
 
 
-def apply_decision(pipe: Pipeline, decision: Decision) -> str | None:
-    """Apply ``decision`` on every rank (all must call it alike); return the event text."""
+def apply_decision(local: LocalStage, decision: Decision) -> str | None:
+    """Apply ``decision`` on every rank (all must call it alike); return the event text.
+
+    ``local`` changes only through its methods (``set_microbatches``, ``adopt_partition``),
+    and only once every rank agreed (and, for a move, every rank voted ok).
+    """
     if isinstance(decision, Keep):
         return None
-    plan = pipe.plan
+    plan = local.plan
     new = apply(plan, decision)  # ValueError on every rank alike for an invalid decision
-    _agree(pipe, decision)
+    _agree(local, decision)
     if isinstance(decision, SetMicrobatches):
-        if pipe.last_batch_size is not None and pipe.last_batch_size % decision.microbatches:
+        if local.last_batch_size is not None and local.last_batch_size % decision.microbatches:
             raise ValueError(
-                f"cannot use M={decision.microbatches}: the batch of {pipe.last_batch_size} "
+                f"cannot use M={decision.microbatches}: the batch of {local.last_batch_size} "
                 "samples does not split into that many equal micro-batches"
             )
         _simulate_plan(new)
-        pipe.set_microbatches(decision.microbatches)
+        local.set_microbatches(decision.microbatches)
         log.info("microbatches.change", old=plan.microbatches, new=decision.microbatches)
         return f"set micro-batches {plan.microbatches} -> {decision.microbatches}"
     _simulate_plan(new)
     layers = _moving_layers(plan, decision)
-    log.info("migration.begin", decision=describe(decision), layers=layers, step=pipe.step_count)
+    log.info("migration.begin", decision=describe(decision), layers=layers, step=local.step_count)
     t0 = time.perf_counter()
     try:
-        nbytes = _move(pipe, decision, new)
+        nbytes = _move(local, decision, new)
     except MigrationAborted as exc:
         log.warning("migration.abort", decision=describe(decision), error=str(exc))
         raise
@@ -90,17 +92,17 @@ def apply_decision(pipe: Pipeline, decision: Decision) -> str | None:
     )
 
 
-def _agree(pipe: Pipeline, decision: Decision) -> None:
+def _agree(local: LocalStage, decision: Decision) -> None:
     mine = {
         "decision": to_dict(decision),
-        "partition": list(pipe.partition.bounds),
-        "m": pipe.microbatches,
+        "partition": list(local.partition.bounds),
+        "m": local.microbatches,
     }
-    views = pipe.control.all_gather(mine, "the decision agreement")
+    views = local.control.all_gather(mine, "the decision agreement")
     if any(v != views[0] for v in views):
         raise DecisionMismatch(
-            f"stage {pipe.stage}: ranks disagree on {describe(decision)}: {views}; refused",
-            stage=pipe.stage,
+            f"stage {local.stage}: ranks disagree on {describe(decision)}: {views}; refused",
+            stage=local.stage,
         )
 
 
@@ -120,10 +122,10 @@ def _moving_layers(plan: Plan, move: MoveLayers) -> list[int]:
     return own[-move.count :] if move.dst == move.src + 1 else own[: move.count]
 
 
-def _link_to(pipe: Pipeline, peer: int) -> Link:
-    link = pipe.worker.down if peer == pipe.stage + 1 else pipe.worker.up
-    if link is None or link.peer != peer:
-        raise PipelineError(f"stage {pipe.stage} has no link to stage {peer}")
+def _link_to(local: LocalStage, peer: int) -> Link:
+    link = local.link_to(peer)
+    if link is None:
+        raise PipelineError(f"stage {local.stage} has no link to stage {peer}")
     return link
 
 
@@ -142,27 +144,27 @@ def _take_json(link: Link, ident: int, timeout: float, what: str) -> Any:
     return tensor_json(msg.payload)
 
 
-def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
+def _move(local: LocalStage, move: MoveLayers, new: Plan) -> int:
     t_start = time.perf_counter()
-    layers = _moving_layers(pipe.plan, move)
-    names = {layer_name(i): pipe.blocks[i] for i in layers}
+    layers = _moving_layers(local.plan, move)
+    names = {layer_name(i): local.blocks[i] for i in layers}
     ok, error, nbytes = True, "", 0
     carried: dict[str, dict[str, Any]] = {}
-    timeout = pipe.config.recv_timeout
-    if pipe.stage == move.src:
-        nbytes = _send_layers(pipe, _link_to(pipe, move.dst), names)
-        reply = _take_json(_link_to(pipe, move.dst), ACK, timeout, "migration acknowledgement")
+    timeout = local.recv_timeout
+    if local.stage == move.src:
+        nbytes = _send_layers(local, _link_to(local, move.dst), names)
+        reply = _take_json(_link_to(local, move.dst), ACK, timeout, "migration acknowledgement")
         ok, error = bool(reply["ok"]), str(reply["error"])
-    elif pipe.stage == move.dst:
-        link = _link_to(pipe, move.src)
+    elif local.stage == move.dst:
+        link = _link_to(local, move.src)
         try:
-            carried, nbytes = _receive_layers(pipe, link, names, timeout)
+            carried, nbytes = _receive_layers(local, link, names, timeout)
         except (PipelineError, KeyError, ValueError) as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"
-        _send_json(link, ACK, {"ok": ok, "error": error}, pipe.worker.version)
+        _send_json(link, ACK, {"ok": ok, "error": error}, local.version)
         link.flush()
     t_moved = time.perf_counter()
-    votes = pipe.control.all_gather(
+    votes = local.control.all_gather(
         {"ok": ok, "error": error, "bytes": nbytes}, "the migration vote"
     )
     t_voted = time.perf_counter()
@@ -171,13 +173,13 @@ def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
     if failed:
         raise MigrationAborted(
             f"migration {describe(move)} aborted before commit, every stage keeps partition "
-            f"{pipe.partition}: {failed[0]}",
-            stage=pipe.stage,
+            f"{local.partition}: {failed[0]}",
+            stage=local.stage,
         )
-    pipe.adopt_partition(new.partition, carried)
+    local.adopt_partition(new.partition, carried)
     log.debug(
         "migration.phases",
-        stage=pipe.stage,
+        stage=local.stage,
         transfer_ms=round((t_moved - t_start) * 1e3, 3),
         vote_ms=round((t_voted - t_moved) * 1e3, 3),
         commit_ms=round((time.perf_counter() - t_voted) * 1e3, 3),
@@ -185,14 +187,14 @@ def _move(pipe: Pipeline, move: MoveLayers, new: Plan) -> int:
     return nbytes
 
 
-def _send_layers(pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module]) -> int:
+def _send_layers(local: LocalStage, link: Link, modules: dict[str, torch.nn.Module]) -> int:
     """Manifest (names, shapes, scalar optimizer state, version), then one tensor each."""
     tensors: list[torch.Tensor] = []
     entries: list[dict[str, Any]] = []
     for name, t in module_state(modules).items():
         entries.append({"name": name, "opt": None, "tensor": len(tensors)})
         tensors.append(t)
-    for pname, st in optimizer_state(pipe.optimizer, modules).items():
+    for pname, st in optimizer_state(local.optimizer, modules).items():
         for key, value in st.items():
             if isinstance(value, torch.Tensor):
                 entries.append(
@@ -210,14 +212,14 @@ def _send_layers(pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module]
                 raise PipelineError(
                     f"cannot migrate optimizer state {pname}[{key!r}] of type "
                     f"{type(value).__name__}",
-                    stage=pipe.stage,
+                    stage=local.stage,
                 )
-    versions = {name: pipe.worker.version for name in modules}
+    versions = {name: local.version for name in modules}
     _send_json(
         link,
         MANIFEST,
         {"entries": entries, "versions": versions},
-        pipe.worker.version,
+        local.version,
     )
     for i, t in enumerate(tensors):
         link.send(
@@ -225,7 +227,7 @@ def _send_layers(pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module]
                 MessageKind.STATE,
                 i,
                 link.round,
-                pipe.worker.version,
+                local.version,
                 -1,
                 -1,
                 t.dtype,
@@ -238,7 +240,7 @@ def _send_layers(pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module]
 
 
 def _receive_layers(
-    pipe: Pipeline, link: Link, modules: dict[str, torch.nn.Module], timeout: float
+    local: LocalStage, link: Link, modules: dict[str, torch.nn.Module], timeout: float
 ) -> tuple[dict[str, dict[str, Any]], int]:
     manifest = _take_json(link, MANIFEST, timeout, "migration manifest")
     entries = manifest["entries"]
@@ -248,18 +250,18 @@ def _receive_layers(
         link.take(MessageKind.STATE, i, timeout, "migrating tensor").payload for i in range(count)
     ]
     for name, version in manifest["versions"].items():
-        if version != pipe.worker.version:
+        if version != local.version:
             raise VersionMismatch(
-                f"stage {pipe.stage} received {name} at weight version {version}, "
-                f"but its own layers are at version {pipe.worker.version}",
-                stage=pipe.stage,
+                f"stage {local.stage} received {name} at weight version {version}, "
+                f"but its own layers are at version {local.version}",
+                stage=local.stage,
                 layer=int(name.split(".")[1]),
             )
     for module in modules.values():
         if any(t.is_meta for t in module.state_dict().values()):
-            module.to_empty(device=pipe.device)  # materialise the twin; loaded just below
+            module.to_empty(device=local.device)  # materialise the twin; loaded just below
     state = {e["name"]: tensors[e["tensor"]] for e in entries if e["opt"] is None}
-    load_module_state(modules, state, f"stage {pipe.stage} loading migrated layers")
+    load_module_state(modules, state, f"stage {local.stage} loading migrated layers")
     carried: dict[str, dict[str, Any]] = {}
     for e in entries:
         if e["opt"] is None:
@@ -271,6 +273,6 @@ def _receive_layers(
             if e.get("scalar_tensor"):
                 value = value.reshape(())
         carried.setdefault(e["name"], {})[e["opt"]] = (
-            value.to(pipe.device) if isinstance(value, torch.Tensor) else value
+            value.to(local.device) if isinstance(value, torch.Tensor) else value
         )
     return carried, sum(t.numel() * t.element_size() for t in tensors)

@@ -7,13 +7,12 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import structlog
 import torch
 import torch.distributed as dist
 from opentelemetry import metrics, trace
-from opentelemetry.trace import Span
 from torch import nn
 from torch._C._distributed_c10d import PrefixStore, Store
 from torch.distributed.rendezvous import rendezvous
@@ -28,29 +27,24 @@ from ..core.decisions import (
     from_dict,
     to_dict,
 )
-from ..core.errors import BatchError, PeerGone, PipelineError, PipelineTimeout
+from ..core.errors import PipelineError
 from ..core.partition import Partition
-from ..core.report import StepReport, append_jsonl
-from ..core.schedules import Schedule, make_schedule, validate
+from ..core.report import StepReport
+from ..core.schedules import Schedule
 from ..observability.telemetry import Telemetry
 from . import checkpoint
-from .comm import Link
+from . import step as steps
 from .config import PipelineConfig
-from .control import Control
-from .layerstate import OptimizerFactory, layer_name, optimizer_state, rebuild_optimizer
+from .layerstate import OptimizerFactory
+from .local import LocalStage
 from .migration import MigrationAborted, apply_decision
-from .stage import LossFn, Segment, StageWorker
-from .stepreport import local_part, merge_parts
+from .stage import LossFn
+from .step import StepOutput, split_batch
 from .undo import StepMark, clear_gradients
 
+__all__ = ["Pipeline", "StepOutput", "init_distributed", "split_batch"]
+
 log = structlog.get_logger("adaptive_pp.pipeline")
-
-
-class StepOutput(NamedTuple):
-    """What Pipeline.step returns: the mini-batch loss (same on every rank) and the report."""
-
-    loss: float
-    report: StepReport
 
 
 def init_distributed(timeout_s: float) -> bool:
@@ -96,19 +90,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def split_batch(batch: torch.Tensor, microbatches: int, what: str) -> list[torch.Tensor]:
-    """Split along dim 0 into equal micro-batches; BatchError (a ValueError) if it does not."""
-    size = batch.shape[0]
-    if size % microbatches != 0:
-        raise BatchError(
-            f"the {what} batch has {size} samples, which does not split into {microbatches} "
-            f"equal micro-batches; use a batch size divisible by M={microbatches} or change M"
-        )
-    return list(torch.split(batch, size // microbatches))
-
-
 class Pipeline:
-    """One stage of a pipeline-parallel model in this process; ``step`` trains one mini-batch."""
+    """One stage of a pipeline-parallel model in this process; ``step`` trains one mini-batch.
+
+    A facade: this rank's state lives in one LocalStage (``local``); steps, decisions and
+    checkpoints run on it. Use it as a context manager to close it on a clean exit.
+    """
 
     def __init__(
         self,
@@ -125,61 +112,27 @@ class Pipeline:
     ) -> None:
         self.config = cfg = config or PipelineConfig()
         self._owns_group = init_distributed(cfg.init_timeout)
-        self.rank, world = dist.get_rank(), dist.get_world_size()
-        self.num_stages = cfg.stages or world
-        if self.num_stages != world:
-            raise ValueError(
-                f"{self.num_stages} stages need {self.num_stages} processes, got {world}"
-            )
-        self.blocks = list(model)
-        if not self.blocks:
+        s, world = dist.get_rank(), dist.get_world_size()
+        num_stages = cfg.stages or world
+        if num_stages != world:
+            raise ValueError(f"{num_stages} stages need {num_stages} processes, got {world}")
+        blocks = list(model)
+        if not blocks:
             raise ValueError("the model has no layers to pipeline")
-        self._pre, self._post, self._factory = pre, post, optimizer_factory
         self.controller = controller
-        self.partition = cfg.resolve_partition(len(self.blocks), self.num_stages)
-        self.microbatches = cfg.microbatches
-        self.schedule = self._make_schedule(cfg.microbatches)
-        self.device = _device(cfg.device)
-        self.last_batch_size: int | None = None
-        self.pending_events: list[str] = []  # plan changes since the last report, for the next
-        self.change_s = 0.0  # seconds spent applying them
-        s = self.rank
-        segments = self._segments(self.partition)
-        for i, block in enumerate(self.blocks):
-            if i not in self.partition.layers(s):
-                block.to("meta")  # a twin without storage: materialised if it migrates here
-        self.control = Control(
+        self._local = LocalStage(
             s,
-            world,
-            interval=cfg.heartbeat_interval,
-            timeout=cfg.heartbeat_timeout,
-            wait_timeout=cfg.recv_timeout,
-        )
-        fault = self.control.fault
-        up = Link(s, s - 1, fault=fault) if s > 0 else None
-        down = Link(s, s + 1, fault=fault) if s < self.num_stages - 1 else None
-        for ln in (up, down):
-            if ln is not None:
-                self.control.watch(ln.cond)
-        self.worker = StageWorker(
-            s,
-            self.num_stages,
-            segments,
+            num_stages,
+            blocks,
             loss_fn,
-            up,
-            down,
-            self.device,
-            cfg.recv_timeout,
-            cfg.activation_checkpointing,
+            optimizer_factory,
+            cfg,
+            _device(cfg.device),
+            pre=pre,
+            post=post,
         )
-        self.optimizer = rebuild_optimizer(
-            optimizer_factory, self.worker.named_segments(), None, {}
-        )
-        self.step_count = 0
         self._closed = False
-        self._phase = "done"  # of the current step: "check" inputs, "run" actions, "done"
-        self._mark = StepMark.take({}, self.device)
-        structlog.contextvars.bind_contextvars(rank=self.rank, stage=s)
+        structlog.contextvars.bind_contextvars(rank=s, stage=s)
         self.telemetry = Telemetry(
             s,
             enabled=cfg.telemetry or tracer_provider is not None or meter_provider is not None,
@@ -189,25 +142,84 @@ class Pipeline:
         )
         # One exchange: every rank is up; stage 0 sends each step's trace context when every
         # rank records spans.
-        shared = self.control.start(
+        shared = self._local.start(
+            {"telemetry": self.telemetry.enabled},
             kill_frozen=cfg.kill_frozen,
-            share={"telemetry": self.telemetry.enabled},
             timeout=cfg.init_timeout,
         )
         self._trace_steps = all(r["telemetry"] for r in shared)
-        self.epoch = time.perf_counter()
 
-    def _segments(self, partition: Partition) -> list[Segment]:
-        """This rank's segments under ``partition`` (pre first on stage 0, post last at the end)."""
-        s = self.rank
-        segments = [Segment(i, layer_name(i), self.blocks[i]) for i in partition.layers(s)]
-        if self._pre is not None and s == 0:
-            segments.insert(0, Segment(-1, "pre", self._pre))
-        if self._post is not None and s == self.num_stages - 1:
-            segments.append(Segment(-2, "post", self._post))
-        for seg in segments:
-            seg.module.to(self.device)
-        return segments
+    # --- what this rank holds (read-only views of the LocalStage) ---------------------------
+
+    @property
+    def local(self) -> LocalStage:
+        """This rank's state (chunks, optimizer, version, links, plan); see runtime/local.py."""
+        return self._local
+
+    @property
+    def stage(self) -> int:
+        """This process's stage index (its rank in the process group)."""
+        return self._local.stage
+
+    @property
+    def num_stages(self) -> int:
+        """Number of pipeline stages (processes)."""
+        return self._local.num_stages
+
+    @property
+    def is_last(self) -> bool:
+        """True on the stage that computes the loss."""
+        return self._local.is_last
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The whole model's blocks (those held elsewhere are twins on the "meta" device)."""
+        return self._local.blocks
+
+    @property
+    def partition(self) -> Partition:
+        """The current partition of the blocks over the stages."""
+        return self._local.partition
+
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches per step (M)."""
+        return self._local.microbatches
+
+    @property
+    def schedule(self) -> Schedule:
+        """The current schedule."""
+        return self._local.schedule
+
+    @property
+    def plan(self) -> Plan:
+        """The current partition, micro-batches and schedule."""
+        return self._local.plan
+
+    @property
+    def step_count(self) -> int:
+        """Steps completed (restored by load_checkpoint)."""
+        return self._local.step_count
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer over this rank's parameters (None if it holds none)."""
+        return self._local.optimizer
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's layers live."""
+        return self._local.device
+
+    def local_modules(self) -> dict[str, nn.Module]:
+        """The modules this rank holds now, by global name ("pre", "layers.3", "post")."""
+        return self._local.modules()
+
+    def local_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """This stage's module state dicts keyed by global name ("layers.3", "pre", "post")."""
+        return self._local.state()
+
+    # --- changing the plan ------------------------------------------------------------------
 
     def apply(self, decision: Decision) -> str | None:
         """Apply a decision now, between steps, on every rank alike; return what changed.
@@ -216,93 +228,72 @@ class Pipeline:
         the old plan), SetMicrobatches changes M. The next step's report lists the change, or
         the refusal (ValueError for an invalid decision, MigrationAborted), which is re-raised.
         """
-        self._begin()
+        self._local.begin()
         try:
             return self._apply(decision)
         except (MigrationAborted, ValueError):
             raise
         except BaseException as exc:
             self.telemetry.error(type(exc).__name__)  # no step span counts it
-            self._failed(exc, undoable=False)
+            steps.fail(self._local, exc, undoable=False)
             raise
 
     def _apply(self, decision: Decision) -> str | None:
+        local = self._local
         t0 = time.perf_counter()
         kind = "migration" if isinstance(decision, MoveLayers) else "microbatches.change"
         attrs = {
             "adaptive_pp.decision": describe(decision),
-            "adaptive_pp.partition": ",".join(map(str, self.partition.bounds)),
-            "adaptive_pp.microbatches": self.microbatches,
+            "adaptive_pp.partition": ",".join(map(str, local.partition.bounds)),
+            "adaptive_pp.microbatches": local.microbatches,
         }
+        event = noted = None
         try:
-            with self.telemetry.change(kind, self.step_count, attrs) as span:
-                event = apply_decision(self, decision)
+            with self.telemetry.change(kind, local.step_count, attrs) as span:
+                event = apply_decision(local, decision)
                 if span is not None and event is not None:
                     span.set_attribute("adaptive_pp.event", event)
+            noted = event
         except (MigrationAborted, ValueError) as exc:
-            self.pending_events.append(f"refused {describe(decision)}: {exc}")
+            noted = f"refused {describe(decision)}: {exc}"
             raise
         finally:
-            self.change_s += time.perf_counter() - t0
-        if event is not None:
-            self.pending_events.append(event)
+            local.note(noted, time.perf_counter() - t0)
         return event
 
-    def adopt_partition(self, partition: Partition, carried: dict[str, dict[str, Any]]) -> None:
-        """Commit a new partition: swap segments and rebuild the optimizer, keeping all state."""
-        old = self.worker.named_segments()
-        kept = optimizer_state(self.optimizer, old)
-        self.partition = partition
-        self.worker.segments = self._segments(partition)
-        new = self.worker.named_segments()
-        if set(new) != set(old):
-            self.optimizer = rebuild_optimizer(
-                self._factory, new, self.optimizer, {**kept, **carried}
-            )
-            for name, module in old.items():
-                if name not in new:
-                    module.to("meta")  # freed only after the commit
+    def set_microbatches(self, microbatches: int) -> None:
+        """Run the next steps with ``microbatches`` micro-batches (schedule rebuilt and checked).
+
+        Local to this rank, unchecked against the peers: ``apply(SetMicrobatches(m))`` is the
+        agreed way.
+        """
+        self._local.set_microbatches(microbatches)
+
+    # --- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Checkpoint every stage (all ranks call it); ``extra`` (controller state) rides along."""
-        self._begin()
+        self._local.begin()
         if self.controller is not None:
             extra = {**(extra or {}), "controller": self.controller.state_dict()}
-        return checkpoint.save(self, path, extra)
+        return checkpoint.save(self._local, path, extra)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Resume from a checkpoint saved with any stage count or partition; return its meta.
 
         Also the way back from a poisoned pipeline: once every rank has loaded, steps work.
         """
-        self._begin(recovering=True)
-        meta = checkpoint.load(self, path)
-        self.worker.discard()  # what a failed step may have left: stash, gradients
-        clear_gradients(self.worker.named_segments())
-        self.control.cure()
+        local = self._local
+        local.begin(recovering=True)
+        meta = checkpoint.load(local, path)
+        local.worker.discard()  # what a failed step may have left: stash, gradients
+        clear_gradients(local.modules())
+        local.control.cure()
         if self.controller is not None and "controller" in meta["extra"]:
             self.controller.load_state_dict(meta["extra"]["controller"])
         return meta
 
-    def set_microbatches(self, microbatches: int) -> None:
-        """Run the next steps with ``microbatches`` micro-batches (schedule rebuilt and checked)."""
-        self.schedule = self._make_schedule(microbatches)
-        self.microbatches = microbatches
-
-    def _make_schedule(self, microbatches: int) -> Schedule:
-        sched = make_schedule(self.config.schedule, self.num_stages, microbatches)
-        validate(sched)
-        return sched
-
-    @property
-    def stage(self) -> int:
-        """This process's stage index."""
-        return self.rank
-
-    @property
-    def is_last(self) -> bool:
-        """True on the stage that computes the loss."""
-        return self.worker.is_last
+    # --- training ---------------------------------------------------------------------------
 
     def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> StepOutput:
         """Forward and backward over all micro-batches, then the optimizer; every rank calls it.
@@ -313,169 +304,52 @@ class Pipeline:
         correct. Otherwise the pipeline is poisoned: later steps raise PipelinePoisoned until
         a checkpoint is loaded.
         """
-        self._begin()
-        structlog.contextvars.bind_contextvars(step=self.step_count)
-        self._phase = "check"
-        self._mark = StepMark.take(self.worker.named_segments(), self.device)
+        local = self._local
+        local.begin()
+        structlog.contextvars.bind_contextvars(step=local.step_count)
+        local.phase = "check"
+        local.mark = StepMark.take(local.modules(), local.device)
         parent = self._trace_parent()
         with self.telemetry.step(
-            self.step_count,
-            self.microbatches,
-            self.schedule.name,
-            self.partition.bounds,
+            local.step_count,
+            local.microbatches,
+            local.schedule.name,
+            local.partition.bounds,
             parent=parent,
         ) as span:
             try:
-                if self._trace_steps and self.rank == 0:
-                    self.control.broadcast(self.telemetry.carrier(), what="the trace context")
-                out = self._step(inputs, targets, span)
+                if self._trace_steps and local.stage == 0:
+                    local.control.broadcast(self.telemetry.carrier(), what="the trace context")
+                out = steps.run(local, inputs, targets, self.telemetry, span, self.config.run_dir)
                 if self.controller is not None:
                     self._consult(out.report)
             except PipelineError as exc:
-                named = self.control.blame(exc)  # a timeout on a silent peer: it froze
-                self._failed(named, undoable=self._undoable())
+                named = local.control.blame(exc)  # a timeout on a silent peer: it froze
+                steps.fail(local, named, undoable=steps.undoable(local))
                 if named is not exc:
                     raise named from exc
                 raise
             except BaseException as exc:
-                self._failed(exc, undoable=self._undoable())
+                steps.fail(local, exc, undoable=steps.undoable(local))
                 raise
         return out
 
     def _trace_parent(self) -> dict[str, str] | None:
         """Stage 0's step span context, for one trace per step across the ranks."""
-        if not self._trace_steps or self.rank == 0:
+        if not self._trace_steps or self.stage == 0:
             return None
         try:
-            parent: dict[str, str] = self.control.broadcast(None, what="the trace context")
+            parent: dict[str, str] = self._local.control.broadcast(None, what="the trace context")
         except PipelineError:
             return None  # the step fails: raised again inside its span
         return parent
 
-    def _begin(self, *, recovering: bool = False) -> int:
-        """Start a round on every link and the control plane (PipelinePoisoned if poisoned)."""
-        rnd = self.control.begin(recovering=recovering)
-        for ln in (self.worker.up, self.worker.down):
-            if ln is not None:
-                ln.begin(rnd)
-        return rnd
-
-    def _undoable(self) -> bool:
-        """Whether a failure here, now, leaves every rank's optimizer untouched.
-
-        Every rank's last action needs this rank's last forward output (downstream) or its
-        last input gradient (upstream): until this rank has sent them, no rank can finish.
-        """
-        if self._phase == "check":
-            return True
-        if self._phase != "run":
-            return False
-        return self.is_last or self.worker.forwards_done < self.microbatches
-
-    def _failed(self, exc: BaseException, *, undoable: bool) -> None:
-        """Fail this round on every rank: tell the peers, undo the step here or poison."""
-        remote = isinstance(exc, PipelineError) and exc.remote
-        undone = exc.undone if isinstance(exc, PipelineError) and remote else undoable
-        if isinstance(exc, PeerGone | PipelineTimeout):
-            undone = False  # a stage is gone or stuck: nothing to go on with
-        if undone:
-            self.worker.discard()
-            changed = self._mark.undo(self.worker.named_segments(), self.device)
-            if changed is not None:  # cannot be undone here after all: nobody may go on
-                self.control.poison(
-                    PipelineError(
-                        f"stage {self.rank} cannot undo the failed step: its forward pass "
-                        f"changed buffer {changed} (batch-norm statistics?)",
-                        stage=self.rank,
-                    )
-                )
-                undone = False
-        if not remote:
-            if isinstance(exc, PipelineError):
-                exc.undone = undone
-            self.control.notify(exc, undone=undone)
-        log.warning(
-            "step.failed", error=f"{type(exc).__name__}: {exc}", undone=undone, remote=remote
-        )
-
-    def _step(
-        self, inputs: torch.Tensor | None, targets: torch.Tensor | None, span: Span | None
-    ) -> StepOutput:
-        m_count = self.microbatches
-        t0 = time.perf_counter()
-        ins = (
-            split_batch(inputs, m_count, "input") if inputs is not None and self.rank == 0 else None
-        )
-        tgts = split_batch(targets, m_count, "target") if targets is not None else None
-        if self.rank == 0 and ins is None:
-            raise BatchError("stage 0 needs the inputs: pass them to step() on rank 0", stage=0)
-        if self.is_last and tgts is None:
-            raise BatchError(
-                f"stage {self.rank} computes the loss: pass the targets to step()", stage=self.rank
-            )
-        batch = inputs if inputs is not None else targets
-        if batch is not None:
-            self.last_batch_size = int(batch.shape[0])
-        self._phase = "run"
-        stage_log = self.worker.run(
-            self.schedule.stages[self.rank],
-            ins,
-            tgts if self.is_last else None,
-            self.control.round,
-            t0,
-        )
-        self._phase = "done"
-        links = [ln for ln in (self.worker.up, self.worker.down) if ln is not None]
-        for ln in links:
-            ln.flush()
-        t_opt = time.perf_counter()
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.worker.version += 1
-        t_done = time.perf_counter()
-        local = local_part(self, stage_log, t0, t_done - t_opt)
-        report = merge_parts(self, self.control.all_gather(local), time.perf_counter() - t0)
-        self.telemetry.record(span, report)
-        if self.telemetry.detail:
-            self.telemetry.record_actions(
-                span,
-                stage_log.actions,
-                stage_log.start,
-                stage_log.end,
-                t0,
-                optimizer=(t_opt - t0, t_done - t0),
-            )
-        self.pending_events, self.change_s = [], 0.0
-        self.step_count += 1
-        if self.config.run_dir is not None and self.rank == 0:
-            append_jsonl(Path(self.config.run_dir) / "reports.jsonl", report)
-        me = report.stages[self.rank]
-        # Per-step events only once the application has configured structlog: its
-        # unconfigured default prints every level, which would mean a line per step per rank.
-        if structlog.is_configured():
-            log.debug(
-                "step",
-                loss=report.loss,
-                step_ms=round(report.step_time * 1e3, 3),
-                bubble=round(me.bubble, 4),
-                utilization=round(me.utilization, 4),
-                wait_ms=round(me.wait * 1e3, 3),
-                events=list(report.events),
-            )
-        assert report.loss is not None
-        return StepOutput(report.loss, report)
-
-    @property
-    def plan(self) -> Plan:
-        """The current partition, micro-batches and schedule."""
-        return Plan(self.partition, self.microbatches, self.schedule.name)
-
     def _consult(self, report: StepReport) -> None:
         """Rank 0's controller decides; every rank applies the same decision now."""
         assert self.controller is not None
-        mine = to_dict(self.controller.decide(report, self.plan)) if self.rank == 0 else None
-        decision = from_dict(self.control.broadcast(mine, what="the decision broadcast"))
+        mine = to_dict(self.controller.decide(report, self.plan)) if self.stage == 0 else None
+        got = self._local.control.broadcast(mine, what="the decision broadcast")
+        decision = from_dict(got)
         if isinstance(decision, Keep):
             return
         log.info("decision", step=report.step, decision=describe(decision), reason=decision.reason)
@@ -485,23 +359,14 @@ class Pipeline:
             # Refused or aborted (apply noted it for the next report): the old plan stays.
             log.warning("decision.refused", decision=describe(decision), error=str(exc))
 
-    def local_modules(self) -> dict[str, nn.Module]:
-        """The modules this rank holds now, by global name ("pre", "layers.3", "post")."""
-        return self.worker.named_segments()
-
-    def local_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """This stage's module state dicts keyed by global name ("layers.3", "pre", "post")."""
-        return self.worker.state()
+    # --- closing ----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Say goodbye to the neighbours, stop receiver threads, leave the process group."""
         if self._closed:
             return
         self._closed = True
-        for ln in (self.worker.up, self.worker.down):
-            if ln is not None:
-                ln.close()
-        self.control.close()
+        self._local.close()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -509,5 +374,17 @@ class Pipeline:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Close on a clean exit only; after an exception, leave closing to the caller.
+
+        Closing says goodbye to every peer and waits for theirs (up to 5 s per link and for
+        the control plane), then leaves the process group. After an exception the other
+        ranks may still be mid-step or mid-exchange with this one (an error raised on this
+        rank alone, outside ``step``): they would not answer, so this rank would wait out
+        the timeouts and then pull the group from under them. Without ``close`` they learn
+        of the failure as they would of a dead rank (heartbeats, PeerGone). The receiver,
+        heartbeat and reaper threads are daemons, so they never keep the process alive;
+        a process that goes on after a failure (say, to build a new Pipeline) calls
+        ``close()`` itself, which works on a poisoned pipeline too.
+        """
         if exc[0] is None:
             self.close()

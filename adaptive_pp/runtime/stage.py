@@ -32,19 +32,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import NonFiniteLoss, PipelineError, StageFailure, VersionMismatch
 from ..core.schedules import Action
+from .chunk import Chunk, Segment
 from .comm import Header, Link, MessageKind
 from .stash import StashMeter, storage_ptrs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Segment:
-    """One unit the stage runs in order: ``layer`` is a global index, or -1 (pre) / -2 (post)."""
-
-    layer: int
-    name: str
-    module: nn.Module
 
 
 @dataclass
@@ -64,13 +56,17 @@ class StageLog:
 
 
 class StageWorker:
-    """Executes forward/backward actions of one stage; owns its segments, links and version."""
+    """Executes one chunk's forward/backward actions over its links, measuring as it goes.
+
+    It owns only what a step in flight needs (the activation stash, per-step counters). The
+    chunk's segments are read from ``chunk`` (its owner swaps them between steps) and the weight
+    version is passed to each ``run``.
+    """
 
     def __init__(
         self,
-        stage: int,
+        chunk: Chunk,
         num_stages: int,
-        segments: list[Segment],
         loss_fn: LossFn | None,
         up: Link | None,
         down: Link | None,
@@ -78,14 +74,14 @@ class StageWorker:
         recv_timeout: float,
         checkpointing: bool = False,
     ) -> None:
-        self.stage, self.num_stages = stage, num_stages
-        self.segments = segments
+        self.chunk = chunk
+        self.stage, self.num_stages = chunk.stage, num_stages
         self.loss_fn = loss_fn
         self.up, self.down = up, down
         self.device = device
         self.recv_timeout = recv_timeout
         self.checkpointing = checkpointing
-        self.version = 0
+        self._version = 0  # the weights' version in the step being run (given to run)
         self._stash: dict[int, tuple[list[torch.Tensor], torch.Tensor, list[float]]] = {}
         self._stash_bytes: dict[int, int] = {}
         self._live_bytes = 0
@@ -100,10 +96,10 @@ class StageWorker:
         """True on the stage that computes the loss."""
         return self.stage == self.num_stages - 1
 
-    def layer_range(self) -> tuple[int, int]:
-        """First and last global layer index this stage owns (-1, -1 if none)."""
-        idx = [s.layer for s in self.segments if s.layer >= 0]
-        return (min(idx), max(idx)) if idx else (-1, -1)
+    @property
+    def segments(self) -> list[Segment]:
+        """The chunk's segments, in the order they run."""
+        return self.chunk.segments
 
     def run(
         self,
@@ -112,12 +108,18 @@ class StageWorker:
         targets: Sequence[torch.Tensor] | None,
         step: int,
         t0: float,
+        *,
+        version: int,
     ) -> StageLog:
-        """Run ``actions`` in order; inputs on stage 0, targets on the last stage."""
+        """Run ``actions`` in order; inputs on stage 0, targets on the last stage.
+
+        ``version`` is the weights' version: stamped on what is sent, checked on what arrives.
+        """
         log = StageLog()
         self.discard()
+        self._version = version
         self._weights = storage_ptrs(seg.module for seg in self.segments)
-        self._range = self.layer_range()  # segments change only between steps
+        self._range = self.chunk.layer_range()  # segments change only between steps
         m_count = len(actions) // 2
         for action in actions:
             t_req = time.perf_counter()
@@ -152,11 +154,11 @@ class StageWorker:
         self._sources.clear()
 
     def _check_version(self, header: Header, what: str) -> None:
-        if header.version != self.version:
+        if header.version != self._version:
             raise VersionMismatch(
                 f"stage {self.stage} received the {what} of micro-batch {header.microbatch} "
                 f"computed by layers {header.layer_lo}-{header.layer_hi} at weight version "
-                f"{header.version}, but its weights are at version {self.version}",
+                f"{header.version}, but its weights are at version {self._version}",
                 stage=self.stage,
                 microbatch=header.microbatch,
                 layer=header.layer_lo,
@@ -188,7 +190,7 @@ class StageWorker:
         return f"its input {tuple(h.shape)} came from stage {self.up.peer}, {producer}"
 
     def _fail(
-        self, name: str, layer: int, m: int, phase: str, exc: Exception, source: str = ""
+        self, name: str, layer: int | None, m: int, phase: str, exc: Exception, source: str = ""
     ) -> PipelineError:
         if isinstance(exc, PipelineError):
             return exc
@@ -197,7 +199,7 @@ class StageWorker:
             + (f" ({source})" if source else ""),
             stage=self.stage,
             microbatch=m,
-            layer=layer if layer >= 0 else None,
+            layer=layer,
         )
 
     def _forward(
@@ -260,7 +262,7 @@ class StageWorker:
 
     def _header(self, kind: MessageKind, m: int, step: int, t: torch.Tensor) -> Header:
         lo, hi = self._range
-        return Header(kind, m, step, self.version, lo, hi, t.dtype, tuple(t.shape))
+        return Header(kind, m, step, self._version, lo, hi, t.dtype, tuple(t.shape))
 
     def _loss(
         self,
@@ -277,7 +279,7 @@ class StageWorker:
         try:
             loss = self.loss_fn(out, targets[m].to(self.device))
         except Exception as exc:
-            raise self._fail("loss function", -1, m, "forward", exc) from exc
+            raise self._fail("loss function", None, m, "forward", exc) from exc
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLoss(
@@ -297,7 +299,7 @@ class StageWorker:
         except Exception as exc:
             raise self._fail(
                 _backward_culprit(self.segments, boundaries, marks, self.is_last),
-                -1,
+                None,
                 m,
                 "backward",
                 exc,
@@ -337,16 +339,16 @@ class StageWorker:
 
     def named_segments(self) -> dict[str, nn.Module]:
         """Global name -> module for this stage's segments."""
-        return {seg.name: seg.module for seg in self.segments}
+        return self.chunk.modules()
 
     def state(self) -> dict[str, Any]:
         """Global-name-keyed state dicts of this stage's modules."""
         return {seg.name: seg.module.state_dict() for seg in self.segments}
 
 
-def _add(acc: dict[int, float], layer: int, seconds: float) -> None:
-    """Accumulate per-layer time (pre, post and the loss, layer < 0, are not layers)."""
-    if layer >= 0:
+def _add(acc: dict[int, float], layer: int | None, seconds: float) -> None:
+    """Accumulate per-layer time (pre, post and the loss, layer None, are not layers)."""
+    if layer is not None:
         acc[layer] = acc.get(layer, 0.0) + seconds
 
 

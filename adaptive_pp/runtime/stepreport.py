@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..core.report import QueueTrace, StageStats, StepReport, Timeline
 from ..core.schedules import Action
+from .local import LocalStage
 from .stage import StageLog
 
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
 
-
-def local_part(pipe: Pipeline, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
+def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
     """This rank's share of the step report, JSON-ready, times relative to its step start."""
-    layers = list(pipe.partition.layers(pipe.rank))
+    layers = list(local.partition.layers(local.stage))
     queues = []
-    for ln, kind in ((pipe.worker.up, "act"), (pipe.worker.down, "grad")):
+    for ln, kind in ((local.up, "act"), (local.down, "grad")):
         if ln is not None:
             queues.append(
                 {
                     "src": ln.peer,
-                    "dst": pipe.rank,
+                    "dst": local.stage,
                     "kind": kind,
                     "arrived": [t - t0 for t in ln.log.arrived],
                     "consumed": [t - t0 for t in ln.log.consumed],
                 }
             )
     return {
-        "stage": pipe.rank,
+        "stage": local.stage,
         "compute": log.compute,
         "wait": log.wait,
         "end": log.end[-1] if log.end else 0.0,
@@ -41,14 +39,14 @@ def local_part(pipe: Pipeline, log: StageLog, t0: float, optimizer_s: float) -> 
         "start": log.start,
         "stop": log.end,
         "queues": queues,
-        "loss": log.loss_sum / pipe.microbatches if pipe.is_last else None,
+        "loss": log.loss_sum / local.microbatches if local.is_last else None,
         "optimizer": optimizer_s,
         "t0": t0,
-        "since": t0 - pipe.epoch,
+        "since": t0 - local.epoch,
     }
 
 
-def merge_parts(pipe: Pipeline, parts: list[dict[str, Any]], wall: float) -> StepReport:
+def merge_parts(local: LocalStage, parts: list[dict[str, Any]], wall: float) -> StepReport:
     """Every rank's share (rank order) as one StepReport on a common clock."""
     # perf_counter is one system-wide monotonic clock on a host: put every rank's times
     # on the earliest rank's step start, so cross-stage gaps (hop latency) are real.
@@ -87,21 +85,21 @@ def merge_parts(pipe: Pipeline, parts: list[dict[str, Any]], wall: float) -> Ste
         for q in p["queues"]
     )
     return StepReport(
-        step=pipe.step_count,
-        schedule=pipe.schedule.name,
-        microbatches=pipe.microbatches,
+        step=local.step_count,
+        schedule=local.schedule.name,
+        microbatches=local.microbatches,
         step_time=step_time,
         stages=stages,
         queues=queues,
         timeline=timeline,
-        partition=pipe.partition.bounds,
+        partition=local.partition.bounds,
         source="runtime",
         loss=parts[-1]["loss"],
-        events=tuple(pipe.pending_events),
+        events=tuple(local.pending_events),
         extra={
             "wall": wall,
             "optimizer": max(p["optimizer"] for p in parts),
-            "change": pipe.change_s,
+            "change": local.change_s,
             "offset": min(p["since"] for p in parts),
         },
     )

@@ -1,0 +1,73 @@
+"""What a rank runs: segments (the model's pre, its blocks, its post) grouped in chunks.
+
+A chunk is a contiguous run of segments executed as one pipeline stage. A rank holds one chunk
+today; interleaved schedules would give it several (virtual stages), each with its own index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from .layerstate import layer_name
+
+SegmentRole = Literal["pre", "layer", "post"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One unit a stage runs in order: the model's ``pre``, one of its blocks, or ``post``.
+
+    ``layer`` is the block's global index for role "layer", None for "pre" and "post".
+    """
+
+    role: SegmentRole
+    layer: int | None
+    module: nn.Module
+
+    def __post_init__(self) -> None:
+        if (self.role == "layer") != (self.layer is not None):
+            raise ValueError(f"a {self.role!r} segment with layer={self.layer}")
+
+    @classmethod
+    def block(cls, layer: int, module: nn.Module) -> Segment:
+        """Block ``layer`` of the model."""
+        return cls("layer", layer, module)
+
+    @classmethod
+    def pre(cls, module: nn.Module) -> Segment:
+        """The model's ``pre`` module (on the first stage, before the blocks)."""
+        return cls("pre", None, module)
+
+    @classmethod
+    def post(cls, module: nn.Module) -> Segment:
+        """The model's ``post`` module (on the last stage, after the blocks)."""
+        return cls("post", None, module)
+
+    @property
+    def name(self) -> str:
+        """Global module name: "pre", "layers.3", "post"."""
+        return layer_name(self.layer) if self.layer is not None else self.role
+
+
+@dataclass
+class Chunk:
+    """A contiguous run of segments that one rank executes as pipeline stage ``stage``.
+
+    A rank holds one chunk today; interleaved schedules would give it several (virtual
+    stages), each with its own stage index.
+    """
+
+    stage: int
+    segments: list[Segment]
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Global name -> module of this chunk's segments, in order."""
+        return {seg.name: seg.module for seg in self.segments}
+
+    def layer_range(self) -> tuple[int, int]:
+        """First and last global layer index in this chunk ((-1, -1) if none, as on the wire)."""
+        idx = [s.layer for s in self.segments if s.layer is not None]
+        return (min(idx), max(idx)) if idx else (-1, -1)

@@ -1,0 +1,240 @@
+"""LocalStage: everything one rank holds of the pipeline, in one object.
+
+A rank holds model chunks (``chunks``: one today; interleaved schedules would give it several
+virtual stages), their optimizer and its factory, the weight version, its links to the
+neighbouring stages, the plan (partition, micro-batches, schedule), the step counter, the plan
+changes not yet reported, the control plane and the whole model's blocks (those not held are
+twins on the "meta" device, materialised if they migrate here).
+
+Each piece of state lives here once. ``StageWorker`` executes ``chunks[0]`` (it reads the
+segments from the chunk and gets the version per run); migration, checkpoints and the step
+report take a LocalStage and change it only through its methods (``adopt_partition``,
+``set_microbatches``, ``restore``, ``finish_step``). ``Pipeline`` is a facade over one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.decisions import Plan
+from ..core.partition import Partition
+from ..core.schedules import Schedule, make_schedule, validate
+from .chunk import Chunk, Segment
+from .comm import Link
+from .config import PipelineConfig
+from .control import Control
+from .layerstate import OptimizerFactory, optimizer_state, rebuild_optimizer
+from .stage import LossFn, StageWorker
+from .undo import StepMark
+
+
+class LocalStage:
+    """One rank's share of the pipeline: its chunks, optimizer, version, links and plan."""
+
+    def __init__(
+        self,
+        stage: int,
+        num_stages: int,
+        blocks: list[nn.Module],
+        loss_fn: LossFn,
+        factory: OptimizerFactory,
+        config: PipelineConfig,
+        device: torch.device,
+        *,
+        pre: nn.Module | None = None,
+        post: nn.Module | None = None,
+    ) -> None:
+        self.stage, self.num_stages = stage, num_stages
+        #: The whole model's blocks; those this rank does not hold are on "meta".
+        self.blocks = blocks
+        self.pre, self.post = pre, post
+        self.factory = factory
+        self.schedule_name = config.schedule
+        self.recv_timeout = config.recv_timeout
+        self.device = device
+        self.partition: Partition = config.resolve_partition(len(blocks), num_stages)
+        self.microbatches: int = config.microbatches
+        self.schedule: Schedule = self._make_schedule(config.microbatches)
+        #: Weight version: optimizer steps applied to the held layers (stamped on messages).
+        self.version = 0
+        #: Steps completed.
+        self.step_count = 0
+        #: Samples in the last step's batch (a new M must divide it).
+        self.last_batch_size: int | None = None
+        #: Plan changes (and refusals) since the last report, for the next one.
+        self.pending_events: list[str] = []
+        #: Seconds spent applying them.
+        self.change_s = 0.0
+        #: Phase of the current step: "check" inputs, "run" actions, "done".
+        self.phase = "done"
+        #: What undoing the current step restores.
+        self.mark = StepMark.take({}, device)
+        #: Start of this rank's clock for reports (perf_counter; set again by ``start``).
+        self.epoch = time.perf_counter()
+        held = set(self.partition.layers(stage))
+        for i, block in enumerate(blocks):
+            if i not in held:
+                block.to("meta")  # a twin without storage: materialised if it migrates here
+        self.chunks = [Chunk(stage, self._segments(self.partition))]
+        self.control = control = Control(
+            stage,
+            num_stages,
+            interval=config.heartbeat_interval,
+            timeout=config.heartbeat_timeout,
+            wait_timeout=config.recv_timeout,
+        )
+        fault = control.fault
+        self.up = Link(stage, stage - 1, fault=fault) if stage > 0 else None
+        self.down = Link(stage, stage + 1, fault=fault) if stage < num_stages - 1 else None
+        for ln in self.links():
+            control.watch(ln.cond)
+        #: The executor of ``chunks[0]``.
+        self.worker = StageWorker(
+            self.chunks[0],
+            num_stages,
+            loss_fn,
+            self.up,
+            self.down,
+            device,
+            config.recv_timeout,
+            config.activation_checkpointing,
+        )
+        self.optimizer = rebuild_optimizer(factory, self.modules(), None, {})
+
+    # --- reading --------------------------------------------------------------------------
+
+    @property
+    def is_last(self) -> bool:
+        """True on the stage that computes the loss."""
+        return self.stage == self.num_stages - 1
+
+    @property
+    def plan(self) -> Plan:
+        """The current partition, micro-batches and schedule."""
+        return Plan(self.partition, self.microbatches, self.schedule.name)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Global name -> module of every segment this rank holds ("pre", "layers.3", "post")."""
+        return {name: mod for chunk in self.chunks for name, mod in chunk.modules().items()}
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Module state dicts of the held segments, by global name."""
+        return {name: mod.state_dict() for name, mod in self.modules().items()}
+
+    def links(self) -> list[Link]:
+        """The links to the neighbouring stages (upstream first)."""
+        return [ln for ln in (self.up, self.down) if ln is not None]
+
+    def link_to(self, peer: int) -> Link | None:
+        """The link to stage ``peer``, if it is a neighbour."""
+        return next((ln for ln in self.links() if ln.peer == peer), None)
+
+    # --- changing -------------------------------------------------------------------------
+
+    def start(
+        self, share: dict[str, Any], *, kill_frozen: bool, timeout: float
+    ) -> list[dict[str, Any]]:
+        """Every rank is up (one control exchange of ``share``); the report clock starts."""
+        shared = self.control.start(kill_frozen=kill_frozen, share=share, timeout=timeout)
+        self.epoch = time.perf_counter()
+        return shared
+
+    def begin(self, *, recovering: bool = False) -> int:
+        """Start a round on the control plane and every link (PipelinePoisoned if poisoned)."""
+        rnd = self.control.begin(recovering=recovering)
+        for ln in self.links():
+            ln.begin(rnd)
+        return rnd
+
+    def adopt_partition(self, partition: Partition, carried: dict[str, dict[str, Any]]) -> None:
+        """Commit a new partition: swap segments and rebuild the optimizer, keeping all state.
+
+        ``carried``: optimizer state of the layers that arrived, by global parameter name.
+        """
+        old = self.modules()
+        kept = optimizer_state(self.optimizer, old)
+        self.partition = partition
+        self.chunks[0].segments = self._segments(partition)
+        new = self.modules()
+        if set(new) != set(old):
+            self.optimizer = rebuild_optimizer(
+                self.factory, new, self.optimizer, {**kept, **carried}
+            )
+            for name, module in old.items():
+                if name not in new:
+                    module.to("meta")  # freed only after the commit
+
+    def set_microbatches(self, microbatches: int) -> None:
+        """Run the next steps with ``microbatches`` micro-batches (schedule rebuilt and checked)."""
+        self.schedule = self._make_schedule(microbatches)
+        self.microbatches = microbatches
+
+    def restore(
+        self,
+        optimizer_state: Mapping[str, dict[str, Any]],
+        hyper: Mapping[str, Any],
+        version: int,
+        step: int,
+    ) -> None:
+        """Take loaded state: a fresh optimizer holding ``optimizer_state`` (by global parameter
+        name, on any device) with hyperparameters ``hyper``, the version and the step count."""
+        device_state = {
+            n: {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+            for n, st in optimizer_state.items()
+        }
+        self.optimizer = rebuild_optimizer(self.factory, self.modules(), None, device_state)
+        if self.optimizer is not None and hyper:
+            for group in self.optimizer.param_groups:
+                group.update(hyper)
+        self.version = version
+        self.step_count = step
+
+    def note(self, event: str | None, seconds: float) -> None:
+        """Record a plan change or refusal (None: nothing changed) for the next report, and
+        the seconds spent on it."""
+        if event is not None:
+            self.pending_events.append(event)
+        self.change_s += seconds
+
+    def finish_step(self) -> None:
+        """A step completed: the next starts with no pending events and one more step."""
+        self.pending_events, self.change_s = [], 0.0
+        self.step_count += 1
+
+    def skew_version(self, by: int) -> None:
+        """For fault-injection tests only: pretend the weights are ``by`` steps off.
+
+        The neighbours then refuse this rank's messages (VersionMismatch), as they would
+        after a lost or duplicated optimizer step.
+        """
+        self.version += by
+
+    def close(self) -> None:
+        """Say goodbye on every link, then on the control plane (threads stop)."""
+        for ln in self.links():
+            ln.close()
+        self.control.close()
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _segments(self, partition: Partition) -> list[Segment]:
+        """This rank's segments under ``partition`` (pre first on stage 0, post last at the end)."""
+        s = self.stage
+        segments = [Segment.block(i, self.blocks[i]) for i in partition.layers(s)]
+        if self.pre is not None and s == 0:
+            segments.insert(0, Segment.pre(self.pre))
+        if self.post is not None and s == self.num_stages - 1:
+            segments.append(Segment.post(self.post))
+        for seg in segments:
+            seg.module.to(self.device)
+        return segments
+
+    def _make_schedule(self, microbatches: int) -> Schedule:
+        sched = make_schedule(self.schedule_name, self.num_stages, microbatches)
+        validate(sched)
+        return sched

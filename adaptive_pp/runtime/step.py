@@ -1,0 +1,158 @@
+"""One training step on a rank's LocalStage, and what a failed step leaves behind.
+
+``run`` checks the batch, runs the schedule's actions through the StageWorker, applies the
+optimizer, bumps the weight version and merges every rank's share into the step report.
+``undoable`` and ``fail`` decide, for a failure at any point, whether the step can be undone on
+every rank (no optimizer applied anywhere yet) or the pipeline is poisoned (see docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import structlog
+import torch
+from opentelemetry.trace import Span
+
+from ..core.errors import BatchError, PeerGone, PipelineError, PipelineTimeout
+from ..core.report import StepReport, append_jsonl
+from ..observability.telemetry import Telemetry
+from .local import LocalStage
+from .stepreport import local_part, merge_parts
+
+log = structlog.get_logger("adaptive_pp.pipeline")
+
+
+class StepOutput(NamedTuple):
+    """What Pipeline.step returns: the mini-batch loss (same on every rank) and the report."""
+
+    loss: float
+    report: StepReport
+
+
+def split_batch(batch: torch.Tensor, microbatches: int, what: str) -> list[torch.Tensor]:
+    """Split along dim 0 into equal micro-batches; BatchError (a ValueError) if it does not."""
+    size = batch.shape[0]
+    if size % microbatches != 0:
+        raise BatchError(
+            f"the {what} batch has {size} samples, which does not split into {microbatches} "
+            f"equal micro-batches; use a batch size divisible by M={microbatches} or change M"
+        )
+    return list(torch.split(batch, size // microbatches))
+
+
+def run(
+    local: LocalStage,
+    inputs: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    telemetry: Telemetry,
+    span: Span | None,
+    run_dir: str | Path | None,
+) -> StepOutput:
+    """Forward and backward over all micro-batches, then the optimizer, on this rank.
+
+    The caller has begun the round and set ``local.phase = "check"``; a failure is handled
+    by ``fail`` (with ``undoable``'s verdict).
+    """
+    stage, m_count = local.stage, local.microbatches
+    worker = local.worker
+    t0 = time.perf_counter()
+    ins = split_batch(inputs, m_count, "input") if inputs is not None and stage == 0 else None
+    tgts = split_batch(targets, m_count, "target") if targets is not None else None
+    if stage == 0 and ins is None:
+        raise BatchError("stage 0 needs the inputs: pass them to step() on rank 0", stage=0)
+    if local.is_last and tgts is None:
+        raise BatchError(
+            f"stage {stage} computes the loss: pass the targets to step()", stage=stage
+        )
+    batch = inputs if inputs is not None else targets
+    if batch is not None:
+        local.last_batch_size = int(batch.shape[0])
+    local.phase = "run"
+    stage_log = worker.run(
+        local.schedule.stages[stage],
+        ins,
+        tgts if local.is_last else None,
+        local.control.round,
+        t0,
+        version=local.version,
+    )
+    local.phase = "done"
+    for ln in local.links():
+        ln.flush()
+    t_opt = time.perf_counter()
+    if local.optimizer is not None:
+        local.optimizer.step()
+        local.optimizer.zero_grad(set_to_none=True)
+    local.version += 1
+    t_done = time.perf_counter()
+    part = local_part(local, stage_log, t0, t_done - t_opt)
+    report = merge_parts(local, local.control.all_gather(part), time.perf_counter() - t0)
+    telemetry.record(span, report)
+    if telemetry.detail:
+        telemetry.record_actions(
+            span,
+            stage_log.actions,
+            stage_log.start,
+            stage_log.end,
+            t0,
+            optimizer=(t_opt - t0, t_done - t0),
+        )
+    local.finish_step()
+    if run_dir is not None and stage == 0:
+        append_jsonl(Path(run_dir) / "reports.jsonl", report)
+    me = report.stages[stage]
+    # Per-step events only once the application has configured structlog: its
+    # unconfigured default prints every level, which would mean a line per step per rank.
+    if structlog.is_configured():
+        log.debug(
+            "step",
+            loss=report.loss,
+            step_ms=round(report.step_time * 1e3, 3),
+            bubble=round(me.bubble, 4),
+            utilization=round(me.utilization, 4),
+            wait_ms=round(me.wait * 1e3, 3),
+            events=list(report.events),
+        )
+    assert report.loss is not None
+    return StepOutput(report.loss, report)
+
+
+def undoable(local: LocalStage) -> bool:
+    """Whether a failure here, now, leaves every rank's optimizer untouched.
+
+    Every rank's last action needs this rank's last forward output (downstream) or its
+    last input gradient (upstream): until this rank has sent them, no rank can finish.
+    """
+    if local.phase == "check":
+        return True
+    if local.phase != "run":
+        return False
+    return local.is_last or local.worker.forwards_done < local.microbatches
+
+
+def fail(local: LocalStage, exc: BaseException, *, undoable: bool) -> None:
+    """Fail this round on every rank: tell the peers, undo the step here or poison."""
+    remote = isinstance(exc, PipelineError) and exc.remote
+    undone = exc.undone if isinstance(exc, PipelineError) and remote else undoable
+    if isinstance(exc, PeerGone | PipelineTimeout):
+        undone = False  # a stage is gone or stuck: nothing to go on with
+    if undone:
+        local.worker.discard()
+        changed = local.mark.undo(local.modules(), local.device)
+        if changed is not None:  # cannot be undone here after all: nobody may go on
+            local.control.poison(
+                PipelineError(
+                    f"stage {local.stage} cannot undo the failed step: its forward pass "
+                    f"changed buffer {changed} (batch-norm statistics?)",
+                    stage=local.stage,
+                )
+            )
+            undone = False
+    if not remote:
+        if isinstance(exc, PipelineError):
+            exc.undone = undone
+        local.control.notify(exc, undone=undone)
+    log.warning("step.failed", error=f"{type(exc).__name__}: {exc}", undone=undone, remote=remote)
