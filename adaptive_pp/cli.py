@@ -12,7 +12,12 @@ from pathlib import Path
 
 from . import __version__
 from .core.analysis import replay_measured
-from .core.schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
+from .core.schedules import (
+    SCHEDULE_NAMES,
+    SIMULATED_SCHEDULE_NAMES,
+    ScheduleError,
+    make_schedule,
+)
 from .core.simulator import Costs, bubble_approx, bubble_exact, simulate
 from .observability.chrome_trace import load_run, side_by_side, write_chrome_trace
 from .observability.display import summary, timeline
@@ -37,9 +42,18 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser("simulate", help="simulate one step of a schedule (no processes)")
     p.add_argument("--stages", "-S", type=int, default=4, help="pipeline stages (default 4)")
     p.add_argument("--microbatches", "-M", type=int, default=16, help="micro-batches (default 16)")
-    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
+    p.add_argument("--schedule", choices=SIMULATED_SCHEDULE_NAMES, default="1f1b")
+    p.add_argument(
+        "--chunks", "-V", type=int, default=2, help="model chunks per rank (interleaved-1f1b)"
+    )
     p.add_argument("--tau-f", type=float, default=1.0, help="forward ms per stage (default 1)")
     p.add_argument("--tau-b", type=float, default=2.0, help="backward ms per stage (default 2)")
+    p.add_argument(
+        "--tau-w",
+        type=float,
+        default=None,
+        help="weight-gradient ms of the backward, for zb-h1 (default: 0.44 x tau-b)",
+    )
     p.add_argument("--tau-c", type=float, default=0.0, help="ms per hop (default 0)")
     p.add_argument(
         "--slow",
@@ -61,7 +75,7 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    sched = make_schedule(args.schedule, args.stages, args.microbatches)
+    sched = make_schedule(args.schedule, args.stages, args.microbatches, args.chunks)
     costs = Costs.build(
         args.stages,
         args.microbatches,
@@ -69,6 +83,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         args.tau_b * 1e-3,
         args.tau_c * 1e-3,
         slowdown=dict(args.slow),
+        tau_w=None if args.tau_w is None else args.tau_w * 1e-3,
     )
     report = simulate(sched, costs)
     if args.chrome_trace is not None:

@@ -142,3 +142,16 @@ def test_demo_observability_flags() -> None:
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--log-format", "xml"])
+
+
+def test_simulate_zero_bubble_and_interleaved(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--schedule", "zb-h1", "-S", "3", "-M", "4", "--tau-w", "0.5"]) == 0
+    assert "schedule zb-h1" in capsys.readouterr().out
+    args = ["simulate", "--schedule", "interleaved-1f1b", "--chunks", "2", "-S", "2", "-M", "4"]
+    assert main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schedule"] == "interleaved-1f1b"
+    # 4 x (1 + 2) ms plus (S - 1)(1 + 2)/V ms
+    assert data["step_time"] == pytest.approx(0.0135)
+    assert main(["simulate", "--schedule", "interleaved-1f1b", "-S", "4", "-M", "6"]) == 2
+    assert "multiple of the stages" in capsys.readouterr().err

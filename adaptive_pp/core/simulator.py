@@ -3,6 +3,11 @@
 Each stage runs its actions in order, each as soon as the stage is free and its input has
 arrived: ``F(s, m)`` needs ``F(s-1, m)`` plus the hop time, ``B(s, m)`` needs ``B(s+1, m)`` plus
 the hop time. The result is a StepReport, the same type the runtime produces.
+
+Split backward: I (input gradient) takes ``tau_b - tau_w`` and W ``tau_w``; without ``tau_w``
+W takes ``W_SHARE`` of the backward. Chunks: costs stay per rank; each of a rank's V chunks
+takes 1/V of them (chunks are equal shares of the rank's layers), and passing an activation
+or gradient between two chunks of one rank is free. See ``schedules.replay``.
 """
 
 from __future__ import annotations
@@ -19,15 +24,25 @@ CostSpec = float | Sequence[float | Sequence[float]]
 # Backward over forward time of a transformer block, measured for GPT blocks on an H100
 # (docs/DESIGN.md): the emulated kernels' default and the controllers' fallback split.
 BACKWARD_RATIO = 2.4
+# W's share of the backward when it is split (I + W = B). With B = 2.4 F (above) this gives
+# I = 1.344 F and W = 1.056 F, the split docs/DESIGN.md measures (I 1.3-1.4 F, W 1.0-1.1 F).
+W_SHARE = 0.44
 
 
 @dataclass(frozen=True)
 class Costs:
-    """Durations in seconds: ``tau_f[s][m]``, ``tau_b[s][m]`` and ``tau_c[hop]`` (S-1 hops)."""
+    """Durations in seconds: ``tau_f[s][m]``, ``tau_b[s][m]`` and ``tau_c[hop]`` (S-1 hops).
+
+    ``tau_w[s][m]`` is the weight-gradient part of ``tau_b`` for split-backward schedules
+    (None: ``W_SHARE * tau_b``); ``tau_wrap`` the link S-1 -> 0 interleaved placement wraps
+    around (None: the largest ``tau_c``).
+    """
 
     tau_f: tuple[tuple[float, ...], ...]
     tau_b: tuple[tuple[float, ...], ...]
     tau_c: tuple[float, ...]
+    tau_w: tuple[tuple[float, ...], ...] | None = None
+    tau_wrap: float | None = None
 
     @property
     def num_stages(self) -> int:
@@ -39,6 +54,12 @@ class Costs:
         """Number of micro-batches the costs describe."""
         return len(self.tau_f[0]) if self.tau_f else 0
 
+    def w_table(self) -> tuple[tuple[float, ...], ...]:
+        """W times per stage and micro-batch (``tau_w``, or ``W_SHARE`` of the backward)."""
+        if self.tau_w is not None:
+            return self.tau_w
+        return tuple(tuple([x * W_SHARE for x in row]) for row in self.tau_b)
+
     @classmethod
     def build(
         cls,
@@ -48,18 +69,43 @@ class Costs:
         tau_b: CostSpec,
         tau_c: float | Sequence[float] = 0.0,
         slowdown: Mapping[int, float] | Sequence[float] | None = None,
+        *,
+        tau_w: CostSpec | None = None,
+        w_share: float | None = None,
+        tau_wrap: float | None = None,
     ) -> Costs:
-        """Expand scalars, per-stage lists or S x M tables; ``slowdown`` scales whole stages."""
+        """Expand scalars, per-stage lists or S x M tables; ``slowdown`` scales whole stages.
+
+        ``tau_w`` (W times, each at most its backward) or ``w_share`` (W = share x backward)
+        split the backward for zero-bubble schedules; neither: ``W_SHARE``.
+        """
         factors = _stage_factors(num_stages, slowdown)
         f = _table("tau_f", tau_f, num_stages, microbatches, factors)
         b = _table("tau_b", tau_b, num_stages, microbatches, factors)
+        w = None
+        if tau_w is not None and w_share is not None:
+            raise ValueError("give tau_w or w_share, not both")
+        if w_share is not None:
+            if not 0.0 <= w_share <= 1.0:
+                raise ValueError(f"w_share must be in [0, 1], got {w_share}")
+            w = tuple(tuple([x * w_share for x in row]) for row in b)
+        elif tau_w is not None:
+            w = _table("tau_w", tau_w, num_stages, microbatches, factors)
+            for s, (wr, br) in enumerate(zip(w, b, strict=True)):
+                for m, (x, y) in enumerate(zip(wr, br, strict=True)):
+                    if x > y:
+                        raise ValueError(
+                            f"tau_w[stage {s}, micro-batch {m}] = {x} exceeds its backward {y}"
+                        )
+        if tau_wrap is not None:
+            _check_cost("tau_wrap", tau_wrap)
         hops = max(0, num_stages - 1)
         c = (float(tau_c),) * hops if isinstance(tau_c, int | float) else tuple(map(float, tau_c))
         if len(c) != hops:
             raise ValueError(f"tau_c: expected one value per hop ({hops}), got {len(c)}")
         for i, x in enumerate(c):
             _check_cost(f"tau_c[hop {i}]", x)
-        return cls(f, b, c)
+        return cls(f, b, c, w, tau_wrap)
 
 
 def _check_cost(name: str, x: float) -> None:
@@ -95,7 +141,8 @@ def _table(
     name: str, spec: CostSpec, num_stages: int, microbatches: int, factors: list[float]
 ) -> tuple[tuple[float, ...], ...]:
     if isinstance(spec, int | float):
-        rows = [_row(name, spec, microbatches) for _ in range(num_stages)]
+        _check_cost(f"{name}[stage 0, micro-batch 0]", float(spec))
+        return tuple(tuple([float(spec) * k] * microbatches) for k in factors)
     else:
         if len(spec) != num_stages:
             raise ValueError(
@@ -122,7 +169,15 @@ def simulate(
             f"schedule is {num_stages} x {m_count}"
         )
     code = compiled if compiled is not None else compile_schedule(schedule)
-    run = replay(schedule, costs.tau_f, costs.tau_b, costs.tau_c, code)
+    run = replay(
+        schedule,
+        costs.tau_f,
+        costs.tau_b,
+        costs.tau_c,
+        code,
+        tau_w=costs.w_table() if code.split else None,
+        tau_wrap=costs.tau_wrap,
+    )
     step_time = max((en[-1] for en in run.end if en), default=0.0)
     stages = tuple(
         StageStats(
@@ -134,28 +189,19 @@ def simulate(
         )
         for s in range(num_stages)
     )
-    queues: list[QueueTrace] = []
-    for hop, c in enumerate(costs.tau_c):
-        src_end, dst_start = run.end[hop], run.start[hop + 1]
-        queues.append(
-            QueueTrace(
-                hop,
-                hop + 1,
-                "act",
-                tuple([src_end[i] + c for i in code.pos_f[hop]]),
-                tuple([dst_start[i] for i in code.pos_f[hop + 1]]),
-            )
+    # One trace per directed link and kind: "act" feeds F, "grad" feeds B or I, messages in
+    # (chunk, micro-batch) order; chunks on one rank exchange no messages.
+    start, arrived = [x for st in run.start for x in st], run.arrived
+    queues = tuple(
+        QueueTrace(
+            src,
+            dst,
+            kind,
+            tuple([arrived[i] for i in consumers]),
+            tuple([start[i] for i in consumers]),
         )
-        src_end, dst_start = run.end[hop + 1], run.start[hop]
-        queues.append(
-            QueueTrace(
-                hop + 1,
-                hop,
-                "grad",
-                tuple([src_end[i] + c for i in code.pos_b[hop + 1]]),
-                tuple([dst_start[i] for i in code.pos_b[hop]]),
-            )
-        )
+        for src, dst, kind, consumers in code.queues
+    )
     return StepReport(
         step=step,
         schedule=schedule.name,

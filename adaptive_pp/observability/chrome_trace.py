@@ -38,7 +38,14 @@ from ..core.report import StepReport, read_jsonl
 
 US = 1e6  # trace timestamps are microseconds
 _NUDGE_US = 1e-3  # flow ends sit 1 ns inside their slices so viewers bind them to it
-_COLOUR = {"F": "thread_state_running", "B": "rail_load", "wait": "thread_state_iowait"}
+_COLOUR = {
+    "F": "thread_state_running",
+    "B": "rail_load",
+    "I": "rail_load",
+    "W": "rail_animation",
+    "wait": "thread_state_iowait",
+}
+_CATEGORY = {"F": "forward", "B": "backward", "I": "backward.input", "W": "backward.weight"}
 COMPUTE, INBOX = 1, 2  # thread tid = 10 * pid + this: unique in the file, never 0
 
 Event = dict[str, Any]
@@ -145,7 +152,7 @@ class _Builder:
             args: dict[str, Any] = {"microbatch": t.microbatch, "step": r.step, "stage": t.stage}
             if (layers := _layers(r, t.stage)) is not None:
                 args["layers"] = layers
-            cat = "forward" if t.kind == "F" else "backward"
+            cat = _CATEGORY[t.kind]
             name, span = f"{t.kind}{t.microbatch}", (t.start, t.end)
             self.slice(name, us, span, pid + t.stage, cat=cat, args=args, cname=_COLOUR[t.kind])
         for w in waits(r):

@@ -42,7 +42,10 @@ def summary(report: StepReport) -> str:
 
 
 _BACKWARD = "abcdefghij"
-LEGEND = "digit d: forward of a micro-batch m with m % 10 == d; letter: its backward (a=0 .. j=9)"
+LEGEND = (
+    "digit d: forward of a micro-batch m with m % 10 == d; letter: its backward (a=0 .. j=9;"
+    " its input gradient under zero-bubble schedules), capital: its weight gradient"
+)
 
 
 def timeline(report: StepReport, width: int = 100) -> str:
@@ -55,6 +58,7 @@ def timeline(report: StepReport, width: int = 100) -> str:
         cells = ["."] * width
         for t in report.timeline.stage(s):
             mark = str(t.microbatch % 10) if t.kind == "F" else _BACKWARD[t.microbatch % 10]
+            mark = mark.upper() if t.kind == "W" else mark
             a = round(t.start * scale)
             for i in range(a, min(max(round(t.end * scale), a + 1), width)):
                 cells[i] = mark

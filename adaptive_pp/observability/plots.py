@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-_COLOUR = {"F": "tab:blue", "B": "tab:orange", "wait": "0.85"}
+_COLOUR = {"F": "tab:blue", "B": "tab:orange", "I": "tab:orange", "W": "tab:green", "wait": "0.85"}
 _LABEL_LIMIT = 128  # write micro-batch numbers into the bars up to this many actions
 
 
@@ -66,8 +66,9 @@ def timeline_figure(report: StepReport) -> Figure:
     ax = fig.add_subplot()
     blocked = waits(report)
     label = len(report.timeline) <= _LABEL_LIMIT
+    has_w = any(t.kind == "W" for t in report.timeline)
     for s in range(stages):
-        for kind in ("F", "B"):
+        for kind in ("F", "B", "I", "W"):
             acts = [t for t in report.timeline.stage(s) if t.kind == kind]
             bars = [(t.start * 1e3, (t.end - t.start) * 1e3) for t in acts]
             ax.broken_barh(bars, (s - 0.4, 0.8), facecolors=_COLOUR[kind], gid=kind)
@@ -83,10 +84,11 @@ def timeline_figure(report: StepReport) -> Figure:
     ax.set_title(_title(report), fontsize=10)
     handles = [
         Patch(facecolor=_COLOUR["F"], label="forward (F)"),
-        Patch(facecolor=_COLOUR["B"], label="backward (B)"),
+        Patch(facecolor=_COLOUR["B"], label="backward (B, or input gradient I)"),
+        *[Patch(facecolor=_COLOUR["W"], label="weight gradient (W)")] * has_w,
         Patch(facecolor=_COLOUR["wait"], hatch="///", label="wait (input late)"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     return fig
 
 

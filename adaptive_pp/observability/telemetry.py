@@ -35,7 +35,7 @@ STAGE, STEP, MICROBATCHES = "adaptive_pp.stage", "adaptive_pp.step", "adaptive_p
 MICROBATCH, ERROR_TYPE = "adaptive_pp.microbatch", "error.type"
 MIN_WAIT_S = 1e-4  # shorter gaps before an action get no wait span (loop bookkeeping, not waiting)
 _PROPAGATOR = TraceContextTextMapPropagator()
-_ACTION = {"F": "forward", "B": "backward"}
+_ACTION = {"F": "forward", "B": "backward", "I": "backward.input", "W": "backward.weight"}
 SECONDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 METRICS = {

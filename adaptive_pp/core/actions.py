@@ -1,0 +1,210 @@
+"""Schedule data: actions per rank, placement of model chunks, text form.
+
+A schedule lists, for each stage (rank), the actions it runs in order. ``Action(1, "F", 3)``
+(text ``1F3``) is stage 1's forward of micro-batch 3; ``B`` is the full backward. Split
+backward (zero-bubble schedules) replaces ``B`` by ``I`` (input gradient, sent upstream) and
+``W`` (weight gradient, local, after its ``I``). Clock table of 1F1B for S=3, M=4 (one column
+per unit of time, forward and backward one unit each)::
+
+    stage 0: F0 F1 F2 .. .. B0 F3 B1 .. B2 .. B3
+    stage 1: .. F0 F1 .. B0 F2 B1 F3 B2 .. B3 ..
+    stage 2: .. .. F0 B0 F1 B1 F2 B2 F3 B3 .. ..
+
+GPipe runs every forward first, then every backward, so stage s stashes all M activations;
+1F1B stashes at most ``min(S - s, M)``.
+
+Model chunks: a rank may hold ``V = Schedule.chunks`` chunks (virtual stages); an action names
+its chunk, text ``1F3c1`` (chunk 0 is written without the suffix: ``1F3``). The S*V virtual
+stages run in order 0..S*V-1; ``Schedule.placement`` says where virtual stage v lives:
+``"loop"`` (interleaved, Megatron/torch): ``v = chunk * S + rank``; ``"v"`` (ZB-V): even chunks
+run ranks 0..S-1, odd chunks S-1..0, so ``v = chunk * S + (S - 1 - rank)`` for odd chunks.
+Dependencies: ``F`` of (v, m) needs ``F`` of (v-1, m); ``B`` or ``I`` of (v, m) needs the ``B``
+or ``I`` of (v+1, m) and, on the same rank, its own ``F``; ``W`` needs its ``I`` on the same rank.
+An activation stays stashed from its ``F`` until its ``B`` or ``W`` ends (``peak_stash``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal, NamedTuple, cast
+
+Kind = Literal["F", "B", "I", "W"]
+KINDS: tuple[Kind, ...] = ("F", "B")  # the kinds of a full-backward schedule
+SPLIT_KINDS: tuple[Kind, ...] = ("F", "I", "W")  # the kinds of a split-backward schedule
+ALL_KINDS: tuple[Kind, ...] = ("F", "B", "I", "W")
+Placement = Literal["loop", "v"]
+PLACEMENTS: tuple[Placement, ...] = ("loop", "v")
+
+# Schedules the runtime can run (config validation, controller decisions) ...
+SCHEDULE_NAMES = ("1f1b", "gpipe")
+# ... and those only the core (generators, validator, simulator) knows so far.
+SPLIT_BACKWARD_SCHEDULES = ("zb-h1",)
+CHUNKED_SCHEDULES = ("interleaved-1f1b",)
+SIMULATED_SCHEDULE_NAMES = (*SCHEDULE_NAMES, "interleaved-1f1b", "zb-h1")
+
+_ACTION_RE = re.compile(r"^(\d+)([FBIW])(\d+)(?:c(\d+))?$", re.ASCII)  # ASCII digits only
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run; names the stage and action at fault."""
+
+    def __init__(self, message: str, stage: int | None = None, action: Action | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.action = action
+
+
+class Action(NamedTuple):
+    """One unit of work: ``kind`` (F, B, I or W) of ``microbatch`` on ``stage``, model ``chunk``."""
+
+    stage: int
+    kind: Kind
+    microbatch: int
+    chunk: int = 0
+
+    def __str__(self) -> str:
+        if self.chunk:
+            return f"{self.stage}{self.kind}{self.microbatch}c{self.chunk}"
+        return f"{self.stage}{self.kind}{self.microbatch}"
+
+    def __repr__(self) -> str:
+        return f"Action({self.stage}, {self.kind!r}, {self.microbatch}, {self.chunk})"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """Parse the compact form, e.g. ``"1F3"`` or ``"1I3c1"`` (chunk 1)."""
+        match = _ACTION_RE.match(text.strip())
+        if match is None:
+            raise ValueError(
+                f"not an action: {text!r} (expected e.g. '1F3' or '1W3c1': stage, F|B|I|W, "
+                "micro-batch, optional c<chunk>)"
+            )
+        kind: Kind = _KIND_OF[match.group(2)]
+        chunk = match.group(4)
+        return cls(int(match.group(1)), kind, int(match.group(3)), int(chunk) if chunk else 0)
+
+
+_KIND_OF: dict[str, Kind] = {"F": "F", "B": "B", "I": "I", "W": "W"}
+_new = cast(
+    Any, tuple.__new__
+)  # builds an Action without the Python-level __new__ (generators' hot path)
+
+
+def virtual_stage(rank: int, chunk: int, num_ranks: int, placement: Placement = "loop") -> int:
+    """The virtual stage that ``chunk`` of ``rank`` holds (see the module docstring)."""
+    if placement == "v" and chunk % 2 == 1:
+        return chunk * num_ranks + num_ranks - 1 - rank
+    return chunk * num_ranks + rank
+
+
+def _placements(num_ranks: int, chunks: int, placement: Placement) -> list[tuple[int, int]]:
+    """``(rank, chunk)`` of each virtual stage, in pipeline order."""
+    out = [(0, 0)] * (num_ranks * chunks)
+    for r in range(num_ranks):
+        for c in range(chunks):
+            out[virtual_stage(r, c, num_ranks, placement)] = (r, c)
+    return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Actions per rank (``stages[s]`` runs in order on rank ``s``) over ``microbatches``.
+
+    ``chunks`` model chunks per rank, placed on virtual stages by ``placement``.
+    """
+
+    stages: tuple[tuple[Action, ...], ...]
+    microbatches: int
+    name: str = "custom"
+    chunks: int = 1
+    placement: Placement = "loop"
+
+    @property
+    def num_stages(self) -> int:
+        """Number of pipeline stages (ranks)."""
+        return len(self.stages)
+
+    @property
+    def num_virtual_stages(self) -> int:
+        """Ranks x chunks."""
+        return len(self.stages) * self.chunks
+
+    @cached_property
+    def split_backward(self) -> bool:
+        """Whether any action is an I or a W (the runtime runs only F and B today)."""
+        return any(a.kind in "IW" for acts in self.stages for a in acts)
+
+    def virtual_stage(self, rank: int, chunk: int = 0) -> int:
+        """The virtual stage ``chunk`` of ``rank`` holds."""
+        return virtual_stage(rank, chunk, self.num_stages, self.placement)
+
+    def locate(self, vstage: int) -> tuple[int, int]:
+        """``(rank, chunk)`` of virtual stage ``vstage``."""
+        rank, chunk = vstage % self.num_stages, vstage // self.num_stages
+        if self.placement == "v" and chunk % 2 == 1:
+            rank = self.num_stages - 1 - rank
+        return rank, chunk
+
+    def __iter__(self) -> Iterator[tuple[Action, ...]]:
+        """Iterate over the stages' action tuples."""
+        return iter(self.stages)
+
+    def to_text(self) -> str:
+        """One line per stage, e.g. ``0: 0F0 0F1 0B0 0B1``; round-trips through from_text.
+
+        Chunked schedules start with a header line ``# chunks=2 placement=loop``.
+        """
+        lines = [f"{s}: " + " ".join(map(str, actions)) for s, actions in enumerate(self.stages)]
+        if self.chunks != 1 or self.placement != "loop":
+            lines.insert(0, f"# chunks={self.chunks} placement={self.placement}")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_text(
+        cls, text: str, microbatches: int | None = None, name: str = "custom"
+    ) -> Schedule:
+        """Parse the form written by to_text; M defaults to the largest micro-batch id + 1.
+
+        Without a header, chunks default to the largest chunk id + 1 and placement to "loop".
+        """
+        stages: list[tuple[Action, ...]] = []
+        lines = text.strip().splitlines()
+        chunks: int | None = None
+        placement: Placement = "loop"
+        if lines and lines[0].startswith("#"):
+            fields = dict(f.partition("=")[::2] for f in lines.pop(0)[1:].split())
+            try:
+                chunks = int(fields.get("chunks", "1"))
+                placement = _PLACEMENT_OF[fields.get("placement", "loop")]
+            except (KeyError, ValueError):
+                raise ValueError(f"line 1: bad header {text.splitlines()[0]!r}") from None
+        for lineno, raw in enumerate(lines):
+            head, sep, body = raw.partition(":")
+            if not sep or head.strip() != str(lineno):
+                raise ValueError(f"line {lineno + 1}: expected '{lineno}: <actions>', got {raw!r}")
+            stages.append(tuple(Action.parse(tok) for tok in body.split()))
+        if microbatches is None:
+            microbatches = 1 + max((a.microbatch for acts in stages for a in acts), default=-1)
+        if chunks is None:
+            chunks = 1 + max((a.chunk for acts in stages for a in acts), default=0)
+        return cls(tuple(stages), microbatches, name, chunks, placement)
+
+
+_PLACEMENT_OF: dict[str, Placement] = {"loop": "loop", "v": "v"}
+
+
+def _check_sizes(num_stages: int, microbatches: int, chunks: int = 1) -> None:
+    if num_stages < 1:
+        raise ValueError(f"a pipeline needs at least 1 stage, got {num_stages}")
+    if microbatches < 1:
+        raise ValueError(f"a step needs at least 1 micro-batch, got {microbatches}")
+    if chunks < 1:
+        raise ValueError(f"a rank needs at least 1 model chunk, got {chunks}")
+
+
+def _actions(stage: int, kinds: str, mbs: Sequence[int], chunk: int = 0) -> tuple[Action, ...]:
+    """Rank ``stage``'s actions from a kind string and micro-batch ids (generators' hot path)."""
+    return tuple([_new(Action, (stage, k, m, chunk)) for k, m in zip(kinds, mbs, strict=True)])
