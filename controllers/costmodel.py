@@ -222,9 +222,12 @@ class CostModel:
             new = 1.0 if abs(math.log(new)) <= tol else new  # within the noise of the default
             speeds = [new if t == stage else x for t, x in enumerate(self.speed)]
             spread = math.fsum(abs(math.log(x)) for x in speeds)
-            options.append((round(spread, 9), -new, stage, new / self.speed[stage]))
-        _, _, stage, k = min(options)
-        self.speed[stage] *= k
+            options.append((round(spread, 9), -new, stage, new))
+        _, _, stage, new = min(options)
+        k = new / self.speed[stage]
+        # Set, not multiplied by k: a speed read as the default must be exactly 1.0 (x * (1 / x)
+        # need not be), or speed_errors takes it for a learned one and gain_error grows.
+        self.speed[stage] = new
         self.nspeed[stage] = max(self.nspeed[stage], self.settle)
         for i, w in enumerate(self.where):
             came_from = self.probe_from[i] == stage or (stage == src and i in moved)

@@ -1,6 +1,6 @@
 """Closed loop: run a controller against the simulator with drifting, skewed, noisy layer costs.
 
-Cost model (calibrated on an H100, see DESIGN.md): a layer's forward time per micro-batch is
+Cost model (calibrated on an H100, see docs/DESIGN.md): a layer's forward time per micro-batch is
 affine in the micro-batch size, ``launch + per_sample * B / M``; backward is 2.4x forward.
 Effects scale chosen layers: a step ``Slowdown``, a linear ``Drift``, or ``MoESkew`` (experts
 spread over devices, so a micro-batch takes as long as its busiest expert: factor

@@ -299,6 +299,19 @@ def test_cost_model_folds_a_misread_back_to_speed_one_under_noise(seed: int) -> 
     assert model.corrected and model.speed == [1.0, 1.0]  # exactly: within the noise of 1
 
 
+@pytest.mark.parametrize("factor", [1.84, 1.9, 2.2])
+def test_cost_model_folds_a_misread_back_to_exactly_one_with_no_speed_error(factor: float) -> None:
+    # 1.9: the learned speed x (1 / speed) is 0.9999999999999999, which speed_errors took for a
+    # learned speed (with the stage's noise as its error): gains stayed "within the noise".
+    sc = Scenario(8, 16, (Slowdown((4, 5, 6, 7), factor, 5),), noise=0.0)
+    plan, model = Plan(Partition((0, 4, 8)), 4), CostModel(settle=3)
+    _learn(sc, plan, range(12), model)
+    assert model.speed[1] == pytest.approx(factor)
+    _learn(sc, replace(plan, partition=Partition((0, 5, 8))), range(12, 14), model)
+    assert model.corrected and model.speed == [1.0, 1.0]
+    assert model.speed_errors() == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cost_model_does_not_read_noisy_young_estimates_as_a_device(seed: int) -> None:
     # MoE skew restarts stage 1's layers; their new, larger noise is not known yet, and the
