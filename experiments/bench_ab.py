@@ -60,7 +60,7 @@ def run(pool: Any, kind: str) -> tuple[list[float], list[Any]]:
     timings of its stage's chunks) come for ``1f1b`` / ``gpipe`` only.
     """
     from experiments import bench_adaptive, bench_runtime
-    from experiments.common import run_reports
+    from experiments.peer import run_reports
 
     who, config = kind.split("-")
     if config == "slowbest":

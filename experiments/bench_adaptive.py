@@ -25,7 +25,8 @@ from adaptive_pp.core.simulator import Costs, simulate
 from adaptive_pp.emulation.kernels import EmulatedLayer, emulated_mlp
 from adaptive_pp.runtime.launch import WorkerPool
 from controllers import AdaptivePolicy, RebalancerConfig
-from experiments.common import timed_steps, torch_pipeline_walls, write_json
+from experiments.common import timed_steps, write_json
+from experiments.peer import torch_pipeline_walls
 
 LAYERS, WIDTH, BATCH, STAGES = 16, 256, 64, 4
 SLOW_STAGE, SLOW_FROM, FACTOR = 2, 5, 2.0

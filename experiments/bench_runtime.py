@@ -24,7 +24,8 @@ from adaptive_pp.core.schedules import make_schedule
 from adaptive_pp.core.simulator import Costs, bubble_exact, simulate
 from adaptive_pp.emulation.kernels import emulated_mlp
 from adaptive_pp.runtime.launch import WorkerPool
-from experiments.common import run_reports, timed_steps, torch_pipeline_walls, write_json
+from experiments.common import timed_steps, write_json
+from experiments.peer import run_reports, torch_pipeline_walls
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
 SETUP: dict[str, Any] = dict(
@@ -80,7 +81,7 @@ def run_torch(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]
 
 
 def _job(kind: str, args: dict[str, Any], steps: int) -> dict[str, Any]:
-    ours, schedule = kind.split("-")
+    ours, schedule = kind.split("-", 1)
     return (run_ours if ours == "ours" else run_torch)(args, schedule, steps)
 
 

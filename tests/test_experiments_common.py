@@ -16,7 +16,8 @@ if str(ROOT) not in sys.path:
 from adaptive_pp.core.analysis import hop_latencies, replay_measured  # noqa: E402
 from adaptive_pp.core.schedules import make_schedule  # noqa: E402
 from adaptive_pp.core.simulator import Costs, simulate  # noqa: E402
-from experiments.common import timed_steps, timeline_report  # noqa: E402
+from experiments.common import timed_steps  # noqa: E402
+from experiments.peer import timeline_report  # noqa: E402
 
 MS = 1e-3
 

@@ -39,11 +39,11 @@ Placement = Literal["loop", "v"]
 PLACEMENTS: tuple[Placement, ...] = ("loop", "v")
 
 # Schedules the runtime can run (config validation, controller decisions) ...
-SCHEDULE_NAMES = ("1f1b", "gpipe")
+SCHEDULE_NAMES = ("1f1b", "gpipe", "zb-h1")
 # ... and those only the core (generators, validator, simulator) knows so far.
 SPLIT_BACKWARD_SCHEDULES = ("zb-h1",)
 CHUNKED_SCHEDULES = ("interleaved-1f1b",)
-SIMULATED_SCHEDULE_NAMES = (*SCHEDULE_NAMES, "interleaved-1f1b", "zb-h1")
+SIMULATED_SCHEDULE_NAMES = (*SCHEDULE_NAMES, "interleaved-1f1b")
 
 _ACTION_RE = re.compile(r"^(\d+)([FBIW])(\d+)(?:c(\d+))?$", re.ASCII)  # ASCII digits only
 

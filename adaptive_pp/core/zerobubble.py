@@ -1,7 +1,7 @@
 """Chunked and split-backward schedules: interleaved 1F1B and ZB-H1 (core only; ZB-V later).
 
-The runtime runs none of these yet (``Schedule.chunks > 1`` or ``Schedule.split_backward``);
-they are for the validator and the simulator.
+The runtime runs ZB-H1 (split backward, one chunk per rank); interleaved schedules
+(``Schedule.chunks > 1``) are for the validator and the simulator only so far.
 """
 
 from __future__ import annotations

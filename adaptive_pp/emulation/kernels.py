@@ -15,11 +15,15 @@ and closes on an identity node on the module's first parameter, whose gradient i
 autograd computes for the module. A window opened before the thread's last emulated sleep ended
 counts from that wake-up instead, so recomputation under activation checkpointing (a forward
 window inside a backward one) is paid in full. Host work outside any window (the runtime's own:
-sends, receives, bookkeeping) is never hidden. With no parameter that requires a gradient the
-backward sleeps its whole duration at the output. Sleeps aim at their deadline: on Linux each
-sleeping thread asks for a 1 µs timer slack (``prctl``; default 50 µs), and each thread wakes
-its sleeps early by its running mean lateness (about 50 µs per sleep on these machines), by at
-most half the sleep, so a burst of late wake-ups (a busy core) cannot zero the kernels.
+sends, receives, bookkeeping) is never hidden. Split backward (zero-bubble schedules, see
+``adaptive_pp.runtime.splitgrad``): the I pass reaches the output but not the anchor, and sleeps
+``1 - W_SHARE`` of the backward from the output; the W pass opens the window again and sleeps
+``W_SHARE`` of it at the anchor (``core.simulator``'s split), so I + W = one backward. With
+no parameter that requires a gradient the backward sleeps its whole duration at the output.
+Sleeps aim at their deadline: on Linux each sleeping thread asks for a 1 µs timer slack
+(``prctl``; default 50 µs), and each thread wakes its sleeps early by its running mean lateness
+(about 50 µs per sleep on these machines), by at most half the sleep, so a burst of late
+wake-ups (a busy core) cannot zero the kernels.
 
 ``EmulatedLayer`` (Linear + tanh) saves only its boundaries for backward; ``EmulatedFFN`` (a
 residual width -> hidden -> width block) also saves its hidden activations, like a transformer
@@ -39,7 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.simulator import BACKWARD_RATIO
+from ..core.simulator import BACKWARD_RATIO, W_SHARE
+from ..runtime.splitgrad import backward_phase
 
 _PR_SET_TIMERSLACK = 29
 
@@ -87,6 +92,7 @@ class Window:
         self.backward_opened = 0.0
         self.backward_s = 0.0
         self.anchored = False
+        self.input_paid = False  # an I pass slept its share of this call's backward
 
     def anchor(self, param: torch.Tensor) -> torch.Tensor:
         """``param`` through an identity whose backward closes the backward window."""
@@ -108,14 +114,27 @@ class Window:
         return y
 
     def _open_backward(self) -> None:
-        """The gradient reached the output: the window opens (slept whole if nothing anchored)."""
+        """The gradient reached the output: the window opens (slept whole if nothing anchored).
+
+        In a split backward's I pass the anchor is not reached: I's share is slept here.
+        """
         self.backward_opened = time.perf_counter()
-        if not self.anchored:
-            sleep_window(self.backward_opened, self.backward_s)
+        phase = backward_phase()
+        if phase == "I":
+            self.input_paid = True
+            sleep_window(self.backward_opened, (1.0 - W_SHARE) * self.backward_s)
+        elif not self.anchored:
+            sleep_window(self.backward_opened, self._share(phase))
 
     def _close_backward(self) -> None:
         """The anchored parameter's gradient is done: sleep out the backward window."""
-        sleep_window(self.backward_opened, self.backward_s)
+        sleep_window(self.backward_opened, self._share(backward_phase()))
+
+    def _share(self, phase: str | None) -> float:
+        """The backward time of a full backward (None) or of its W pass: the whole backward
+        if no I pass went through this call (torch's first stage skips I when its input needs
+        no gradient, and its W then computes the activation gradients too)."""
+        return W_SHARE * self.backward_s if phase == "W" and self.input_paid else self.backward_s
 
 
 class _OnBackward(torch.autograd.Function):

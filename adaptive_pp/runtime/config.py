@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.partition import Partition
+from ..core.schedules import SCHEDULE_NAMES, make_schedule
 
 
 @dataclass(kw_only=True)
@@ -17,7 +18,7 @@ class PipelineConfig:
     microbatches: int = 4
     """M: the mini-batch is split into this many equal micro-batches."""
     schedule: str = "1f1b"
-    """"1f1b" (default) or "gpipe"."""
+    """"1f1b" (default), "gpipe" or "zb-h1" (split backward: I, then W; see runtime.splitgrad)."""
     partition: Partition | Sequence[int] | None = None
     """Layer bounds per stage, e.g. (0, 5, 9, 16); default: balanced over layer_costs, else even."""
     layer_costs: Sequence[float] | None = None
@@ -47,6 +48,9 @@ class PipelineConfig:
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward (torch.utils.checkpoint) to save memory."""
 
+    def __post_init__(self) -> None:
+        check_schedule(self.schedule)
+
     def resolve_partition(self, num_layers: int, num_stages: int) -> Partition:
         """The partition to start from, checked against the model and stage count."""
         if self.partition is not None:
@@ -64,3 +68,17 @@ class PipelineConfig:
         if self.layer_costs is not None:
             return Partition.balanced(list(self.layer_costs), num_stages)
         return Partition.even(num_layers, num_stages)
+
+
+def check_schedule(name: str) -> None:
+    """ValueError unless the runtime can run schedule ``name`` (one model chunk per rank)."""
+    try:
+        chunks = make_schedule(name, 1, 1).chunks
+    except ValueError as exc:
+        raise ValueError(f"{exc} (the runtime runs {', '.join(SCHEDULE_NAMES)})") from None
+    if chunks > 1:
+        raise ValueError(
+            f"schedule {name!r} places {chunks} model chunks (virtual stages) on each rank, "
+            "but the runtime runs one chunk per rank: executing several chunks per rank is not "
+            f"implemented yet; choose one of {', '.join(SCHEDULE_NAMES)}"
+        )

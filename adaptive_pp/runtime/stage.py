@@ -12,6 +12,12 @@ is unchanged (the recomputation is the same kernels on the same inputs). Per lay
 per stage: a whole-stage checkpoint would save a little more memory but hide the boundaries the
 per-layer backward timing hooks on.
 
+Split backward (ZB-H1: actions I and W instead of B, see ``splitgrad``): I(m) computes the
+gradients of the stage input and of every segment boundary (sending the input's upstream at
+once, as B does) and keeps the graph; W(m) runs each segment's weight gradients from them. The
+stash of m (and I's boundary gradients) is held until W(m) ends; a layer's backward time is its
+I part (hooks, as for B) plus its W call.
+
 The activation stash in bytes (``StageLog.peak_stash_bytes``) is measured with
 ``adaptive_pp.stash.StashMeter``: per micro-batch, the distinct bytes autograd saves for backward
 plus the boundaries the stage holds, from its forward until its backward; the peak over the step
@@ -34,6 +40,7 @@ from ..core.errors import NonFiniteLoss, PipelineError, StageFailure, VersionMis
 from ..core.schedules import Action
 from .chunk import Chunk, Segment
 from .comm import Header, Link, MessageKind
+from .splitgrad import PendingW, WeightPassError, input_pass, shares_parameters, weight_pass
 from .stash import StashMeter, storage_ptrs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -88,6 +95,8 @@ class StageWorker:
         self._weights: set[int] = set()
         self._range = (-1, -1)
         self._sources: dict[int, Header] = {}
+        self._pending_w: dict[int, PendingW] = {}  # what I(m) left for W(m)
+        self._whole_w = False  # W from the top (segments share parameters)
         #: Forward actions completed (their output sent) in the step being run.
         self.forwards_done = 0
 
@@ -120,21 +129,24 @@ class StageWorker:
         self._version = version
         self._weights = storage_ptrs(seg.module for seg in self.segments)
         self._range = self.chunk.layer_range()  # segments change only between steps
-        m_count = len(actions) // 2
+        self._whole_w = shares_parameters([seg.module for seg in self.segments])
+        m_count = sum(a.kind == "F" for a in actions)
         for action in actions:
             t_req = time.perf_counter()
             if action.kind == "F":
                 x = self._input(action.microbatch, inputs)
-            else:
+            elif action.kind != "W":
                 g = self._output_grad(action.microbatch)
             t_start = time.perf_counter()
             if action.kind == "F":
                 self._forward(action.microbatch, x, targets, m_count, step, log)
                 self.forwards_done += 1
                 log.peak_stash = max(log.peak_stash, len(self._stash))
-                log.peak_stash_bytes = max(log.peak_stash_bytes, self._live_bytes)
-            else:
-                self._backward(action.microbatch, g, step, log)
+            elif action.kind == "W":
+                self._backward_weight(action.microbatch, log)
+            else:  # B, or I (which keeps the stash and the boundary gradients for W)
+                self._backward(action.microbatch, g, step, log, split=action.kind == "I")
+            log.peak_stash_bytes = max(log.peak_stash_bytes, self._live_bytes)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t_end = time.perf_counter()
@@ -152,6 +164,7 @@ class StageWorker:
         self._live_bytes = 0
         self.forwards_done = 0
         self._sources.clear()
+        self._pending_w.clear()
 
     def _check_version(self, header: Header, what: str) -> None:
         if header.version != self._version:
@@ -290,32 +303,54 @@ class StageWorker:
         log.loss_sum += value
         return loss / m_count
 
-    def _backward(self, m: int, grad: torch.Tensor | None, step: int, log: StageLog) -> None:
-        boundaries, top, marks = self._stash.pop(m)
-        self._live_bytes -= self._stash_bytes.pop(m, 0)
+    def _backward(
+        self, m: int, grad: torch.Tensor | None, step: int, log: StageLog, *, split: bool = False
+    ) -> None:
+        """B (or, ``split``, I: input gradient only, stash kept until W) of micro-batch ``m``."""
+        boundaries, top, marks = self._stash[m] if split else self._stash.pop(m)
+        if not split:
+            self._live_bytes -= self._stash_bytes.pop(m, 0)
         t0 = time.perf_counter()
         try:
-            torch.autograd.backward(top, grad)  # grad is None on the last stage: top is the loss
+            if split:  # grad is None on the last stage: top is the loss
+                x_grad, pending = input_pass(top, grad, boundaries, self.is_last, self._whole_w)
+            else:
+                torch.autograd.backward(top, grad)
+                x_grad = boundaries[0].grad
         except Exception as exc:
             raise self._fail(
                 _backward_culprit(self.segments, boundaries, marks, self.is_last),
                 None,
                 m,
-                "backward",
+                "input-gradient backward (I)" if split else "backward",
                 exc,
             ) from exc
         t_end = time.perf_counter()
-        x = boundaries[0]
+        if split:  # the gradients W needs count in the stash until W(m) ends
+            self._pending_w[m] = pending
+            self._stash_bytes[m] += pending.nbytes
+            self._live_bytes += pending.nbytes
         if self.up is not None:
-            if x.grad is None:
+            if x_grad is None:
                 raise PipelineError(
                     f"stage {self.stage}: no gradient reached the input of micro-batch {m}",
                     stage=self.stage,
                     microbatch=m,
                 )
             # Sent before the per-layer bookkeeping: the previous stage may be waiting for it.
-            self.up.send(self._header(MessageKind.GRAD, m, step, x.grad), x.grad.cpu())
+            self.up.send(self._header(MessageKind.GRAD, m, step, x_grad), x_grad.cpu())
         self._layer_backward_times(boundaries, marks, t0, t_end, log)
+
+    def _backward_weight(self, m: int, log: StageLog) -> None:
+        """W of micro-batch ``m`` from what I(m) kept (see splitgrad); then its stash goes."""
+        try:
+            weight_pass(self.segments, self._pending_w.pop(m), log.layer_backward)
+        except WeightPassError as err:
+            phase = "weight-gradient backward (W)"
+            raise self._fail(err.name, err.layer, m, phase, err.cause) from err.cause
+        finally:
+            del self._stash[m]
+            self._live_bytes -= self._stash_bytes.pop(m, 0)
 
     def _layer_backward_times(
         self,

@@ -1,0 +1,89 @@
+"""Schedules side by side: ours vs torch.distributed.pipelining on each schedule both run.
+
+bench_runtime's setup (16-layer MLP, S = 4 x 4 layers, M = 16, EMULATED kernels: 1 ms forward,
+2 ms backward per layer, the backward split I : W = 0.56 : 0.44 under zero-bubble schedules for
+both runtimes), one pool of 4 ranks, every configuration once per round in alternating order.
+Prints, per schedule, ours / torch; our best schedule / torch's Schedule1F1B; and each of our
+schedules' measured bubble against the simulator's (equal to the closed forms:
+(S-1)/(M+S-1) for 1F1B, idle (S-1)(F+I-W) per rank for ZB-H1). Interleaved 1F1B is simulated
+only (the runtime does not run several chunks per rank yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any
+
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import Costs, simulate
+from adaptive_pp.runtime.launch import WorkerPool
+from experiments import bench_runtime as br
+from experiments.common import write_json
+from experiments.peer import run_reports
+
+SCHEDULES = ("1f1b", "zb-h1")
+
+
+def _simulated_bubble(args: dict[str, Any], schedule: str) -> float:
+    s, m = args["stages"], args["microbatches"]
+    per = args["layers"] // s
+    costs = Costs.build(s, m, per * args["fwd_ms"] * 1e-3, per * args["bwd_ms"] * 1e-3)
+    return simulate(make_schedule(schedule, s, m), costs).bubble_fraction
+
+
+def main() -> None:
+    """Run the rounds; print and write the ratios."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run (+1 warm-up)")
+    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
+    ns = p.parse_args()
+    args: dict[str, Any] = dict(br.SETUP)
+    if ns.quick:
+        ns.rounds, ns.steps = 1, 2
+        args.update(microbatches=4, fwd_ms=0.2, bwd_ms=0.4)
+    kinds = [f"{who}-{s}" for s in SCHEDULES for who in ("ours", "torch")]
+    walls: dict[str, list[float]] = {k: [] for k in kinds}
+    reports: dict[str, list[StepReport]] = {k: [] for k in kinds}
+    with WorkerPool(args["stages"]) as pool:
+        for rnd in range(ns.rounds):
+            for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+                ranks = pool.run(br._job, kind, args, ns.steps + 1, timeout=600)
+                walls[kind] += ranks[0]["walls"][1:]
+                reports[kind] += run_reports(ranks, kind.split("-", 1)[1], args["microbatches"])
+            print(f"round {rnd + 1}/{ns.rounds} done", flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    out: dict[str, Any] = {"setup": args, "median_step_s": med, "ratios": {}, "bubble": {}}
+    print(
+        f"\nEMULATED kernels: {args['layers']} layers x ({args['fwd_ms']} ms fwd, "
+        f"{args['bwd_ms']} ms bwd), S={args['stages']}, M={args['microbatches']}; "
+        f"median of {len(walls[kinds[0]])} steps per configuration"
+    )
+    for s in SCHEDULES:
+        ratio = med[f"ours-{s}"] / med[f"torch-{s}"]
+        out["ratios"][s] = ratio
+        print(
+            f"{s:6s} ours {med[f'ours-{s}'] * 1e3:7.1f} ms  torch {med[f'torch-{s}'] * 1e3:7.1f} ms"
+            f"  ours/torch {ratio:.3f} (target <= 0.95)"
+        )
+    best = min(SCHEDULES, key=lambda s: med[f"ours-{s}"])
+    out["ratios"]["best_over_torch_1f1b"] = best_ratio = med[f"ours-{best}"] / med["torch-1f1b"]
+    print(f"our best ({best}) / torch Schedule1F1B: {best_ratio:.3f} (target <= 0.85)")
+    for s in SCHEDULES:
+        measured = statistics.median(r.bubble_fraction for r in reports[f"ours-{s}"])
+        expected = _simulated_bubble(args, s)
+        out["bubble"][s] = {"measured": measured, "closed_form": expected}
+        print(
+            f"{s:6s} bubble measured {measured:6.2%} vs closed form {expected:6.2%} "
+            f"({100 * (measured - expected):+.2f} pp; target within 2 pp)"
+        )
+    inter = _simulated_bubble(args, "interleaved-1f1b")
+    print(f"interleaved-1f1b (V=2): simulated bubble {inter:6.2%}; not run (one chunk per rank)")
+    out["bubble"]["interleaved-1f1b"] = {"closed_form": inter}
+    print(f"wrote {write_json('bench_schedules', out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""ZB-H1 on the runtime: split backward (I, then W) trains bit-for-bit like one process."""
+
+from __future__ import annotations
+
+import pytest
+import runtime_cases as rc
+import torch
+import zb_cases as zc
+from conftest import FakeClock, PoolFor
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_pp import PipelineConfig
+from adaptive_pp.core.decisions import MoveLayers, SetMicrobatches
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import make_schedule, validate
+from adaptive_pp.core.simulator import BACKWARD_RATIO, W_SHARE
+from adaptive_pp.emulation.kernels import EmulatedFFN, EmulatedLayer
+from adaptive_pp.runtime.launch import LaunchError, launch
+from adaptive_pp.runtime.splitgrad import backward_phase, input_pass, weight_pass_segment
+
+WIDTHS = (5, 4, 6, 3, 5, 4, 3, 2, 4)
+
+
+def _case(stages: int, m: int, optimizer: str, seed: int = 7, steps: int = 3) -> rc.Case:
+    layers = 2 * stages
+    return rc.Case(
+        seed, WIDTHS[: layers + 1], tuple(range(0, layers + 1, 2)), m, "zb-h1", optimizer, steps
+    )
+
+
+# --- one process ------------------------------------------------------------------------------
+
+
+def test_zb_h1_runs_each_ranks_w_in_microbatch_order() -> None:
+    """What exactness rests on: a rank's W's (its .grad accumulations) go in micro-batch order,
+    as the reference's backwards do, and every W follows its own I."""
+    for stages in range(1, 9):
+        for m in range(1, 13):
+            for acts in make_schedule("zb-h1", stages, m).stages:
+                assert [a.microbatch for a in acts if a.kind == "W"] == list(range(m))
+                for a in acts:
+                    if a.kind == "W":
+                        assert acts.index(a._replace(kind="I")) < acts.index(a)
+
+
+@pytest.mark.parametrize("layer", ["linear", "ffn"])
+def test_emulated_layer_sleeps_i_share_then_w_share(fake_clock: FakeClock, layer: str) -> None:
+    """Split, an emulated backward is slept once: 1 - W_SHARE in I, W_SHARE in W."""
+    torch.manual_seed(0)
+    mod = EmulatedLayer(4, 1.0) if layer == "linear" else EmulatedFFN(4, 8, 1.0)
+    x = torch.randn(2, 4, requires_grad=True)
+    y = mod(x)
+    fake_clock.slept.clear()
+    pending = input_pass(y, torch.ones_like(y), [x, y], is_last=False, whole=False)[1]
+    assert fake_clock.slept == [pytest.approx((1 - W_SHARE) * BACKWARD_RATIO)]
+    assert all(p.grad is None for p in mod.parameters())  # I touches no weight
+    weight_pass_segment(mod, pending.outputs[0])
+    assert fake_clock.slept == pytest.approx(
+        [(1 - W_SHARE) * BACKWARD_RATIO, W_SHARE * BACKWARD_RATIO]
+    )
+    split = [p.grad.clone() for p in mod.parameters() if p.grad is not None]
+    assert backward_phase() is None
+    # A full backward sleeps the whole backward once and gives the same gradients.
+    mod.zero_grad(set_to_none=True)
+    y = mod(x)
+    fake_clock.slept.clear()
+    y.backward(torch.ones_like(y))
+    assert fake_clock.slept == [pytest.approx(BACKWARD_RATIO)]
+    assert all(torch.equal(a, p.grad) for a, p in zip(split, mod.parameters(), strict=True))
+
+
+def test_a_w_pass_without_its_i_pass_sleeps_the_whole_backward(fake_clock: FakeClock) -> None:
+    """torch's first stage skips I (its input needs no gradient): its W does all the work."""
+    from adaptive_pp.runtime.splitgrad import phase
+
+    torch.manual_seed(0)
+    mod = EmulatedLayer(4, 1.0)
+    y = mod(torch.randn(2, 4))
+    fake_clock.slept.clear()
+    with phase("W"):
+        y.backward(torch.ones_like(y))
+    assert fake_clock.slept == [pytest.approx(BACKWARD_RATIO)]
+
+
+def test_config_accepts_zb_h1_and_refuses_chunked_schedules() -> None:
+    assert PipelineConfig(schedule="zb-h1").schedule == "zb-h1"
+    with pytest.raises(ValueError, match=r"'interleaved-1f1b' places 2 model chunks.*one chunk"):
+        PipelineConfig(schedule="interleaved-1f1b")
+    with pytest.raises(ValueError, match="unknown schedule 'zb-h9'"):
+        PipelineConfig(schedule="zb-h9")
+
+
+# --- several processes ------------------------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("per_stage", [1, 2])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_zb_h1_training_equals_single_process(
+    pools: PoolFor, stages: int, per_stage: int, optimizer: str
+) -> None:
+    case = _case(stages, per_stage * stages, optimizer)
+    ranks = pools(stages).run(rc.train_pipelined, case, timeout=120)
+    rc.assert_matches_reference(case, ranks)
+    report = StepReport.from_dict(ranks[0]["report"])
+    expected = make_schedule("zb-h1", stages, case.microbatches)
+    assert report.schedule == "zb-h1"
+    assert [list(report.timeline.actions[s]) for s in range(stages)] == [
+        list(a) for a in expected.stages
+    ]
+    # The stash holds a micro-batch from its F until its W ends: the validator's peak.
+    assert report.peak_stash == validate(expected).peak
+    for s in report.stages:
+        assert all(t > 0 for t in s.layer_backward) and len(s.layer_backward) == 2
+
+
+@pytest.mark.multiprocess
+def test_zb_h1_with_moves_and_m_changes_between_steps(pools: PoolFor) -> None:
+    case = _case(3, 3, "adam", seed=11, steps=4)
+    changes = {1: [MoveLayers(0, 1, 1)], 2: [MoveLayers(2, 1, 1), SetMicrobatches(6)]}
+    ranks = pools(3).run(rc.train_pipelined, case, changes, timeout=120)
+    rc.assert_matches_reference(case, ranks, {2: 6})
+    assert ranks[0]["bounds"] == (0, 1, 5, 6) and ranks[0]["m"] == 6
+    assert StepReport.from_dict(ranks[0]["report"]).schedule == "zb-h1"
+    assert sum("moved layers" in e for e in ranks[0]["events"]) == 2
+
+
+@pytest.mark.multiprocess
+def test_zb_h1_with_activation_checkpointing_is_bit_exact(pools: PoolFor) -> None:
+    """Checkpointed segments recompute in I and again in W: same bits as 1F1B without."""
+    plain = pools(2).run(zc.train_ffn, "1f1b", False, timeout=120)
+    for ckpt in (False, True):
+        zb = pools(2).run(zc.train_ffn, "zb-h1", ckpt, timeout=120)
+        for a, b in zip(plain, zb, strict=True):
+            assert a["losses"] == b["losses"]
+            for name, sd in a["state"].items():
+                for key, tensor in sd.items():
+                    assert torch.equal(tensor, b["state"][name][key]), (ckpt, name, key)
+            for idx, st_ in a["optimizer"]["state"].items():
+                for key, value in st_.items():
+                    got = torch.as_tensor(b["optimizer"]["state"][idx][key])
+                    assert torch.equal(torch.as_tensor(value), got), (ckpt, idx, key)
+
+
+@st.composite
+def zb_cases(draw: st.DrawFn) -> rc.Case:
+    """Random small MLPs on 2-4 stages, random partitions and M, SGD or Adam, under ZB-H1."""
+    stages = draw(st.integers(2, 4))
+    layers = draw(st.integers(stages, 7))
+    cuts = sorted(
+        draw(st.sets(st.integers(1, layers - 1), min_size=stages - 1, max_size=stages - 1))
+    )
+    return rc.Case(
+        seed=draw(st.integers(0, 10_000)),
+        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
+        bounds=(0, *cuts, layers),
+        microbatches=draw(st.integers(1, 8)),
+        schedule="zb-h1",
+        optimizer=draw(st.sampled_from(["sgd", "adam"])),
+        steps=draw(st.integers(1, 3)),
+        per_microbatch=draw(st.integers(1, 3)),
+    )
+
+
+@pytest.mark.multiprocess
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=zb_cases())
+def test_zb_h1_random_partitions_equal_single_process(pools: PoolFor, case: rc.Case) -> None:
+    ranks = pools(len(case.bounds) - 1).run(rc.train_pipelined, case, timeout=120)
+    rc.assert_matches_reference(case, ranks)
+
+
+@pytest.mark.multiprocess
+def test_failure_in_w_names_stage_layer_and_microbatch() -> None:
+    with pytest.raises(LaunchError) as info:
+        launch(zc.job_weight_grad_fails, 2, timeout=90)
+    err = info.value
+    assert err.root.rank == 1 and err.root.kind == "StageFailure"
+    assert (
+        "stage 1, layers.2, micro-batch 0, weight-gradient backward (W): RuntimeError: "
+        "injected weight-gradient failure" in err.root.message
+    )
