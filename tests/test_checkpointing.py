@@ -2,48 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import ffn_cases
 import pytest
 import torch
 from conftest import PoolFor
-from torch import nn
+from ffn_cases import BATCH, BOUNDS, HIDDEN, WIDTH, M
 
-from adaptive_pp import Pipeline, PipelineConfig
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import make_schedule, validate
-from adaptive_pp.emulation.kernels import EmulatedFFN
 
 pytestmark = pytest.mark.multiprocess
-
-WIDTH, HIDDEN, LAYERS, BATCH, M = 6, 20, 5, 8, 4
-BOUNDS = (0, 3, 5)
-
-
-def train(schedule: str, checkpointing: bool) -> dict[str, Any]:
-    """Rank job: 3 Adam steps of residual FFN blocks (no sleep) on 2 stages."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*(EmulatedFFN(WIDTH, HIDDEN, 0.0) for _ in range(LAYERS)))
-    cfg = PipelineConfig(
-        microbatches=M,
-        schedule=schedule,
-        partition=BOUNDS,
-        activation_checkpointing=checkpointing,
-    )
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(BATCH, WIDTH, generator=g), torch.randn(BATCH, WIDTH, generator=g))]
-    with Pipeline(
-        model, nn.functional.mse_loss, lambda p: torch.optim.Adam(p, lr=1e-2), cfg
-    ) as pipe:
-        out = [pipe.step(x, y) for x, y in data * 3]
-        return {
-            "losses": [o.loss for o in out],
-            "state": {
-                k: {n: t.clone() for n, t in sd.items()} for k, sd in pipe.local_state().items()
-            },
-            "optimizer": pipe.optimizer.state_dict() if pipe.optimizer is not None else None,
-            "report": out[-1].report.to_dict(),
-        }
 
 
 def expected_bytes(schedule: str, checkpointing: bool) -> list[int]:
@@ -65,8 +33,8 @@ def expected_bytes(schedule: str, checkpointing: bool) -> list[int]:
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_checkpointing_is_bit_exact_and_lowers_the_stash(pools: PoolFor, schedule: str) -> None:
-    plain = pools(2).run(train, schedule, False, timeout=120)
-    ckpt = pools(2).run(train, schedule, True, timeout=120)
+    plain = pools(2).run(ffn_cases.train_ffn, schedule, False, timeout=120)
+    ckpt = pools(2).run(ffn_cases.train_ffn, schedule, True, timeout=120)
     for a, b in zip(plain, ckpt, strict=True):
         assert a["losses"] == b["losses"]
         assert a["state"].keys() == b["state"].keys()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ffn_cases
 import pytest
 import runtime_cases as rc
 import torch
@@ -130,9 +131,9 @@ def test_zb_h1_with_moves_and_m_changes_between_steps(pools: PoolFor) -> None:
 @pytest.mark.multiprocess
 def test_zb_h1_with_activation_checkpointing_is_bit_exact(pools: PoolFor) -> None:
     """Checkpointed segments recompute in I and again in W: same bits as 1F1B without."""
-    plain = pools(2).run(zc.train_ffn, "1f1b", False, timeout=120)
+    plain = pools(2).run(ffn_cases.train_ffn, "1f1b", False, timeout=120)
     for ckpt in (False, True):
-        zb = pools(2).run(zc.train_ffn, "zb-h1", ckpt, timeout=120)
+        zb = pools(2).run(ffn_cases.train_ffn, "zb-h1", ckpt, timeout=120)
         for a, b in zip(plain, zb, strict=True):
             assert a["losses"] == b["losses"]
             for name, sd in a["state"].items():
