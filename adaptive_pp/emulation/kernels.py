@@ -22,7 +22,7 @@ sends, receives, bookkeeping) is never hidden. Split backward (zero-bubble sched
 no parameter that requires a gradient the backward sleeps its whole duration at the output.
 Sleeps aim at their deadline: on Linux each sleeping thread asks for a 1 µs timer slack
 (``prctl``; default 50 µs), and each thread wakes its sleeps early by its running mean lateness
-(about 50 µs per sleep on these machines), by at most half the sleep, so a burst of late
+(docs/EXPERIMENTS.md, "Emulated kernels"), by at most half the sleep, so a burst of late
 wake-ups (a busy core) cannot zero the kernels.
 
 ``EmulatedLayer`` (Linear + tanh) saves only its boundaries for backward; ``EmulatedFFN`` (a

@@ -44,7 +44,7 @@ class PipelineConfig:
     """Emit OpenTelemetry spans and metrics (opentelemetry-api; no-op without an SDK)."""
     trace_actions: bool = False
     """With telemetry: child spans of each step for every forward, backward, wait and the
-    optimizer (made after the step from its timings; ~50 us per span, a diagnostic switch)."""
+    optimizer (made after the step from its timings; a cost per span, a diagnostic switch)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward (torch.utils.checkpoint) to save memory."""
 
