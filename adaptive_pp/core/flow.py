@@ -5,10 +5,12 @@ See ``adaptive_pp.core.actions`` for the dependency rules this module enforces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
-from operator import add, itemgetter
+from itertools import accumulate, chain, repeat
+from operator import add, itemgetter, truediv
+from typing import Any
 
 from .actions import (
     _PLACEMENT_OF,
@@ -17,7 +19,11 @@ from .actions import (
     Schedule,
     ScheduleError,
     _check_sizes,
+    _gc_paused,
+    _ordered_positions,
     _placements,
+    _unit_positions,
+    _unit_positions_slow,
     virtual_stage,
 )
 
@@ -46,6 +52,19 @@ class Compiled:
     producer: list[int]  # per slot, the rank whose action fills it (-1: none)
     queues: tuple[tuple[int, int, str, list[int]], ...]  # (src, dst, act|grad, consumers)
     split: bool
+
+
+# Per-rank columns: need, out, key, link, offsets, stash peaks, queue consumers.
+_Columns = list[int]
+Flat = tuple[_Columns, _Columns, _Columns, _Columns, _Columns, _Columns, dict[Any, _Columns]]
+_HINTS: dict[int, tuple[weakref.ref[Schedule], Callable[[], Flat]]] = {}
+
+
+def hand_over(schedule: Schedule, build: Callable[[], Flat]) -> Schedule:
+    """Let a generator give ``schedule``'s columns (``build()``, on demand), skipping the checks."""
+    key = id(schedule)
+    _HINTS[key] = (weakref.ref(schedule, lambda _: _HINTS.pop(key, None)), build)
+    return schedule
 
 
 def _link(a: int, b: int, num_stages: int) -> int:
@@ -108,30 +127,7 @@ def _check_rank(s: int, acts: Sequence[Action], m_count: int, chunks: int) -> No
                 raise ScheduleError(f"stage {s}: action {missing} is missing", s, missing)
 
 
-def _unit_positions(
-    acts: Sequence[Action], kinds: Sequence[str], units: Sequence[int], vm: int
-) -> tuple[list[int], list[int]] | None:
-    """Per unit (chunk*M + m), the position of its F and of its B or I, or None if irregular."""
-    order = sorted(range(len(acts)), key=units.__getitem__)
-    pattern = "".join(map(kinds.__getitem__, order))
-    width = 2 if pattern == "FB" * vm else 3 if pattern == "FIW" * vm else 0
-    if not width or [units[i] for i in order[::width]] != list(range(vm)):
-        return None
-    return order[0::width], order[1::width]
-
-
-def _unit_positions_slow(
-    kinds: Sequence[str], units: Sequence[int], vm: int
-) -> tuple[list[int], list[int]]:
-    fwd, back = [0] * vm, [0] * vm
-    for i, (k, u) in enumerate(zip(kinds, units, strict=True)):
-        if k == "F":
-            fwd[u] = i
-        elif k != "W":
-            back[u] = i
-    return fwd, back
-
-
+@_gc_paused
 def compile_schedule(schedule: Schedule, max_stash: int | Sequence[int] | None = None) -> Compiled:
     """Check each rank's list (every F once, then B or I and W once, per chunk and micro-batch;
     W after its I; chunks in range); return the flat form. ``max_stash`` bounds the peak."""
@@ -142,24 +138,29 @@ def compile_schedule(schedule: Schedule, max_stash: int | Sequence[int] | None =
     vs_count, vm = num_stages * chunks, chunks * m_count
     grad0, dummy = vs_count * m_count, 2 * vs_count * m_count
     where = _placements(num_stages, chunks, schedule.placement)
-    need: list[int] = []
-    out: list[int] = []
-    key: list[int] = []
-    link: list[int] = []
     producer = [-1] * (dummy + m_count)
-    offsets, peaks, split = [0], [], False
-    groups: dict[tuple[int, int, str], list[int]] = {}
-    for s, acts in enumerate(schedule.stages):
+    hint, split = _HINTS.get(id(schedule)), False
+    if hint is not None and hint[0]() is not schedule:
+        hint = None
+    flat: Flat = hint[1]() if hint is not None else ([], [], [], [], [0], [], {})
+    need, out, key, link, offsets, peaks, groups = flat  # a generator's (valid as built) or:
+    for s, acts in enumerate(schedule.stages if hint is None else ()):
         base = offsets[-1]
         ranks, kinds, mbs, chs = zip(*acts, strict=True) if acts else ((), (), (), ())
         units = mbs if chunks == 1 else [c * m_count + m for c, m in zip(chs, mbs, strict=True)]
-        ok = (
-            len(acts) >= 2 * vm
-            and ranks.count(s) == len(acts)
-            and 0 <= min(chs) <= max(chs) < chunks
-            and 0 <= min(mbs) <= max(mbs) < m_count
-        )
-        found = _unit_positions(acts, kinds, units, vm) if ok else None
+        # Fast path (one chunk): _ordered_positions also checks the micro-batch ids.
+        ok = chunks == 1 and ranks.count(s) == len(acts) == chs.count(0)
+        found = _ordered_positions(kinds, units, vm) if ok else None
+        if found is None:
+            ok = (
+                len(acts) >= 2 * vm
+                and ranks.count(s) == len(acts)
+                and 0 <= min(chs) <= max(chs) < chunks
+                and 0 <= min(mbs) <= max(mbs) < m_count
+            )
+            found = _ordered_positions(kinds, units, vm) if ok and chunks > 1 else None
+        if found is None and ok:
+            found = _unit_positions(acts, kinds, units, vm)
         if found is None:
             _check_rank(s, acts, m_count, chunks)  # raises unless valid but irregular
             found = _unit_positions_slow(kinds, units, vm)
@@ -187,15 +188,22 @@ def compile_schedule(schedule: Schedule, max_stash: int | Sequence[int] | None =
                 if src != s:
                     lo = c * m_count
                     groups.setdefault((src, s, kind), []).extend(
-                        base + i for i in positions[lo : lo + m_count]
+                        map(base.__add__, positions[lo : lo + m_count])
                     )
         if chunks == 1:
-            rows = list(map({k: table[k, 0] for k in "FBIW"}.__getitem__, kinds))
+            cols = [{k: table[k, 0][col] for k in "FBIW"} for col in range(4)]
+            need.extend(map(add, map(cols[0].__getitem__, kinds), mbs))
+            out.extend(map(add, map(cols[1].__getitem__, kinds), mbs))
+            if all(cols[2][k] == cols[1][k] for k in set(kinds)):  # F and B: key = out
+                key.extend(out[base:])
+            else:
+                key.extend(map(add, map(cols[2].__getitem__, kinds), mbs))
+            link.extend(map(cols[3].__getitem__, kinds))
         else:
             rows = list(map(table.__getitem__, zip(kinds, chs, strict=True)))
-        for col, dest in ((0, need), (1, out), (2, key)):
-            dest.extend(map(add, map(itemgetter(col), rows), mbs))
-        link.extend(map(itemgetter(3), rows))
+            for col, dest in ((0, need), (1, out), (2, key)):
+                dest.extend(map(add, map(itemgetter(col), rows), mbs))
+            link.extend(map(itemgetter(3), rows))
         peaks.append(max(accumulate(map(_STASH.__getitem__, kinds)), default=0))
         offsets.append(base + len(acts))
     for v, (r, _) in enumerate(where):  # who fills each activation and gradient slot
@@ -246,14 +254,14 @@ def _flat_costs(
     tau_w: Sequence[Sequence[float]] | None,
 ) -> list[float]:
     """Costs indexed by ``Compiled.key``: F, B, I, W tables, each S x M, divided by chunks."""
-    flat = [x for row in tau_f for x in row] + [x for row in tau_b for x in row]
+    flat = [*chain.from_iterable(tau_f), *chain.from_iterable(tau_b)]
     if code.split:
         if tau_w is None:
             raise ValueError("a split-backward schedule needs W times (tau_w)")
-        w = [x for row in tau_w for x in row]
+        w = list(chain.from_iterable(tau_w))
         flat += [b - x for b, x in zip(flat[len(w) :], w, strict=True)] + w
     if chunks > 1:
-        flat = [x / chunks for x in flat]
+        flat = list(map(truediv, flat, repeat(chunks)))
     return flat
 
 

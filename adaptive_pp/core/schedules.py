@@ -17,6 +17,8 @@ GPipe runs every forward first, then every backward, so stage s stashes all M ac
 
 from __future__ import annotations
 
+from functools import partial
+
 from .actions import (
     ALL_KINDS,
     CHUNKED_SCHEDULES,
@@ -33,9 +35,20 @@ from .actions import (
     ScheduleError,
     _actions,
     _check_sizes,
+    _gc_paused,
     virtual_stage,
 )
-from .flow import Compiled, Replay, compile_schedule, peak_stash, replay, validate
+from .flow import (
+    _NONE,
+    Compiled,
+    Flat,
+    Replay,
+    compile_schedule,
+    hand_over,
+    peak_stash,
+    replay,
+    validate,
+)
 from .zerobubble import interleaved_1f1b, zb_h1
 
 __all__ = [
@@ -67,13 +80,16 @@ __all__ = [
 ]
 
 
+@_gc_paused
 def gpipe(num_stages: int, microbatches: int) -> Schedule:
     """GPipe: every stage runs all forwards, then all backwards (in micro-batch order)."""
     _check_sizes(num_stages, microbatches)
     kinds = "F" * microbatches + "B" * microbatches
     mbs = [*range(microbatches), *range(microbatches)]
-    return Schedule(
-        tuple(_actions(s, kinds, mbs) for s in range(num_stages)), microbatches, "gpipe"
+    stages = tuple(_actions(s, kinds, mbs) for s in range(num_stages))
+    sched = Schedule(stages, microbatches, "gpipe")
+    return hand_over(
+        sched, partial(_flat_1f1b, num_stages, microbatches, [microbatches] * num_stages)
     )
 
 
@@ -87,14 +103,52 @@ def _one_f_one_b_order(warmup: int, microbatches: int) -> tuple[str, list[int]]:
     return kinds, [*range(warmup), *body, *range(pairs, microbatches)]
 
 
+@_gc_paused
 def one_f_one_b(num_stages: int, microbatches: int) -> Schedule:
     """Non-interleaved 1F1B: min(S-s-1, M) warm-up forwards, then alternate F and B, then drain."""
     _check_sizes(num_stages, microbatches)
-    stages = []
+    stages, warmups = [], [min(num_stages - s - 1, microbatches) for s in range(num_stages)]
     for s in range(num_stages):
-        kinds, mbs = _one_f_one_b_order(min(num_stages - s - 1, microbatches), microbatches)
+        kinds, mbs = _one_f_one_b_order(warmups[s], microbatches)
         stages.append(_actions(s, kinds, mbs))
-    return Schedule(tuple(stages), microbatches, "1f1b")
+    sched = Schedule(tuple(stages), microbatches, "1f1b")
+    return hand_over(sched, partial(_flat_1f1b, num_stages, microbatches, warmups))
+
+
+def _flat_1f1b(num_stages: int, m: int, warmups: list[int]) -> Flat:
+    """compile_schedule's columns for ranks running ``warmups[s]`` forwards, then F and B in
+    turn, then the remaining B (1F1B; GPipe: warm-up M), built from ranges."""
+    need: list[int] = []
+    out: list[int] = []
+    link: list[int] = []
+    offsets, peaks, groups, grad0 = [0], [], {}, num_stages * m
+    for s, w in enumerate(warmups):
+        first, last, base, p = s == 0, s == num_stages - 1, offsets[-1], m - w
+        need += _turns(
+            _NONE if first else (s - 1) * m, _NONE if last else grad0 + (s + 1) * m, w, m
+        )
+        out += _turns(s * m, grad0 + s * m, w, m)
+        link += [-1 if first else s - 1] * w + [-1 if first else s - 1, -1 if last else s] * p
+        link += [-1 if last else s] * w
+        if not first:
+            groups[s - 1, s, "act"] = [
+                *range(base, base + w),
+                *range(base + w, base + w + 2 * p, 2),
+            ]
+        if not last:
+            back = range(base + w + 1, base + w + 2 * p, 2)
+            groups[s + 1, s, "grad"] = [*back, *range(base + w + 2 * p, base + 2 * m)]
+        peaks.append(w + 1 if p else w)
+        offsets.append(base + 2 * m)
+    return need, out, list(out), link, offsets, peaks, groups  # one chunk, F and B: key = out
+
+
+def _turns(f0: int, b0: int, w: int, m: int) -> list[int]:
+    """``f0 + mb`` for the forwards and ``b0 + mb`` for the backwards, in 1F1B order."""
+    body = [0] * (2 * (m - w))
+    body[0::2] = range(f0 + w, f0 + m)
+    body[1::2] = range(b0, b0 + m - w)
+    return [*range(f0, f0 + w), *body, *range(b0 + m - w, b0 + m)]
 
 
 def make_schedule(name: str, num_stages: int, microbatches: int, chunks: int = 2) -> Schedule:

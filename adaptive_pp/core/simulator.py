@@ -13,8 +13,10 @@ or gradient between two chunks of one rank is free. See ``schedules.replay``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 
 from .report import QueueTrace, StageStats, StepReport, Timeline
 from .schedules import Compiled, Schedule, compile_schedule, replay
@@ -191,17 +193,11 @@ def simulate(
     )
     # One trace per directed link and kind: "act" feeds F, "grad" feeds B or I, messages in
     # (chunk, micro-batch) order; chunks on one rank exchange no messages.
-    start, arrived = [x for st in run.start for x in st], run.arrived
-    queues = tuple(
-        QueueTrace(
-            src,
-            dst,
-            kind,
-            tuple([arrived[i] for i in consumers]),
-            tuple([start[i] for i in consumers]),
-        )
-        for src, dst, kind, consumers in code.queues
-    )
+    start, arrived = list(chain.from_iterable(run.start)), run.arrived
+    queues = []
+    for src, dst, kind, consumers in code.queues:
+        pick = itemgetter(*consumers) if len(consumers) > 1 else _pick_one(consumers)
+        queues.append(QueueTrace(src, dst, kind, pick(arrived), pick(start)))
     return StepReport(
         step=step,
         schedule=schedule.name,
@@ -212,6 +208,11 @@ def simulate(
         timeline=Timeline(schedule.stages, tuple(run.start), tuple(run.end)),
         source="simulator",
     )
+
+
+def _pick_one(consumers: Sequence[int]) -> Callable[[list[float]], tuple[float, ...]]:
+    """Like ``itemgetter(*consumers)`` but always a tuple (itemgetter of one index is not)."""
+    return lambda xs: tuple([xs[i] for i in consumers])
 
 
 def uniform_step_time(num_stages: int, microbatches: int, tau_f: float, tau_b: float) -> float:

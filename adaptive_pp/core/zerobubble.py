@@ -6,9 +6,10 @@ The runtime runs ZB-H1 (split backward, one chunk per rank); interleaved schedul
 
 from __future__ import annotations
 
-from .actions import Action, Schedule, ScheduleError, _actions, _check_sizes, _new
+from .actions import Schedule, ScheduleError, _actions, _actions_of, _check_sizes, _gc_paused
 
 
+@_gc_paused
 def interleaved_1f1b(num_stages: int, microbatches: int, chunks: int = 2) -> Schedule:
     """Megatron's interleaved 1F1B: V = ``chunks`` model chunks per rank, looping placement.
 
@@ -27,20 +28,27 @@ def interleaved_1f1b(num_stages: int, microbatches: int, chunks: int = 2) -> Sch
     s_, v_ = num_stages, chunks
     total = microbatches * v_
     group = s_ * v_
-    fwd = [((k // s_) % v_, (k // group) * s_ + k % s_) for k in range(total)]
-    bwd = [(v_ - 1 - c, m) for c, m in fwd]
+    fc = [(k // s_) % v_ for k in range(total)]  # chunk and micro-batch of the k-th forward
+    fm = [(k // group) * s_ + k % s_ for k in range(total)]
+    bc = [v_ - 1 - c for c in fc]  # backwards: same micro-batches, chunks in reverse
     stages = []
     for r in range(s_):
         warmup = min((v_ - 1) * s_ + 2 * (s_ - 1 - r), total) if v_ > 1 else min(s_ - 1 - r, total)
-        order: list[tuple[str, tuple[int, int]]] = [("F", x) for x in fwd[:warmup]]
-        for j in range(total - warmup):
-            order.append(("F", fwd[warmup + j]))
-            order.append(("B", bwd[j]))
-        order.extend(("B", x) for x in bwd[total - warmup :])
-        stages.append(tuple([_new(Action, (r, k, m, c)) for k, (c, m) in order]))
+        n = total - warmup
+        kinds = "F" * warmup + "FB" * n + "B" * warmup
+        stages.append(_actions_of(r, kinds, _steady(fm, fm, warmup, n), _steady(fc, bc, warmup, n)))
     return Schedule(tuple(stages), microbatches, "interleaved-1f1b", chunks, "loop")
 
 
+def _steady(fwd: list[int], bwd: list[int], warmup: int, n: int) -> list[int]:
+    """``fwd[:warmup]``, then ``fwd[warmup + j]``, ``bwd[j]`` for j < n, then ``bwd[n:]``."""
+    body = [0] * (2 * n)
+    body[0::2] = fwd[warmup:]
+    body[1::2] = bwd[:n]
+    return [*fwd[:warmup], *body, *bwd[n:]]
+
+
+@_gc_paused
 def zb_h1(num_stages: int, microbatches: int) -> Schedule:
     """ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", section 2.1).
 
