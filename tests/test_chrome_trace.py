@@ -334,7 +334,7 @@ def test_gpipe_single_stage_has_no_flows_or_waits() -> None:
     check_structure(trace, [r])
 
 
-@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("name", ["1f1b", "gpipe", "zb-h1"])
 def test_replay_of_a_simulated_step_reproduces_it(name: str) -> None:
     costs = Costs.build(3, 5, [[1.0, 2.0, 0.5, 1.5, 1.0], 1.2, 0.8], 2.0, [0.3, 0.1])
     r = replace(
@@ -360,7 +360,7 @@ def test_replay_hop_is_the_delay_waiting_consumers_saw() -> None:
     assert first.start == pytest.approx(1.2 * MS)
 
 
-@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("name", ["1f1b", "gpipe", "zb-h1"])
 def test_hop_latencies_of_a_simulated_step_are_its_hop_costs(name: str) -> None:
     costs = Costs.build(3, 5, 1.0 * MS, 2.0 * MS, [0.3 * MS, 0.1 * MS], slowdown={1: 1.7})
     r = simulate(make_schedule(name, 3, 5), costs)

@@ -50,6 +50,15 @@ class Wait(NamedTuple):
 _INPUT_KIND: dict[str, Kind] = {"act": "F", "grad": "B"}
 
 
+def _consumer(report: StepReport, stage: int, queue_kind: str) -> Kind | None:
+    """The action kind that consumes ``queue_kind`` messages on ``stage``: F for activations;
+    for gradients B, or I where the backward is split (zero-bubble schedules)."""
+    kind = _INPUT_KIND.get(queue_kind)
+    if kind == "B" and any(t.kind == "I" for t in report.timeline.stage(stage)):
+        return "I"
+    return kind
+
+
 def _links(report: StepReport) -> list[QueueTrace]:
     """The report's queue traces, plus timeline-derived ones for links it has no trace of."""
     traced = {(q.src, q.dst) for q in report.queues}
@@ -59,10 +68,11 @@ def _links(report: StepReport) -> list[QueueTrace]:
         for src, kind in ((s - 1, "act"), (s + 1, "grad")):
             if (src, s) in traced or not 0 <= src < len(report.timeline.actions):
                 continue
+            consumer = _consumer(report, s, kind)
             pairs = [
                 (by_key[(src, t.kind, t.microbatch)].end, t.start)
                 for t in report.timeline.stage(s)
-                if t.kind == _INPUT_KIND[kind] and (src, t.kind, t.microbatch) in by_key
+                if t.kind == consumer and (src, t.kind, t.microbatch) in by_key
             ]
             out.append(
                 QueueTrace(src, s, kind, tuple(a for a, _ in pairs), tuple(c for _, c in pairs))
@@ -75,8 +85,10 @@ def messages(report: StepReport) -> list[Message]:
     by_key = {(t.stage, t.kind, t.microbatch): t for t in report.timeline}
     out = []
     for q in _links(report):
-        kind = _INPUT_KIND.get(q.kind)
-        if kind is None or not 0 <= q.dst < len(report.timeline.actions):
+        if not 0 <= q.dst < len(report.timeline.actions):
+            continue
+        kind = _consumer(report, q.dst, q.kind)
+        if kind is None:
             continue
         consumers = [t for t in report.timeline.stage(q.dst) if t.kind == kind]
         pairs = sorted(zip(q.consumed, q.arrived, strict=True))
@@ -145,11 +157,20 @@ def replay_measured(report: StepReport, hops: Sequence[float] | None = None) -> 
     """
     stages, m_count = len(report.timeline.actions), report.microbatches
     tau: dict[Kind, list[list[float]]] = {
-        k: [[0.0] * m_count for _ in range(stages)] for k in ("F", "B")
+        k: [[0.0] * m_count for _ in range(stages)] for k in ("F", "B", "I", "W")
     }
     for t in report.timeline:
         tau[t.kind][t.stage][t.microbatch] = max(0.0, t.end - t.start)
     hop = list(hop_latencies(report) if hops is None else hops)
     sched = Schedule(report.timeline.actions, m_count, report.schedule)
-    sim = simulate(sched, Costs.build(stages, m_count, tau["F"], tau["B"], hop), step=report.step)
+    split = any(t.kind == "W" for t in report.timeline)
+    if split:  # the simulator takes a split backward as B = I + W and W
+        backward = [
+            [i + w for i, w in zip(ri, rw, strict=True)]
+            for ri, rw in zip(tau["I"], tau["W"], strict=True)
+        ]
+        costs = Costs.build(stages, m_count, tau["F"], backward, hop, tau_w=tau["W"])
+    else:
+        costs = Costs.build(stages, m_count, tau["F"], tau["B"], hop)
+    sim = simulate(sched, costs, step=report.step)
     return replace(sim, partition=report.partition, events=report.events, extra=report.extra)
