@@ -129,7 +129,8 @@ class StageWorker:
         self._version = version
         self._weights = storage_ptrs(seg.module for seg in self.segments)
         self._range = self.chunk.layer_range()  # segments change only between steps
-        self._whole_w = shares_parameters([seg.module for seg in self.segments])
+        split = any(a.kind == "W" for a in actions)  # a split backward's W needs to know
+        self._whole_w = split and shares_parameters([seg.module for seg in self.segments])
         m_count = sum(a.kind == "F" for a in actions)
         for action in actions:
             t_req = time.perf_counter()
