@@ -16,18 +16,25 @@ from adaptive_pp.core.decisions import (
     MoveLayers,
     Plan,
     SetMicrobatches,
+    SetSchedule,
     apply,
     describe,
     from_dict,
     to_dict,
 )
 from adaptive_pp.core.partition import Partition
+from adaptive_pp.core.schedules import SCHEDULE_NAMES
 
 reasons = st.text(max_size=20)
 decisions: st.SearchStrategy[Decision] = st.one_of(
     st.builds(Keep, reasons),
     st.builds(SetMicrobatches, st.integers(-3, 64), reasons),
     st.builds(MoveLayers, st.integers(-1, 5), st.integers(-1, 5), st.integers(-2, 6), reasons),
+    st.builds(
+        SetSchedule,
+        st.sampled_from(["1f1b", "gpipe", "zb-h1", "interleaved-1f1b", "1F1B"]),
+        reasons,
+    ),
 )
 
 
@@ -35,7 +42,7 @@ decisions: st.SearchStrategy[Decision] = st.one_of(
 def plans(draw: st.DrawFn) -> Plan:
     sizes = draw(st.lists(st.integers(1, 5), min_size=1, max_size=5))
     m = draw(st.integers(1, 16))
-    return Plan(Partition.from_sizes(sizes), m, draw(st.sampled_from(["1f1b", "gpipe"])))
+    return Plan(Partition.from_sizes(sizes), m, draw(st.sampled_from(["1f1b", "gpipe", "zb-h1"])))
 
 
 @given(decisions)
@@ -66,6 +73,9 @@ def test_apply_gives_a_valid_plan_or_a_clear_error(plan: Plan, d: Decision) -> N
         assert new.microbatches == plan.microbatches
     elif isinstance(d, SetMicrobatches):
         assert new.microbatches == d.microbatches and new.partition == plan.partition
+    elif isinstance(d, SetSchedule):
+        assert new == Plan(plan.partition, plan.microbatches, d.schedule)
+        assert d.schedule in SCHEDULE_NAMES
     else:
         assert new == plan
 
@@ -78,6 +88,8 @@ def test_apply_gives_a_valid_plan_or_a_clear_error(plan: Plan, d: Decision) -> N
         (MoveLayers(0, 1, 3), "empty"),
         (MoveLayers(2, 3, 1), "neighbouring"),
         (SetMicrobatches(0), "at least 1 micro-batch"),
+        (SetSchedule("zb-h9"), r"unknown schedule 'zb-h9'; choose one of 1f1b, gpipe, zb-h1"),
+        (SetSchedule("ZB-H1"), "unknown schedule 'ZB-H1'"),
     ],
 )
 def test_apply_refuses_with_a_message(decision: Decision, message: str) -> None:
@@ -91,6 +103,8 @@ def test_apply_moves_boundary_layers() -> None:
     assert apply(plan, MoveLayers(1, 0, 2)).partition.bounds == (0, 5, 6, 9)
     assert apply(plan, MoveLayers(1, 2, 2)).partition.bounds == (0, 3, 4, 9)
     assert apply(plan, SetMicrobatches(8)).microbatches == 8
+    assert apply(plan, SetSchedule("zb-h1")) == Plan(plan.partition, 4, "zb-h1")
+    assert apply(Plan(plan.partition, 4, "zb-h1"), SetSchedule("gpipe")).schedule == "gpipe"
     assert apply(plan, Keep("fine")) is plan
 
 
@@ -99,6 +113,13 @@ def test_from_dict_rejects_unknown_or_incomplete() -> None:
         from_dict({"kind": "explode"})
     with pytest.raises(ValueError, match="missing field 'count'"):
         from_dict({"kind": "move_layers", "src": 0, "dst": 1})
+    with pytest.raises(ValueError, match="missing field 'schedule'"):
+        from_dict({"kind": "set_schedule"})
+    assert to_dict(SetSchedule("zb-h1", "faster")) == {
+        "kind": "set_schedule",
+        "schedule": "zb-h1",
+        "reason": "faster",
+    }
 
 
 def test_plan_validates_its_fields() -> None:
@@ -111,6 +132,7 @@ def test_plan_validates_its_fields() -> None:
 def test_describe_is_short() -> None:
     assert describe(MoveLayers(1, 2, 3, "why")) == "move 3 layer(s) 1->2 (why)"
     assert describe(SetMicrobatches(8)) == "set M=8"
+    assert describe(SetSchedule("zb-h1", "faster")) == "set schedule zb-h1 (faster)"
     assert describe(Keep()) == "keep"
 
 

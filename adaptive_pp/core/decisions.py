@@ -1,9 +1,9 @@
 """Controller decisions and the plan they change, as plain data.
 
 A controller looks at a StepReport and the current Plan and returns a Decision: ``Keep``,
-``SetMicrobatches`` or ``MoveLayers``. ``apply(plan, decision)`` gives the next plan or raises
-ValueError naming what is wrong; ``to_dict``/``from_dict`` turn decisions into JSON-ready dicts
-for logs and checkpoints. Nothing here touches torch.
+``SetMicrobatches``, ``MoveLayers`` or ``SetSchedule``. ``apply(plan, decision)`` gives the next
+plan or raises ValueError naming what is wrong; ``to_dict``/``from_dict`` turn decisions into
+JSON-ready dicts for logs and checkpoints. Nothing here touches torch.
 """
 
 from __future__ import annotations
@@ -44,12 +44,21 @@ class MoveLayers:
     reason: str = ""
 
 
-Decision = Keep | SetMicrobatches | MoveLayers
+@dataclass(frozen=True)
+class SetSchedule:
+    """Run the next steps under schedule ``schedule`` (one of SCHEDULE_NAMES), same M."""
 
-_KINDS: dict[str, type[Keep] | type[SetMicrobatches] | type[MoveLayers]] = {
+    schedule: str
+    reason: str = ""
+
+
+Decision = Keep | SetMicrobatches | MoveLayers | SetSchedule
+
+_KINDS: dict[str, type[Keep] | type[SetMicrobatches] | type[MoveLayers] | type[SetSchedule]] = {
     "keep": Keep,
     "set_microbatches": SetMicrobatches,
     "move_layers": MoveLayers,
+    "set_schedule": SetSchedule,
 }
 
 
@@ -63,6 +72,12 @@ def _check_microbatches(m: object) -> int:
     return m
 
 
+def _check_schedule(name: object) -> str:
+    if not isinstance(name, str) or name not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    return name
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the pipeline runs: the partition, micro-batches per step and the schedule name."""
@@ -73,10 +88,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         _check_microbatches(self.microbatches)
-        if self.schedule not in SCHEDULE_NAMES:
-            raise ValueError(
-                f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}"
-            )
+        _check_schedule(self.schedule)
 
     @property
     def num_stages(self) -> int:
@@ -117,6 +129,8 @@ def apply(plan: Plan, decision: Decision) -> Plan:
             raise ValueError(f"MoveLayers needs int src, dst, count, got {decision!r}")
         # Partition.move checks neighbours, count >= 1 and that src keeps a layer.
         return Plan(plan.partition.move(src, dst, count), plan.microbatches, plan.schedule)
+    if isinstance(decision, SetSchedule):
+        return Plan(plan.partition, plan.microbatches, _check_schedule(decision.schedule))
     raise TypeError(f"not a decision: {decision!r}")
 
 
@@ -138,6 +152,8 @@ def to_dict(decision: Decision) -> dict[str, Any]:
             "count": decision.count,
             "reason": decision.reason,
         }
+    if isinstance(decision, SetSchedule):
+        return {"kind": "set_schedule", "schedule": decision.schedule, "reason": decision.reason}
     raise TypeError(f"not a decision: {decision!r}")
 
 
@@ -152,6 +168,8 @@ def from_dict(data: Mapping[str, Any]) -> Decision:
             return Keep(reason)
         if kind == "set_microbatches":
             return SetMicrobatches(int(data["microbatches"]), reason)
+        if kind == "set_schedule":
+            return SetSchedule(str(data["schedule"]), reason)
         return MoveLayers(int(data["src"]), int(data["dst"]), int(data["count"]), reason)
     except KeyError as exc:
         raise ValueError(f"decision {kind!r} is missing field {exc.args[0]!r}") from exc
@@ -163,6 +181,8 @@ def describe(decision: Decision) -> str:
         text = "keep"
     elif isinstance(decision, SetMicrobatches):
         text = f"set M={decision.microbatches}"
+    elif isinstance(decision, SetSchedule):
+        text = f"set schedule {decision.schedule}"
     else:
         text = f"move {decision.count} layer(s) {decision.src}->{decision.dst}"
     return f"{text} ({decision.reason})" if decision.reason else text
