@@ -237,7 +237,8 @@ class Telemetry:
 
     @contextlib.contextmanager
     def change(self, kind: str, step: int, attributes: dict[str, Any]) -> Iterator[Span | None]:
-        """Span of a plan change (kind "migration" or "microbatches.change"); errors recorded."""
+        """Span of a plan change (kind "migration", "microbatches.change" or "schedule.change");
+        errors recorded."""
         if not self.enabled:
             yield None
             return

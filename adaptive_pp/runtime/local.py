@@ -26,7 +26,7 @@ from ..core.partition import Partition
 from ..core.schedules import Schedule, make_schedule, validate
 from .chunk import Chunk, Segment
 from .comm import Link
-from .config import PipelineConfig
+from .config import PipelineConfig, check_schedule
 from .control import Control
 from .layerstate import OptimizerFactory, optimizer_state, rebuild_optimizer
 from .stage import LossFn, StageWorker
@@ -173,6 +173,26 @@ class LocalStage:
         """Run the next steps with ``microbatches`` micro-batches (schedule rebuilt and checked)."""
         self.schedule = self._make_schedule(microbatches)
         self.microbatches = microbatches
+
+    def set_schedule(self, name: str) -> None:
+        """Run the next steps under schedule ``name``, same M (schedule rebuilt and checked).
+
+        Only between schedules of one model chunk per rank: ValueError for any other (switching
+        to or from an interleaved schedule would cut the model into other chunks).
+        """
+        check_schedule(name)
+        if make_schedule(name, 1, 1).chunks > 1 or len(self.chunks) > 1:
+            raise ValueError(
+                f"cannot switch schedule {self.schedule.name} -> {name}: a switch runs only "
+                "between schedules of one model chunk per rank (1f1b, gpipe, zb-h1); set a "
+                "chunked schedule in PipelineConfig.schedule at the start instead"
+            )
+        old, self.schedule_name = self.schedule_name, name
+        try:
+            self.schedule = self._make_schedule(self.microbatches)
+        except BaseException:
+            self.schedule_name = old
+            raise
 
     def restore(
         self,

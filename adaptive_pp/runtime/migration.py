@@ -1,4 +1,5 @@
-"""Applying decisions at a step boundary: move boundary layers (two-phase) or change M.
+"""Applying decisions at a step boundary: move boundary layers (two-phase), change M or switch
+the schedule.
 
 Protocol for MoveLayers(src, dst, n), run by every rank between two steps:
 
@@ -28,6 +29,7 @@ from ..core.decisions import (
     MoveLayers,
     Plan,
     SetMicrobatches,
+    SetSchedule,
     apply,
     describe,
     to_dict,
@@ -49,8 +51,8 @@ class MigrationAborted(PipelineError):
 def apply_decision(local: LocalStage, decision: Decision) -> str | None:
     """Apply ``decision`` on every rank (all must call it alike); return the event text.
 
-    ``local`` changes only through its methods (``set_microbatches``, ``adopt_partition``),
-    and only once every rank agreed (and, for a move, every rank voted ok).
+    ``local`` changes only through its methods (``set_microbatches``, ``set_schedule``,
+    ``adopt_partition``), and only once every rank agreed (and, for a move, every rank voted ok).
     """
     if isinstance(decision, Keep):
         return None
@@ -67,6 +69,12 @@ def apply_decision(local: LocalStage, decision: Decision) -> str | None:
         local.set_microbatches(decision.microbatches)
         log.info("microbatches.change", old=plan.microbatches, new=decision.microbatches)
         return f"set micro-batches {plan.microbatches} -> {decision.microbatches}"
+    if isinstance(decision, SetSchedule):
+        # Every rank runs the same checks on the same plan: all switch, or all raise alike.
+        _simulate_plan(new)
+        local.set_schedule(decision.schedule)
+        log.info("schedule.change", old=plan.schedule, new=decision.schedule)
+        return f"set schedule {plan.schedule} -> {decision.schedule}"
     _simulate_plan(new)
     layers = _moving_layers(plan, decision)
     log.info("migration.begin", decision=describe(decision), layers=layers, step=local.step_count)

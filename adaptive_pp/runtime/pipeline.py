@@ -23,6 +23,7 @@ from ..core.decisions import (
     Keep,
     MoveLayers,
     Plan,
+    SetSchedule,
     describe,
     from_dict,
     to_dict,
@@ -225,7 +226,8 @@ class Pipeline:
         """Apply a decision now, between steps, on every rank alike; return what changed.
 
         MoveLayers migrates boundary layers (two-phase; MigrationAborted leaves every rank on
-        the old plan), SetMicrobatches changes M. The next step's report lists the change, or
+        the old plan), SetMicrobatches changes M, SetSchedule the schedule (same M; between
+        schedules of one model chunk per rank). The next step's report lists the change, or
         the refusal (ValueError for an invalid decision, MigrationAborted), which is re-raised.
         """
         self._local.begin()
@@ -241,7 +243,8 @@ class Pipeline:
     def _apply(self, decision: Decision) -> str | None:
         local = self._local
         t0 = time.perf_counter()
-        kind = "migration" if isinstance(decision, MoveLayers) else "microbatches.change"
+        kinds = {MoveLayers: "migration", SetSchedule: "schedule.change"}
+        kind = kinds.get(type(decision), "microbatches.change")
         attrs = {
             "adaptive_pp.decision": describe(decision),
             "adaptive_pp.partition": ",".join(map(str, local.partition.bounds)),
@@ -268,6 +271,14 @@ class Pipeline:
         agreed way.
         """
         self._local.set_microbatches(microbatches)
+
+    def set_schedule(self, name: str) -> None:
+        """Run the next steps under schedule ``name`` (rebuilt and checked; same M).
+
+        Local to this rank, unchecked against the peers: ``apply(SetSchedule(name))`` is the
+        agreed way.
+        """
+        self._local.set_schedule(name)
 
     # --- checkpoints ------------------------------------------------------------------------
 
