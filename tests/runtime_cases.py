@@ -28,6 +28,7 @@ class Case:
     optimizer: str
     steps: int
     per_microbatch: int = 2
+    chunks: int = 2  # model chunks per rank of an interleaved schedule
 
     @property
     def batch(self) -> int:
@@ -69,7 +70,10 @@ def batches(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def case_pipeline(case: Case, **extra: Any) -> Pipeline:
     """A Pipeline over ``case``'s model, partition, M and schedule (``extra`` goes to Pipeline)."""
     cfg = PipelineConfig(
-        microbatches=case.microbatches, schedule=case.schedule, partition=case.bounds
+        microbatches=case.microbatches,
+        schedule=case.schedule,
+        partition=case.bounds,
+        chunks=case.chunks,
     )
     return Pipeline(
         build_model(case), nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg, **extra

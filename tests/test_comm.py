@@ -23,6 +23,7 @@ headers = st.builds(
     layer_hi=st.integers(-1, 10**4),
     dtype=st.sampled_from(_DTYPES),
     shape=st.lists(st.integers(0, 10**6), max_size=MAX_DIMS).map(tuple),
+    vstage=st.integers(-1, 10**4),
 )
 
 

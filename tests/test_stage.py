@@ -16,6 +16,7 @@ from adaptive_pp.core.errors import StageFailure
 from adaptive_pp.core.schedules import Action
 from adaptive_pp.runtime.chunk import Chunk, Segment
 from adaptive_pp.runtime.comm import Header, Message, MessageKind
+from adaptive_pp.runtime.driver import run_actions
 from adaptive_pp.runtime.stage import StageWorker
 
 WIDTH = 8
@@ -49,7 +50,9 @@ class GradLink:
     def __init__(self) -> None:
         self.sent: list[Header] = []
 
-    def take(self, kind: MessageKind, microbatch: int, timeout: float, what: str) -> Message:
+    def take(
+        self, kind: MessageKind, microbatch: int, timeout: float, what: str, vstage: int = 0
+    ) -> Message:
         header = Header(kind, microbatch, 0, 0, 0, 0, torch.float32, (2, WIDTH))
         return Message(header, torch.ones(2, WIDTH), time.perf_counter())
 
@@ -69,7 +72,7 @@ def run(w: StageWorker, microbatches: int = 2) -> Any:
     torch.manual_seed(0)
     xs = [torch.randn(2, WIDTH) for _ in range(microbatches)]
     acts = [Action(0, k, m) for m in range(microbatches) for k in ("F", "B")]  # type: ignore[arg-type]
-    return w.run(acts, xs, xs if w.is_last else None, 0, time.perf_counter(), version=0)
+    return run_actions([w], acts, xs, xs if w.is_last else None, 0, time.perf_counter(), version=0)
 
 
 @pytest.mark.parametrize("last", [False, True])

@@ -42,11 +42,11 @@ Placement = Literal["loop", "v"]
 PLACEMENTS: tuple[Placement, ...] = ("loop", "v")
 
 # Schedules the runtime can run (config validation, controller decisions) ...
-SCHEDULE_NAMES = ("1f1b", "gpipe", "zb-h1")
-# ... and those only the core (generators, validator, simulator) knows so far.
+SCHEDULE_NAMES = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")
 SPLIT_BACKWARD_SCHEDULES = ("zb-h1",)
-CHUNKED_SCHEDULES = ("interleaved-1f1b",)
-SIMULATED_SCHEDULE_NAMES = (*SCHEDULE_NAMES, "interleaved-1f1b")
+CHUNKED_SCHEDULES = ("interleaved-1f1b",)  # V model chunks per rank (PipelineConfig.chunks)
+# ... and those the core (generators, validator, simulator) knows: the same ones today.
+SIMULATED_SCHEDULE_NAMES = SCHEDULE_NAMES
 
 _ACTION_RE = re.compile(r"^(\d+)([FBIW])(\d+)(?:c(\d+))?$", re.ASCII)  # ASCII digits only
 

@@ -1,7 +1,7 @@
 """Chunked and split-backward schedules: interleaved 1F1B and ZB-H1 (core only; ZB-V later).
 
-The runtime runs ZB-H1 (split backward, one chunk per rank); interleaved schedules
-(``Schedule.chunks > 1``) are for the validator and the simulator only so far.
+The runtime runs both: ZB-H1 (split backward, one chunk per rank) and interleaved 1F1B
+(``Schedule.chunks > 1``: one StageWorker per chunk, see runtime/local.py).
 """
 
 from __future__ import annotations

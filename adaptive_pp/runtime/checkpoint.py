@@ -2,9 +2,12 @@
 
 Layout of a checkpoint directory::
 
-    meta.json            step, version, partition, M, schedule, layers, user extras (controller)
-    stage-0-of-4.pt      that stage's parameters, buffers and optimizer state, by global name
+    meta.json            step, version, partition, M, schedule, chunks, layers, user extras
+    stage-0-of-4.pt      that rank's parameters, buffers and optimizer state, by global name
     ...
+
+Under an interleaved schedule the partition has a range per virtual stage (chunks per rank x
+ranks) and rank r's shard holds the virtual stages v with ``v % ranks == r`` (its chunks).
 
 Every rank writes its shard into ``DIR.tmp``; rank 0 writes meta.json last and renames the
 folder into place, so a checkpoint either exists whole or not at all.
@@ -77,6 +80,7 @@ def save(local: LocalStage, path: str | Path, extra: dict[str, Any] | None = Non
             "partition": list(local.partition.bounds),
             "microbatches": local.microbatches,
             "schedule": local.schedule.name,
+            "chunks": local.num_chunks,
             "num_layers": len(local.blocks),
             "shards": [f"stage-{s}-of-{local.num_stages}.pt" for s in range(local.num_stages)],
             "extra": extra or {},
@@ -116,14 +120,16 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def _consistent(meta: dict[str, Any]) -> bool:
-    """Whole-number step and version; a partition of num_layers with one shard per stage."""
+    """Whole-number step and version; a partition of num_layers with one shard per rank, of
+    ``chunks`` (virtual) stages each."""
     try:
         bounds, shards = list(meta["partition"]), list(meta["shards"])
-        numbers = [meta["step"], meta["version"], meta["num_layers"], *bounds]
+        chunks = meta.get("chunks", 1)
+        numbers = [meta["step"], meta["version"], meta["num_layers"], chunks, *bounds]
         return (
             all(isinstance(v, int) for v in numbers)
             and all(isinstance(s, str) for s in shards)
-            and len(bounds) == len(shards) + 1 >= 2
+            and len(bounds) == len(shards) * chunks + 1 >= 2
             and bounds[0] == 0
             and bounds[-1] == meta["num_layers"]
             and all(a < b for a, b in itertools.pairwise(bounds))
@@ -179,12 +185,13 @@ def _read_checked(
     n, saved, now = len(local.blocks), meta["partition"], local.partition.bounds
     if meta["num_layers"] != n:
         raise CheckpointError(f"{path} holds {meta['num_layers']} layers, this model has {n}")
-    elsewhere = set().union(*(_held(now, s) for s in range(len(now) - 1) if s != local.stage))
+    ranks = local.num_stages
+    elsewhere = set().union(*(_held(now, s, ranks) for s in range(ranks) if s != local.stage))
     module: dict[str, torch.Tensor] = {}
     carried: dict[str, dict[str, Any]] = {}
     hyper: dict[str, Any] = {}
     for s, name in enumerate(meta["shards"]):
-        if not _held(saved, s) & set(modules):
+        if not _held(saved, s, len(meta["shards"])) & set(modules):
             continue
         shard = _read_shard(path / name)
         for key, value in shard["module"].items():
@@ -198,10 +205,13 @@ def _read_checked(
     return meta, module, carried, hyper
 
 
-def _held(bounds: Sequence[int], s: int) -> set[str]:
-    """Modules stage ``s`` holds under ``bounds``: its layers, "pre" first and "post" last."""
-    ends = [name for name, at in (("pre", 0), ("post", len(bounds) - 2)) if s == at]
-    return {layer_name(i) for i in range(bounds[s], bounds[s + 1])}.union(ends)
+def _held(bounds: Sequence[int], s: int, ranks: int) -> set[str]:
+    """Modules rank ``s`` of ``ranks`` holds under ``bounds``: the layers of its (virtual)
+    stages ``v % ranks == s``, "pre" on the first stage and "post" on the last."""
+    last = len(bounds) - 2
+    ends = [name for name, at in (("pre", 0), ("post", last % ranks)) if s == at]
+    vs = range(s, last + 1, ranks)
+    return {layer_name(i) for v in vs for i in range(bounds[v], bounds[v + 1])}.union(ends)
 
 
 def _check(modules: dict[str, nn.Module], module: dict[str, Any], carried: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """What a rank runs: segments (the model's pre, its blocks, its post) grouped in chunks.
 
-A chunk is a contiguous run of segments executed as one pipeline stage. A rank holds one chunk
-today; interleaved schedules would give it several (virtual stages), each with its own index.
+A chunk is a contiguous run of segments executed as one pipeline stage. A rank holds one chunk,
+or V under an interleaved schedule: chunk c of rank r is virtual stage ``c * S + r`` (the
+partition has one range per virtual stage, in model order).
 """
 
 from __future__ import annotations
@@ -54,14 +55,18 @@ class Segment:
 
 @dataclass
 class Chunk:
-    """A contiguous run of segments that one rank executes as pipeline stage ``stage``.
-
-    A rank holds one chunk today; interleaved schedules would give it several (virtual
-    stages), each with its own stage index.
+    """A contiguous run of segments that rank ``stage`` executes as its chunk ``index``, the
+    pipeline's virtual stage ``vstage`` (default: ``stage``, one chunk per rank).
     """
 
     stage: int
     segments: list[Segment]
+    index: int = 0
+    vstage: int = -1
+
+    def __post_init__(self) -> None:
+        if self.vstage < 0:
+            self.vstage = self.stage
 
     def modules(self) -> dict[str, nn.Module]:
         """Global name -> module of this chunk's segments, in order."""

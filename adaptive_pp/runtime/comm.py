@@ -1,13 +1,14 @@
 """Point-to-point messages with a fixed header, and instrumented per-link mailboxes.
 
 Every message is a byte frame: a 16 x int64 header (kind, micro-batch, step, weight version,
-layer range, dtype, shape) followed by the payload's bytes. No pickle on the wire. The receiver
-posts each receive into a reusable buffer of FRAME_CAPACITY bytes (gloo accepts a buffer larger
-than the message). A payload that would not fit travels on its own right after its header, from
-the sender's tensor into a tensor of its own on the receiver: no copy on either side, where the
-large messages would cost most. Each link has a receiver thread that timestamps arrivals into a
-mailbox; the stage posts its frames itself, in order, and takes messages out by (kind,
-micro-batch), so queue depth over time and time blocked on receives are measured.
+layer range, dtype, shape, and last the virtual stage it is for) followed by the payload's
+bytes. No pickle on the wire. The receiver posts each receive into a reusable buffer of
+FRAME_CAPACITY bytes (gloo accepts a buffer larger than the message). A payload that would not
+fit travels on its own right after its header, from the sender's tensor into a tensor of its
+own on the receiver: no copy on either side, where the large messages would cost most. Each
+link has a receiver thread that timestamps arrivals into a mailbox; the stage posts its frames
+itself, in order, and takes messages out by (kind, micro-batch, virtual stage), so queue depth
+over time and time blocked on receives are measured.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..core.errors import PeerGone, PipelineError, PipelineTimeout
 MAGIC = 0x41505030  # "APP0"
 HEADER_LEN = 16
 HEADER_BYTES = HEADER_LEN * 8
-MAX_DIMS = HEADER_LEN - 9
+MAX_DIMS = HEADER_LEN - 10  # the last value is the virtual stage
 FRAME_CAPACITY = 1 << 20  # bytes; a larger message's payload travels on its own
 
 _DTYPES: tuple[torch.dtype, ...] = (
@@ -69,6 +70,9 @@ class Header:
     layer_hi: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    #: The virtual stage the message is for (interleaved schedules: chunks on one rank share
+    #: the link to a peer); 0 for one chunk per rank, and for state and control messages.
+    vstage: int = 0
 
     def encode(self) -> torch.Tensor:
         """As a 16 x int64 tensor."""
@@ -94,7 +98,7 @@ class Header:
             len(self.shape),
             *self.shape,
         ]
-        return vals + [0] * (HEADER_LEN - len(vals))
+        return vals + [0] * (HEADER_LEN - 1 - len(vals)) + [self.vstage]
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> Header:
@@ -107,7 +111,15 @@ class Header:
         if v[0] != MAGIC or not 0 <= v[7] < len(_DTYPES) or not 0 <= v[8] <= MAX_DIMS:
             raise PipelineError(f"corrupt message header {v}: peers out of step?")
         return cls(
-            MessageKind(v[1]), v[2], v[3], v[4], v[5], v[6], _DTYPES[v[7]], tuple(v[9 : 9 + v[8]])
+            MessageKind(v[1]),
+            v[2],
+            v[3],
+            v[4],
+            v[5],
+            v[6],
+            _DTYPES[v[7]],
+            tuple(v[9 : 9 + v[8]]),
+            v[HEADER_LEN - 1],
         )
 
 
@@ -137,8 +149,9 @@ class Message:
 
 @dataclass
 class LinkLog:
-    """Arrival and consumption times of ACT/GRAD messages taken this step."""
+    """Kinds, arrival and consumption times of ACT/GRAD messages taken this step."""
 
+    kinds: list[MessageKind] = field(default_factory=list)
     arrived: list[float] = field(default_factory=list)
     consumed: list[float] = field(default_factory=list)
     waited: float = 0.0
@@ -164,7 +177,7 @@ class Link:
         self.round = 0
         #: Another rank's failure to raise instead of waiting (see adaptive_pp.control).
         self.fault = fault
-        self._box: dict[tuple[MessageKind, int, int], Message] = {}
+        self._box: dict[tuple[MessageKind, int, int, int], Message] = {}  # kind, step, mb, vstage
         self.cond = threading.Condition()
         self._error: BaseException | None = None
         self._closed_by_peer = False
@@ -211,7 +224,7 @@ class Link:
             msg = Message(header, payload, time.perf_counter())
             with self.cond:
                 if header.step >= self.round:  # older rounds were aborted: dropped
-                    self._box[(header.kind, header.step, header.microbatch)] = msg
+                    self._box[(header.kind, header.step, header.microbatch, header.vstage)] = msg
                     self.cond.notify_all()
 
     def _recv(self, into: torch.Tensor) -> bool:
@@ -303,9 +316,12 @@ class Link:
                 peer=self.peer,
             ) from exc
 
-    def take(self, kind: MessageKind, microbatch: int, timeout: float, what: str) -> Message:
-        """Block until message (kind, microbatch) has arrived; log wait and queue times."""
-        key = (kind, self.round, microbatch)
+    def take(
+        self, kind: MessageKind, microbatch: int, timeout: float, what: str, vstage: int = 0
+    ) -> Message:
+        """Block until message (kind, microbatch) for virtual stage ``vstage`` has arrived; log
+        wait and queue times."""
+        key = (kind, self.round, microbatch, vstage)
         t0 = time.perf_counter()
         deadline = t0 + timeout
         with self.cond:
@@ -339,6 +355,7 @@ class Link:
             msg = self._box.pop(key)
         now = time.perf_counter()
         if kind in (MessageKind.ACT, MessageKind.GRAD):
+            self.log.kinds.append(kind)
             self.log.arrived.append(msg.arrived)
             self.log.consumed.append(now)
             self.log.waited += now - t0

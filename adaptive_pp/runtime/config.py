@@ -18,9 +18,14 @@ class PipelineConfig:
     microbatches: int = 4
     """M: the mini-batch is split into this many equal micro-batches."""
     schedule: str = "1f1b"
-    """"1f1b" (default), "gpipe" or "zb-h1" (split backward: I, then W; see runtime.splitgrad)."""
+    """"1f1b" (default), "gpipe", "zb-h1" (split backward: I, then W; see runtime.splitgrad) or
+    "interleaved-1f1b" (``chunks`` model chunks per rank; M must be a multiple of the stages)."""
+    chunks: int = 2
+    """V, the model chunks (virtual stages) per rank of "interleaved-1f1b"; other schedules hold
+    one. Virtual stage v = chunk * S + rank: the S*V ranges of the partition loop over the ranks."""
     partition: Partition | Sequence[int] | None = None
-    """Layer bounds per stage, e.g. (0, 5, 9, 16); default: balanced over layer_costs, else even."""
+    """Layer bounds per (virtual) stage, e.g. (0, 5, 9, 16); S*V ranges in model order for an
+    interleaved schedule; default: balanced over layer_costs, else even."""
     layer_costs: Sequence[float] | None = None
     """Relative cost of each layer, used to balance the partition when none is given."""
     init_timeout: float = 120.0
@@ -50,9 +55,19 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule)
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
+            raise ValueError(f"chunks must be an int >= 1, got {self.chunks!r}")
+        if self.stages and self.chunks_per_rank() > 1:  # M % S, checked now if S is known
+            make_schedule(self.schedule, self.stages, self.microbatches, self.chunks)
 
-    def resolve_partition(self, num_layers: int, num_stages: int) -> Partition:
-        """The partition to start from, checked against the model and stage count."""
+    def chunks_per_rank(self) -> int:
+        """V: model chunks per rank (``chunks`` for a chunked schedule, else 1)."""
+        return make_schedule(self.schedule, 1, 1, self.chunks).chunks
+
+    def resolve_partition(self, num_layers: int, num_ranks: int) -> Partition:
+        """The partition to start from (one range per virtual stage: ranks x chunks), checked
+        against the model and the stage count."""
+        num_stages = num_ranks * self.chunks_per_rank()
         if self.partition is not None:
             part = (
                 self.partition
@@ -60,25 +75,31 @@ class PipelineConfig:
                 else Partition(tuple(self.partition))
             )
             if part.num_layers != num_layers or part.num_stages != num_stages:
+                chunked = (
+                    f" ({num_ranks} ranks x {self.chunks} chunks of {self.schedule})"
+                    if num_stages != num_ranks
+                    else ""
+                )
                 raise ValueError(
                     f"partition {part} covers {part.num_layers} layers on {part.num_stages} "
-                    f"stages, but the model has {num_layers} layers and the run {num_stages} stages"
+                    f"stages, but the model has {num_layers} layers and the run {num_stages} "
+                    f"stages{chunked}"
                 )
             return part
+        if num_stages > num_layers and num_stages != num_ranks:
+            raise ValueError(
+                f"{self.schedule} with {self.chunks} chunks on {num_ranks} ranks needs "
+                f"{num_stages} virtual stages of at least one layer, but the model has "
+                f"{num_layers} layers; use fewer chunks or ranks"
+            )
         if self.layer_costs is not None:
             return Partition.balanced(list(self.layer_costs), num_stages)
         return Partition.even(num_layers, num_stages)
 
 
 def check_schedule(name: str) -> None:
-    """ValueError unless the runtime can run schedule ``name`` (one model chunk per rank)."""
+    """ValueError unless the runtime can run schedule ``name``."""
     try:
-        chunks = make_schedule(name, 1, 1).chunks
+        make_schedule(name, 1, 1)
     except ValueError as exc:
         raise ValueError(f"{exc} (the runtime runs {', '.join(SCHEDULE_NAMES)})") from None
-    if chunks > 1:
-        raise ValueError(
-            f"schedule {name!r} places {chunks} model chunks (virtual stages) on each rank, "
-            "but the runtime runs one chunk per rank: executing several chunks per rank is not "
-            f"implemented yet; choose one of {', '.join(SCHEDULE_NAMES)}"
-        )

@@ -1,15 +1,18 @@
 """LocalStage: everything one rank holds of the pipeline, in one object.
 
-A rank holds model chunks (``chunks``: one today; interleaved schedules would give it several
-virtual stages), their optimizer and its factory, the weight version, its links to the
-neighbouring stages, the plan (partition, micro-batches, schedule), the step counter, the plan
-changes not yet reported, the control plane and the whole model's blocks (those not held are
-twins on the "meta" device, materialised if they migrate here).
+A rank holds model chunks (``chunks``: one, or V under an interleaved schedule, chunk c being
+virtual stage ``c * S + rank``), their optimizer and its factory, the weight version, its links
+to the ranks of the neighbouring virtual stages (one Link per peer rank, shared by the chunks;
+the first and last ranks of an interleaved schedule also have the wrap-around link between
+them), the plan (partition: one range per virtual stage; micro-batches, schedule), the step
+counter, the plan changes not yet reported, the control plane and the whole model's blocks
+(those not held are twins on the "meta" device, materialised if they migrate here).
 
-Each piece of state lives here once. ``StageWorker`` executes ``chunks[0]`` (it reads the
-segments from the chunk and gets the version per run); migration, checkpoints and the step
-report take a LocalStage and change it only through its methods (``adopt_partition``,
-``set_microbatches``, ``restore``, ``finish_step``). ``Pipeline`` is a facade over one.
+Each piece of state lives here once. One ``StageWorker`` per chunk executes that chunk's actions
+(it reads the segments from the chunk and gets the version per step); migration, checkpoints
+and the step report take a LocalStage and change it only through its methods
+(``adopt_partition``, ``set_microbatches``, ``restore``, ``finish_step``). ``Pipeline`` is a
+facade over one.
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ class LocalStage:
         self.schedule_name = config.schedule
         self.recv_timeout = config.recv_timeout
         self.device = device
+        #: V: model chunks (virtual stages) per rank.
+        self.num_chunks = config.chunks_per_rank()
+        if self.num_chunks > 1 and num_stages < 2:
+            raise ValueError(
+                f"{config.schedule} needs at least 2 stages (its chunks pass activations "
+                f"between ranks); got {num_stages}"
+            )
         self.partition: Partition = config.resolve_partition(len(blocks), num_stages)
         self.microbatches: int = config.microbatches
         self.schedule: Schedule = self._make_schedule(config.microbatches)
@@ -76,11 +86,14 @@ class LocalStage:
         self.mark = StepMark.take({}, device)
         #: Start of this rank's clock for reports (perf_counter; set again by ``start``).
         self.epoch = time.perf_counter()
-        held = set(self.partition.layers(stage))
+        vstages = [self.schedule.virtual_stage(stage, c) for c in range(self.num_chunks)]
+        held = {i for v in vstages for i in self.partition.layers(v)}
         for i, block in enumerate(blocks):
             if i not in held:
                 block.to("meta")  # a twin without storage: materialised if it migrates here
-        self.chunks = [Chunk(stage, self._segments(self.partition))]
+        self.chunks = [
+            Chunk(stage, self._segments(self.partition, v), c, v) for c, v in enumerate(vstages)
+        ]
         self.control = control = Control(
             stage,
             num_stages,
@@ -89,29 +102,51 @@ class LocalStage:
             wait_timeout=config.recv_timeout,
         )
         fault = control.fault
-        self.up = Link(stage, stage - 1, fault=fault) if stage > 0 else None
-        self.down = Link(stage, stage + 1, fault=fault) if stage < num_stages - 1 else None
+        last = self.schedule.num_virtual_stages - 1
+        ups = [self.schedule.locate(v - 1)[0] if v > 0 else None for v in vstages]
+        downs = [self.schedule.locate(v + 1)[0] if v < last else None for v in vstages]
+        peers = sorted({p for p in ups + downs if p is not None})
+        #: One link per peer rank, shared by the chunks (messages name their virtual stage).
+        self._links = {p: Link(stage, p, fault=fault) for p in peers}
+        #: The links to ranks stage - 1 and stage + 1 (None at the ends).
+        self.up, self.down = self._links.get(stage - 1), self._links.get(stage + 1)
         for ln in self.links():
             control.watch(ln.cond)
-        #: The executor of ``chunks[0]``.
-        self.worker = StageWorker(
-            self.chunks[0],
-            num_stages,
-            loss_fn,
-            self.up,
-            self.down,
-            device,
-            config.recv_timeout,
-            config.activation_checkpointing,
-        )
+        #: The executor of each chunk, in chunk order.
+        self.workers = [
+            StageWorker(
+                chunk,
+                last + 1,
+                loss_fn,
+                None if up is None else self._links[up],
+                None if down is None else self._links[down],
+                device,
+                config.recv_timeout,
+                config.activation_checkpointing,
+            )
+            for chunk, up, down in zip(self.chunks, ups, downs, strict=True)
+        ]
         self.optimizer = rebuild_optimizer(factory, self.modules(), None, {})
 
     # --- reading --------------------------------------------------------------------------
 
     @property
     def is_last(self) -> bool:
-        """True on the stage that computes the loss."""
-        return self.stage == self.num_stages - 1
+        """True on the stage that computes the loss (holding the last virtual stage)."""
+        return self.workers[-1].is_last
+
+    @property
+    def forwards_done(self) -> int:
+        """Forward actions completed in the step being run, over the chunks."""
+        return sum(w.forwards_done for w in self.workers)
+
+    def rank_of(self, vstage: int) -> int:
+        """The rank that holds (virtual) stage ``vstage``."""
+        return self.schedule.locate(vstage)[0]
+
+    def layers(self) -> list[int]:
+        """Global indices of the layers this rank holds, in order."""
+        return [i for c in self.chunks for i in self.partition.layers(c.vstage)]
 
     @property
     def plan(self) -> Plan:
@@ -127,12 +162,12 @@ class LocalStage:
         return {name: mod.state_dict() for name, mod in self.modules().items()}
 
     def links(self) -> list[Link]:
-        """The links to the neighbouring stages (upstream first)."""
-        return [ln for ln in (self.up, self.down) if ln is not None]
+        """The links to the ranks of the neighbouring virtual stages, by peer rank."""
+        return list(self._links.values())
 
     def link_to(self, peer: int) -> Link | None:
         """The link to stage ``peer``, if it is a neighbour."""
-        return next((ln for ln in self.links() if ln.peer == peer), None)
+        return self._links.get(peer)
 
     # --- changing -------------------------------------------------------------------------
 
@@ -159,7 +194,8 @@ class LocalStage:
         old = self.modules()
         kept = optimizer_state(self.optimizer, old)
         self.partition = partition
-        self.chunks[0].segments = self._segments(partition)
+        for chunk in self.chunks:
+            chunk.segments = self._segments(partition, chunk.vstage)
         new = self.modules()
         if set(new) != set(old):
             self.optimizer = rebuild_optimizer(
@@ -234,6 +270,11 @@ class LocalStage:
         """
         self.version += by
 
+    def discard(self) -> None:
+        """Drop what a step left in the workers (stashed activations and graphs)."""
+        for w in self.workers:
+            w.discard()
+
     def close(self) -> None:
         """Say goodbye on every link, then on the control plane (threads stop)."""
         for ln in self.links():
@@ -242,19 +283,19 @@ class LocalStage:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _segments(self, partition: Partition) -> list[Segment]:
-        """This rank's segments under ``partition`` (pre first on stage 0, post last at the end)."""
-        s = self.stage
-        segments = [Segment.block(i, self.blocks[i]) for i in partition.layers(s)]
-        if self.pre is not None and s == 0:
+    def _segments(self, partition: Partition, vstage: int) -> list[Segment]:
+        """Virtual stage ``vstage``'s segments under ``partition`` (pre first on the first,
+        post last on the last)."""
+        segments = [Segment.block(i, self.blocks[i]) for i in partition.layers(vstage)]
+        if self.pre is not None and vstage == 0:
             segments.insert(0, Segment.pre(self.pre))
-        if self.post is not None and s == self.num_stages - 1:
+        if self.post is not None and vstage == partition.num_stages - 1:
             segments.append(Segment.post(self.post))
         for seg in segments:
             seg.module.to(self.device)
         return segments
 
     def _make_schedule(self, microbatches: int) -> Schedule:
-        sched = make_schedule(self.schedule_name, self.num_stages, microbatches)
+        sched = make_schedule(self.schedule_name, self.num_stages, microbatches, self.num_chunks)
         validate(sched)
         return sched

@@ -12,6 +12,9 @@ Protocol for MoveLayers(src, dst, n), run by every rank between two steps:
 4. commit: every rank states ok/failed; only if all are ok do ``src`` and ``dst`` switch
    segments (``src`` frees the layers only now) and every rank adopts the new partition.
    Otherwise everyone keeps the old plan, the error is reported, and nothing is lost.
+
+Under an interleaved schedule ``src`` and ``dst`` are virtual stages (neighbours in model
+order); the ranks holding them run the transfer and their chunks change.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def apply_decision(local: LocalStage, decision: Decision) -> str | None:
                 f"cannot use M={decision.microbatches}: the batch of {local.last_batch_size} "
                 "samples does not split into that many equal micro-batches"
             )
-        _simulate_plan(new)
+        _simulate_plan(new, local.num_chunks)
         local.set_microbatches(decision.microbatches)
         log.info("microbatches.change", old=plan.microbatches, new=decision.microbatches)
         return f"set micro-batches {plan.microbatches} -> {decision.microbatches}"
@@ -75,7 +78,7 @@ def apply_decision(local: LocalStage, decision: Decision) -> str | None:
         local.set_schedule(decision.schedule)
         log.info("schedule.change", old=plan.schedule, new=decision.schedule)
         return f"set schedule {plan.schedule} -> {decision.schedule}"
-    _simulate_plan(new)
+    _simulate_plan(new, local.num_chunks)
     layers = _moving_layers(plan, decision)
     log.info("migration.begin", decision=describe(decision), layers=layers, step=local.step_count)
     t0 = time.perf_counter()
@@ -114,13 +117,16 @@ def _agree(local: LocalStage, decision: Decision) -> None:
         )
 
 
-def _simulate_plan(plan: Plan) -> None:
-    """Run the simulator on the new plan (unit costs): a schedule that cannot run is refused."""
+def _simulate_plan(plan: Plan, chunks: int = 1) -> None:
+    """Run the simulator on the new plan (unit costs): a schedule that cannot run is refused.
+
+    ``chunks``: model chunks per rank (the partition has a range per virtual stage).
+    """
     from ..core.schedules import make_schedule
 
-    s = plan.partition.num_stages
+    s = plan.partition.num_stages // chunks
     simulate(
-        make_schedule(plan.schedule, s, plan.microbatches),
+        make_schedule(plan.schedule, s, plan.microbatches, chunks),
         Costs.build(s, plan.microbatches, 1.0, 2.0),
     )
 
@@ -159,12 +165,15 @@ def _move(local: LocalStage, move: MoveLayers, new: Plan) -> int:
     ok, error, nbytes = True, "", 0
     carried: dict[str, dict[str, Any]] = {}
     timeout = local.recv_timeout
-    if local.stage == move.src:
-        nbytes = _send_layers(local, _link_to(local, move.dst), names)
-        reply = _take_json(_link_to(local, move.dst), ACK, timeout, "migration acknowledgement")
+    # src and dst are (virtual) stages: under interleaved, chunks of neighbouring ranks (the
+    # last rank's chunk c and the first's c + 1 across the wrap-around link).
+    src, dst = local.rank_of(move.src), local.rank_of(move.dst)
+    if local.stage == src:
+        nbytes = _send_layers(local, _link_to(local, dst), names)
+        reply = _take_json(_link_to(local, dst), ACK, timeout, "migration acknowledgement")
         ok, error = bool(reply["ok"]), str(reply["error"])
-    elif local.stage == move.dst:
-        link = _link_to(local, move.src)
+    elif local.stage == dst:
+        link = _link_to(local, src)
         try:
             carried, nbytes = _receive_layers(local, link, names, timeout)
         except (PipelineError, KeyError, ValueError) as exc:

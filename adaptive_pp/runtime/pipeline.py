@@ -297,7 +297,7 @@ class Pipeline:
         local = self._local
         local.begin(recovering=True)
         meta = checkpoint.load(local, path)
-        local.worker.discard()  # what a failed step may have left: stash, gradients
+        local.discard()  # what a failed step may have left: stash, gradients
         clear_gradients(local.modules())
         local.control.cure()
         if self.controller is not None and "controller" in meta["extra"]:

@@ -67,7 +67,10 @@ class StageWorker:
 
     It owns only what a step in flight needs (the activation stash, per-step counters). The
     chunk's segments are read from ``chunk`` (its owner swaps them between steps) and the weight
-    version is passed to each ``run``.
+    version is passed to each ``prepare``; ``driver.run_actions`` runs a rank's actions, each on
+    its chunk's worker. ``num_stages`` counts virtual stages (ranks x chunks); ``up`` and
+    ``down`` are the links to the ranks of the virtual stages before and after this chunk's
+    (the first rank's later chunks get their input over the wrap-around link from the last).
     """
 
     def __init__(
@@ -82,7 +85,8 @@ class StageWorker:
         checkpointing: bool = False,
     ) -> None:
         self.chunk = chunk
-        self.stage, self.num_stages = chunk.stage, num_stages
+        #: The rank (errors name it), the virtual stage run and the pipeline's virtual stages.
+        self.stage, self.vstage, self.num_stages = chunk.stage, chunk.vstage, num_stages
         self.loss_fn = loss_fn
         self.up, self.down = up, down
         self.device = device
@@ -102,61 +106,59 @@ class StageWorker:
 
     @property
     def is_last(self) -> bool:
-        """True on the stage that computes the loss."""
-        return self.stage == self.num_stages - 1
+        """True on the (virtual) stage that computes the loss."""
+        return self.vstage == self.num_stages - 1
 
     @property
     def segments(self) -> list[Segment]:
         """The chunk's segments, in the order they run."""
         return self.chunk.segments
 
-    def run(
-        self,
-        actions: Sequence[Action],
-        inputs: Sequence[torch.Tensor] | None,
-        targets: Sequence[torch.Tensor] | None,
-        step: int,
-        t0: float,
-        *,
-        version: int,
-    ) -> StageLog:
-        """Run ``actions`` in order; inputs on stage 0, targets on the last stage.
+    def prepare(self, actions: Sequence[Action], version: int) -> None:
+        """Start a step running (this chunk's share of) ``actions`` at weight ``version``.
 
-        ``version`` is the weights' version: stamped on what is sent, checked on what arrives.
+        ``version`` is stamped on what is sent and checked on what arrives.
         """
-        log = StageLog()
         self.discard()
         self._version = version
         self._weights = storage_ptrs(seg.module for seg in self.segments)
         self._range = self.chunk.layer_range()  # segments change only between steps
         split = any(a.kind == "W" for a in actions)  # a split backward's W needs to know
         self._whole_w = split and shares_parameters([seg.module for seg in self.segments])
-        m_count = sum(a.kind == "F" for a in actions)
-        for action in actions:
-            t_req = time.perf_counter()
-            if action.kind == "F":
-                x = self._input(action.microbatch, inputs)
-            elif action.kind != "W":
-                g = self._output_grad(action.microbatch)
-            t_start = time.perf_counter()
-            if action.kind == "F":
-                self._forward(action.microbatch, x, targets, m_count, step, log)
-                self.forwards_done += 1
-                log.peak_stash = max(log.peak_stash, len(self._stash))
-            elif action.kind == "W":
-                self._backward_weight(action.microbatch, log)
-            else:  # B, or I (which keeps the stash and the boundary gradients for W)
-                self._backward(action.microbatch, g, step, log, split=action.kind == "I")
-            log.peak_stash_bytes = max(log.peak_stash_bytes, self._live_bytes)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t_end = time.perf_counter()
-            log.actions.append(action)
-            log.start.append(t_start - t0)
-            log.end.append(t_end - t0)
-            log.compute += t_end - t_start
-            log.wait += t_start - t_req
-        return log
+
+    def act(
+        self,
+        action: Action,
+        inputs: Sequence[torch.Tensor] | None,
+        targets: Sequence[torch.Tensor] | None,
+        m_count: int,
+        step: int,
+        log: StageLog,
+    ) -> float:
+        """Run one action (its input taken first); return when its compute started."""
+        if action.kind == "F":
+            x = self._input(action.microbatch, inputs)
+        elif action.kind != "W":
+            g = self._output_grad(action.microbatch)
+        t_start = time.perf_counter()
+        if action.kind == "F":
+            self._forward(action.microbatch, x, targets, m_count, step, log)
+            self.forwards_done += 1
+        elif action.kind == "W":
+            self._backward_weight(action.microbatch, log)
+        else:  # B, or I (which keeps the stash and the boundary gradients for W)
+            self._backward(action.microbatch, g, step, log, split=action.kind == "I")
+        return t_start
+
+    @property
+    def stashed(self) -> int:
+        """Micro-batches whose activations are stashed now."""
+        return len(self._stash)
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes of the activations (and I's gradients) stashed now."""
+        return self._live_bytes
 
     def discard(self) -> None:
         """Drop the step's stashed activations and graphs (a new step, or an aborted one)."""
@@ -183,7 +185,7 @@ class StageWorker:
             if inputs is None:
                 raise PipelineError(f"stage {self.stage} needs the inputs", stage=self.stage)
             return inputs[m].to(self.device)
-        msg = self.up.take(MessageKind.ACT, m, self.recv_timeout, "activation")
+        msg = self.up.take(MessageKind.ACT, m, self.recv_timeout, "activation", self.vstage)
         self._check_version(msg.header, "activation")
         self._sources[m] = msg.header  # named if the first segment fails on it
         return msg.payload.to(self.device)
@@ -191,7 +193,7 @@ class StageWorker:
     def _output_grad(self, m: int) -> torch.Tensor | None:
         if self.down is None:
             return None
-        msg = self.down.take(MessageKind.GRAD, m, self.recv_timeout, "gradient")
+        msg = self.down.take(MessageKind.GRAD, m, self.recv_timeout, "gradient", self.vstage)
         self._check_version(msg.header, "gradient")
         return msg.payload.to(self.device)
 
@@ -276,7 +278,8 @@ class StageWorker:
 
     def _header(self, kind: MessageKind, m: int, step: int, t: torch.Tensor) -> Header:
         lo, hi = self._range
-        return Header(kind, m, step, self._version, lo, hi, t.dtype, tuple(t.shape))
+        to = self.vstage + 1 if kind == MessageKind.ACT else self.vstage - 1  # the receiver
+        return Header(kind, m, step, self._version, lo, hi, t.dtype, tuple(t.shape), to)
 
     def _loss(
         self,

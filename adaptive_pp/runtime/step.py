@@ -1,9 +1,10 @@
 """One training step on a rank's LocalStage, and what a failed step leaves behind.
 
-``run`` checks the batch, runs the schedule's actions through the StageWorker, applies the
-optimizer, bumps the weight version and merges every rank's share into the step report.
-``undoable`` and ``fail`` decide, for a failure at any point, whether the step can be undone on
-every rank (no optimizer applied anywhere yet) or the pipeline is poisoned (see docs/DESIGN.md).
+``run`` checks the batch, runs the rank's actions (each on the StageWorker of its chunk, see
+``driver``), applies the optimizer, bumps the weight version and merges every rank's share into
+the step report. ``undoable`` and ``fail`` decide, for a failure at any point, whether the step
+can be undone on every rank (no optimizer applied anywhere yet) or the pipeline is poisoned
+(see docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from opentelemetry.trace import Span
 from ..core.errors import BatchError, PeerGone, PipelineError, PipelineTimeout
 from ..core.report import StepReport, append_jsonl
 from ..observability.telemetry import Telemetry
+from .driver import run_actions
 from .local import LocalStage
 from .stepreport import local_part, merge_parts
 
@@ -57,7 +59,6 @@ def run(
     by ``fail`` (with ``undoable``'s verdict).
     """
     stage, m_count = local.stage, local.microbatches
-    worker = local.worker
     t0 = time.perf_counter()
     ins = split_batch(inputs, m_count, "input") if inputs is not None and stage == 0 else None
     tgts = split_batch(targets, m_count, "target") if targets is not None else None
@@ -71,7 +72,8 @@ def run(
     if batch is not None:
         local.last_batch_size = int(batch.shape[0])
     local.phase = "run"
-    stage_log = worker.run(
+    stage_log = run_actions(
+        local.workers,
         local.schedule.stages[stage],
         ins,
         tgts if local.is_last else None,
@@ -124,13 +126,14 @@ def undoable(local: LocalStage) -> bool:
     """Whether a failure here, now, leaves every rank's optimizer untouched.
 
     Every rank's last action needs this rank's last forward output (downstream) or its
-    last input gradient (upstream): until this rank has sent them, no rank can finish.
+    last input gradient (upstream): until this rank has sent them, no rank can finish. With
+    chunks, the last virtual stage needs the last forward of every chunk of every rank.
     """
     if local.phase == "check":
         return True
     if local.phase != "run":
         return False
-    return local.is_last or local.worker.forwards_done < local.microbatches
+    return local.is_last or local.forwards_done < local.microbatches * local.num_chunks
 
 
 def fail(local: LocalStage, exc: BaseException, *, undoable: bool) -> None:
@@ -140,7 +143,7 @@ def fail(local: LocalStage, exc: BaseException, *, undoable: bool) -> None:
     if isinstance(exc, PeerGone | PipelineTimeout):
         undone = False  # a stage is gone or stuck: nothing to go on with
     if undone:
-        local.worker.discard()
+        local.discard()
         changed = local.mark.undo(local.modules(), local.device)
         if changed is not None:  # cannot be undone here after all: nobody may go on
             local.control.poison(

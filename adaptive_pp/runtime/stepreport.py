@@ -6,25 +6,26 @@ from typing import Any
 
 from ..core.report import QueueTrace, StageStats, StepReport, Timeline
 from ..core.schedules import Action
+from .comm import Link, MessageKind
 from .local import LocalStage
 from .stage import StageLog
 
 
 def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
     """This rank's share of the step report, JSON-ready, times relative to its step start."""
-    layers = list(local.partition.layers(local.stage))
+    layers = local.layers()
     queues = []
-    for ln, kind in ((local.up, "act"), (local.down, "grad")):
-        if ln is not None:
-            queues.append(
-                {
-                    "src": ln.peer,
-                    "dst": local.stage,
-                    "kind": kind,
-                    "arrived": [t - t0 for t in ln.log.arrived],
-                    "consumed": [t - t0 for t in ln.log.consumed],
-                }
-            )
+    for ln, kind in _incoming(local):
+        got = [i for i, k in enumerate(ln.log.kinds) if k == kind]
+        queues.append(
+            {
+                "src": ln.peer,
+                "dst": local.stage,
+                "kind": "act" if kind == MessageKind.ACT else "grad",
+                "arrived": [ln.log.arrived[i] - t0 for i in got],
+                "consumed": [ln.log.consumed[i] - t0 for i in got],
+            }
+        )
     return {
         "stage": local.stage,
         "compute": log.compute,
@@ -44,6 +45,17 @@ def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) 
         "t0": t0,
         "since": t0 - local.epoch,
     }
+
+
+def _incoming(local: LocalStage) -> list[tuple[Link, MessageKind]]:
+    """(link, kind) of each queue this rank consumes: activations from the rank before each of
+    its chunks, gradients from the rank after (one trace per link and kind, as simulated)."""
+    out: list[tuple[Link, MessageKind]] = []
+    for w in local.workers:
+        for ln, kind in ((w.up, MessageKind.ACT), (w.down, MessageKind.GRAD)):
+            if ln is not None and not any(ln is a and kind == b for a, b in out):
+                out.append((ln, kind))
+    return out
 
 
 def merge_parts(local: LocalStage, parts: list[dict[str, Any]], wall: float) -> StepReport:

@@ -1,0 +1,61 @@
+"""One loop over a rank's actions for a step, each run by the StageWorker of its chunk.
+
+A rank holds one chunk per virtual stage it runs (one, or V under an interleaved schedule).
+The schedule orders the rank's actions across its chunks (``Action.chunk``); this loop keeps
+that order, dispatches each action to its chunk's worker and measures it into one StageLog
+for the rank: per-action start and end, compute, time waiting for inputs, and the stash peaks
+summed over the chunks (what the rank holds at once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..core.schedules import Action
+from .stage import StageLog, StageWorker
+
+
+def run_actions(
+    workers: Sequence[StageWorker],
+    actions: Sequence[Action],
+    inputs: Sequence[torch.Tensor] | None,
+    targets: Sequence[torch.Tensor] | None,
+    step: int,
+    t0: float,
+    *,
+    version: int,
+) -> StageLog:
+    """Run ``actions`` in order, action ``a`` on ``workers[a.chunk]``; return the rank's log.
+
+    Inputs go to the chunk of virtual stage 0, targets to the chunk that computes the loss;
+    ``version`` is the weights' version (stamped on what is sent, checked on what arrives);
+    times are relative to ``t0``.
+    """
+    log = StageLog()
+    for w in workers:
+        w.prepare(actions, version)
+    m_count = sum(a.kind == "F" and a.chunk == 0 for a in actions)  # each chunk runs M forwards
+    sync = workers[0].device if workers[0].device.type == "cuda" else None
+    for action in actions:
+        worker = workers[action.chunk]
+        t_req = time.perf_counter()
+        t_start = worker.act(action, inputs, targets, m_count, step, log)
+        if len(workers) == 1:
+            stashed, live = worker.stashed, worker.live_bytes
+        else:
+            stashed = sum(w.stashed for w in workers)
+            live = sum(w.live_bytes for w in workers)
+        log.peak_stash = max(log.peak_stash, stashed)
+        log.peak_stash_bytes = max(log.peak_stash_bytes, live)
+        if sync is not None:
+            torch.cuda.synchronize(sync)
+        t_end = time.perf_counter()
+        log.actions.append(action)
+        log.start.append(t_start - t0)
+        log.end.append(t_end - t0)
+        log.compute += t_end - t_start
+        log.wait += t_start - t_req
+    return log
