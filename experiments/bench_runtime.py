@@ -25,7 +25,7 @@ from adaptive_pp.core.simulator import Costs, bubble_exact, simulate
 from adaptive_pp.emulation.kernels import emulated_mlp
 from adaptive_pp.runtime.launch import WorkerPool
 from experiments.common import timed_steps, write_json
-from experiments.peer import run_reports, torch_pipeline_walls
+from experiments.peer import Record, run_reports, torch_pipeline_walls
 
 CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
 SETUP: dict[str, Any] = dict(
@@ -69,11 +69,18 @@ def run_torch(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]
     """Rank job: the same with torch.distributed.pipelining's PipelineStage and schedule."""
     rank, stages = dist.get_rank(), dist.get_world_size()
     model = _model(args)
-    per = args["layers"] // stages
-    sub = nn.Sequential(*list(model)[rank * per : (rank + 1) * per])
-    opt = torch.optim.SGD(sub.parameters(), lr=1e-3)
+    sub: nn.Module | list[nn.Module]
+    if schedule == "interleaved-1f1b":  # V = 2 chunks per rank, virtual stage c * S + rank
+        per = args["layers"] // (2 * stages)
+        sub = [nn.Sequential(*list(model)[v * per : (v + 1) * per]) for v in (rank, rank + stages)]
+        params = [p for mod in sub for p in mod.parameters()]
+    else:
+        per = args["layers"] // stages
+        sub = nn.Sequential(*list(model)[rank * per : (rank + 1) * per])
+        params = list(sub.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3)
     x, y = _data(args)
-    timeline: list[list[tuple[str, int, float, float]]] = []
+    timeline: list[list[Record]] = []
     walls = torch_pipeline_walls(
         sub, schedule, args["microbatches"], opt, x, y, steps, timeline=timeline
     )

@@ -5,8 +5,9 @@ bench_runtime's setup (16-layer MLP, S = 4 x 4 layers, M = 16, EMULATED kernels:
 both runtimes), one pool of 4 ranks, every configuration once per round in alternating order.
 Prints, per schedule, ours / torch; our best schedule / torch's Schedule1F1B; and each of our
 schedules' measured bubble against the simulator's (equal to the closed forms:
-(S-1)/(M+S-1) for 1F1B, idle (S-1)(F+I-W) per rank for ZB-H1). Interleaved 1F1B is simulated
-only (the runtime does not run several chunks per rank yet).
+(S-1)/(M+S-1) for 1F1B, idle (S-1)(F+I-W) per rank for ZB-H1, (S-1)/(VM+S-1) for interleaved
+1F1B). Interleaved 1F1B runs V = 2 chunks of 2 layers per rank on both runtimes (torch's
+ScheduleInterleaved1F1B), chunk c of rank r holding virtual stage c * S + r.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import make_schedule
-from adaptive_pp.core.simulator import Costs, simulate
+from adaptive_pp.core.simulator import W_SHARE, Costs, simulate
 from adaptive_pp.runtime.launch import WorkerPool
 from experiments import bench_runtime as br
 from experiments.common import write_json
-from experiments.peer import run_reports
+from experiments.peer import posting_ms, run_reports
 
-SCHEDULES = ("1f1b", "zb-h1")
+SCHEDULES = ("1f1b", "zb-h1", "interleaved-1f1b")
 
 
 def _simulated_bubble(args: dict[str, Any], schedule: str) -> float:
@@ -31,6 +32,38 @@ def _simulated_bubble(args: dict[str, Any], schedule: str) -> float:
     per = args["layers"] // s
     costs = Costs.build(s, m, per * args["fwd_ms"] * 1e-3, per * args["bwd_ms"] * 1e-3)
     return simulate(make_schedule(schedule, s, m), costs).bubble_fraction
+
+
+def _per_action(
+    args: dict[str, Any], reports: dict[str, list[StepReport]], posting: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Median forward and backward (B, or I and W) action per runtime and schedule, and each
+    one's overhead over the emulated kernels' nominal time. Ours post their sends inside the
+    action; torch's schedules post between actions, so its overhead is given with its median
+    posting time per action added ("+ posting"), which is what compares like with like."""
+    per = args["layers"] // args["stages"]
+    nominal = {"F": per * args["fwd_ms"], "B": per * args["bwd_ms"]}
+    nominal |= {"I": nominal["B"] * (1 - W_SHARE), "W": nominal["B"] * W_SHARE}
+    out: dict[str, Any] = {}
+    print("\nper action (medians, ms; EMULATED kernels' nominal in brackets):")
+    for kind, reps in reports.items():
+        if not reps:
+            continue
+        scale = 2 if kind.endswith("interleaved-1f1b") else 1  # V = 2 chunks of half the layers
+        post = statistics.median(posting[kind]) if kind.startswith("torch") else 0.0
+        row: dict[str, Any] = {"posting_per_action": post}
+        text = []
+        for k in "FBIW":
+            xs = [t.end - t.start for r in reps for t in r.timeline if t.kind == k]
+            if xs:
+                ms = 1e3 * statistics.median(xs)
+                over = ms + post - nominal[k] / scale
+                row[k] = {"ms": ms, "overhead_ms": over}
+                text.append(f"{k} {ms:5.2f} [{nominal[k] / scale:4.2f}] +{over:4.2f}")
+        out[kind] = row
+        extra = f" (overheads include {post:4.2f} posting)" if post else ""
+        print(f"  {kind:22s} " + "  ".join(text) + extra)
+    return out
 
 
 def main() -> None:
@@ -47,12 +80,14 @@ def main() -> None:
     kinds = [f"{who}-{s}" for s in SCHEDULES for who in ("ours", "torch")]
     walls: dict[str, list[float]] = {k: [] for k in kinds}
     reports: dict[str, list[StepReport]] = {k: [] for k in kinds}
+    posting: dict[str, list[float]] = {k: [] for k in kinds}
     with WorkerPool(args["stages"]) as pool:
         for rnd in range(ns.rounds):
             for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
                 ranks = pool.run(br._job, kind, args, ns.steps + 1, timeout=600)
                 walls[kind] += ranks[0]["walls"][1:]
                 reports[kind] += run_reports(ranks, kind.split("-", 1)[1], args["microbatches"])
+                posting[kind].append(posting_ms(ranks))
             print(f"round {rnd + 1}/{ns.rounds} done", flush=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
     out: dict[str, Any] = {"setup": args, "median_step_s": med, "ratios": {}, "bubble": {}}
@@ -65,7 +100,7 @@ def main() -> None:
         ratio = med[f"ours-{s}"] / med[f"torch-{s}"]
         out["ratios"][s] = ratio
         print(
-            f"{s:6s} ours {med[f'ours-{s}'] * 1e3:7.1f} ms  torch {med[f'torch-{s}'] * 1e3:7.1f} ms"
+            f"{s:16s} ours {med[f'ours-{s}'] * 1e3:7.1f} ms  torch {med[f'torch-{s}'] * 1e3:7.1f} ms"
             f"  ours/torch {ratio:.3f} (target <= 0.95)"
         )
     best = min(SCHEDULES, key=lambda s: med[f"ours-{s}"])
@@ -76,12 +111,10 @@ def main() -> None:
         expected = _simulated_bubble(args, s)
         out["bubble"][s] = {"measured": measured, "closed_form": expected}
         print(
-            f"{s:6s} bubble measured {measured:6.2%} vs closed form {expected:6.2%} "
+            f"{s:16s} bubble measured {measured:6.2%} vs closed form {expected:6.2%} "
             f"({100 * (measured - expected):+.2f} pp; target within 2 pp)"
         )
-    inter = _simulated_bubble(args, "interleaved-1f1b")
-    print(f"interleaved-1f1b (V=2): simulated bubble {inter:6.2%}; not run (one chunk per rank)")
-    out["bubble"]["interleaved-1f1b"] = {"closed_form": inter}
+    out["actions_ms"] = _per_action(args, reports, posting)
     print(f"wrote {write_json('bench_schedules', out)}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,6 +11,9 @@ import torch
 from torch import nn
 
 from experiments.common import timed_steps
+
+# (kind, micro-batch, start, end, model chunk) of one action of torch's, on one rank.
+Record = tuple[str, int, float, float, int]
 
 
 def torch_pipeline_walls(
@@ -21,25 +25,29 @@ def torch_pipeline_walls(
     y: Any,
     steps: int,
     before_step: Any = None,
-    timeline: list[list[tuple[str, int, float, float]]] | None = None,
+    timeline: list[list[Record]] | None = None,
 ) -> list[float]:
     """Rank job body: ``steps`` timed steps of torch.distributed.pipelining on this rank's ``sub``.
 
     The peer we compare against: PipelineStage + Schedule1F1B / ScheduleGPipe /
-    ScheduleInterleavedZeroBubble (``"zb-h1"``, one stage per rank: torch's ZB1P) with shapes
+    ScheduleInterleavedZeroBubble (``"zb-h1"``, one stage per rank: torch's ZB1P) /
+    ScheduleInterleaved1F1B (``"interleaved-1f1b"``: ``sub`` is then the list of this rank's
+    model chunks, chunk c holding virtual stage ``c * S + rank`` as ours does) with shapes
     inferred on the first step, MSE loss, then ``optimizer``, timed by ``timed_steps`` (the
     schedule's step and the optimizer's); ``before_step(k)`` runs untimed. Under ``"zb-h1"``
     torch's input- and weight-gradient passes are marked like ours (``splitgrad.phase``), so
     the emulated kernels split their backward time the same way for both runtimes.
     ``timeline``, if given, gets per step this rank's (kind, micro-batch, start, end) of every
-    forward and backward chunk, seconds from the step's start (the timing wraps the stage
-    instance's chunk methods; the schedule's sends and receives fall between actions).
+    forward and backward chunk, seconds from the step's start, and its model chunk (the timing
+    wraps the stage instances' chunk methods; the schedule's sends and receives fall between
+    actions).
     """
     import torch.distributed as dist
     from torch.distributed.pipelining import (
         PipelineStage,
         Schedule1F1B,
         ScheduleGPipe,
+        ScheduleInterleaved1F1B,
         ScheduleInterleavedZeroBubble,
     )
 
@@ -48,18 +56,48 @@ def torch_pipeline_walls(
         # torch's input-gradient pass detaches the stage output in place, which fails on a
         # view (an emulated layer's output is one): end the stage on a copy (microseconds).
         sub = nn.Sequential(*sub, _Copy())
-    stage = PipelineStage(sub, rank, stages, torch.device("cpu"))
+    records: list[Record] = []
     sched: Any
+    if schedule == "interleaved-1f1b":
+        chunks = list(sub)
+        virtual = len(chunks) * stages
+        held: list[Any] = [
+            PipelineStage(mod, c * stages + rank, virtual, torch.device("cpu"))
+            for c, mod in enumerate(chunks)
+        ]
+        sched = ScheduleInterleaved1F1B(held, microbatches, loss_fn=nn.functional.mse_loss)
+        if timeline is not None:
+            for c, st in enumerate(held):
+                _time_chunks(st, records, c)
+        return _timed_walls(sched, optimizer, x, y, steps, before_step, timeline, records)
+    stage = PipelineStage(sub, rank, stages, torch.device("cpu"))
     if schedule == "zb-h1":
         _mark_split_backward(stage)
         sched = ScheduleInterleavedZeroBubble([stage], microbatches, loss_fn=nn.functional.mse_loss)
     else:
         cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
         sched = cls(stage, microbatches, loss_fn=nn.functional.mse_loss)
-    records: list[tuple[str, int, float, float]] = []
-    per_step: list[list[tuple[str, int, float, float]]] = []
     if timeline is not None:
         _time_chunks(stage, records)
+    return _timed_walls(sched, optimizer, x, y, steps, before_step, timeline, records)
+
+
+def _timed_walls(
+    sched: Any,
+    optimizer: Any,
+    x: Any,
+    y: Any,
+    steps: int,
+    before_step: Any,
+    timeline: list[list[Record]] | None,
+    records: list[Record],
+) -> list[float]:
+    """``steps`` timed steps of ``sched`` then ``optimizer``; per step, ``records`` (filled by
+    the chunk methods' timing) moved to ``timeline`` with times from the step's start."""
+    import torch.distributed as dist
+
+    rank, stages = dist.get_rank(), dist.get_world_size()
+    per_step: list[list[Record]] = []
 
     def prepare(k: int) -> None:
         if before_step is not None:
@@ -76,12 +114,17 @@ def torch_pipeline_walls(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    timed = timed_steps(
-        step, steps, before_step=prepare, after_step=lambda k, _: per_step.append(list(records))
-    )
+    restore = _time_posts(records) if timeline is not None else None
+    try:
+        timed = timed_steps(
+            step, steps, before_step=prepare, after_step=lambda k, _: per_step.append(list(records))
+        )
+    finally:
+        if restore is not None:
+            restore()
     if timeline is not None:
         timeline += [
-            [(kind, m, a - t0, b - t0) for kind, m, a, b in recs]
+            [(kind, m, a - t0, b - t0, c) for kind, m, a, b, c in recs]
             for recs, t0 in zip(per_step, timed.starts, strict=True)
         ]
     return timed.walls
@@ -113,17 +156,55 @@ def _mark_split_backward(stage: Any) -> None:
     stage.backward_one_chunk, stage.backward_weight_one_chunk = input_pass, weight_pass
 
 
-def _time_chunks(stage: Any, records: list[tuple[str, int, float, float]]) -> None:
+def _time_posts(records: list[Record]) -> Callable[[], None]:
+    """Record, as kind "P", each time torch's schedules post a batch of sends and receives
+    (their ``_batch_p2p``; the waits are not included); return what undoes the wrapping.
+
+    Torch posts its sends between actions, ours inside them: per-action overhead compares
+    like with like only with this posting time added to torch's actions (``posting_ms``).
+    """
+    from torch.distributed.pipelining import schedules
+
+    post = schedules._batch_p2p
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        out = post(*args, **kwargs)
+        records.append(("P", -1, t, time.perf_counter(), 0))
+        return out
+
+    schedules._batch_p2p = timed
+
+    def restore() -> None:
+        schedules._batch_p2p = post
+
+    return restore
+
+
+def posting_ms(ranks: Sequence[dict[str, Any]]) -> float:
+    """Torch's posting time per action (ms): per rank and step past the warm-up, the time
+    spent posting sends and receives over the actions run, median over them (nan if none)."""
+    per: list[float] = []
+    for r in ranks:
+        for recs in r.get("timeline", [])[1:]:
+            posts = sum(rec[3] - rec[2] for rec in recs if rec[0] == "P")
+            actions = sum(rec[0] != "P" for rec in recs)
+            if actions:
+                per.append(1e3 * posts / actions)
+    return statistics.median(per) if per else float("nan")
+
+
+def _time_chunks(stage: Any, records: list[Record], chunk: int = 0) -> None:
     """Wrap ``stage``'s forward / backward (I when split) / weight-gradient chunk methods to
-    record their start and end."""
+    record their start and end (``chunk``: the rank's model chunk ``stage`` runs)."""
 
     def timed(kind: str, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
             out = fn(*args, **kwargs)
-            chunk = args[0] if args else kwargs[name]
+            mb = args[0] if args else kwargs[name]
             split = kind == "B" and not kwargs.get("full_backward", True)
-            records.append(("I" if split else kind, int(chunk), t, time.perf_counter()))
+            records.append(("I" if split else kind, int(mb), t, time.perf_counter(), chunk))
             return out
 
         return wrapper
@@ -148,12 +229,13 @@ def run_reports(ranks: Sequence[dict[str, Any]], schedule: str, microbatches: in
 
 
 def timeline_report(
-    per_rank: Sequence[Sequence[tuple[str, int, float, float]]],
+    per_rank: Sequence[Sequence[Sequence[Any]]],
     schedule: str,
     microbatches: int,
     step: int = 0,
 ) -> Any:
-    """A StepReport from every rank's (kind, micro-batch, start, end) of one step (a peer's run).
+    """A StepReport from every rank's (kind, micro-batch, start, end[, chunk]) of one step (a
+    peer's run).
 
     Only what a timeline gives: compute per stage, wall = the last action's end, no queue traces
     (``adaptive_pp.analysis`` then takes arrival = the producer's end).
@@ -161,14 +243,18 @@ def timeline_report(
     from adaptive_pp.core.report import StageStats, StepReport, Timeline
     from adaptive_pp.core.schedules import Action
 
-    end = max(b for recs in per_rank for _, _, _, b in recs)
+    per_rank = [[rec for rec in recs if rec[0] != "P"] for recs in per_rank]  # posting: apart
+    end = max(rec[3] for recs in per_rank for rec in recs)
     stages = tuple(
-        StageStats(s, sum(b - a for _, _, a, b in recs), 0.0, end, 0)
+        StageStats(s, sum(rec[3] - rec[2] for rec in recs), 0.0, end, 0)
         for s, recs in enumerate(per_rank)
     )
     timeline = Timeline(
-        tuple(tuple(Action(s, k, m) for k, m, _, _ in recs) for s, recs in enumerate(per_rank)),  # type: ignore[arg-type]
-        tuple(tuple(a for _, _, a, _ in recs) for recs in per_rank),
-        tuple(tuple(b for _, _, _, b in recs) for recs in per_rank),
+        tuple(
+            tuple(Action(s, rec[0], rec[1], rec[4] if len(rec) > 4 else 0) for rec in recs)
+            for s, recs in enumerate(per_rank)
+        ),
+        tuple(tuple(rec[2] for rec in recs) for recs in per_rank),
+        tuple(tuple(rec[3] for rec in recs) for recs in per_rank),
     )
     return StepReport(step, schedule, microbatches, end, stages, timeline=timeline, source="peer")
