@@ -17,7 +17,7 @@ from adaptive_pp.core.analysis import hop_latencies, replay_measured  # noqa: E4
 from adaptive_pp.core.schedules import make_schedule  # noqa: E402
 from adaptive_pp.core.simulator import Costs, simulate  # noqa: E402
 from experiments.common import timed_steps  # noqa: E402
-from experiments.peer import timeline_report  # noqa: E402
+from experiments.peer import posting_ms, timeline_report  # noqa: E402
 
 MS = 1e-3
 
@@ -40,6 +40,29 @@ def test_timeline_report_reads_a_peer_step_like_ours(name: str) -> None:
     assert [s.compute for s in rep.stages] == pytest.approx([s.compute for s in sim.stages])
     assert hop_latencies(rep) == pytest.approx([0.25 * MS, 0.25 * MS])
     assert replay_measured(rep).step_time == pytest.approx(sim.step_time)
+
+
+def test_timeline_report_keeps_chunks_and_leaves_posting_out() -> None:
+    """Interleaved records carry their chunk (a fifth field) into the actions; torch's posting
+    records ("P") stay out of the timeline and the compute, and ``posting_ms`` gives their time
+    per action, per rank and step past the warm-up (median)."""
+    sim = simulate(make_schedule("interleaved-1f1b", 2, 2, 2), Costs.build(2, 2, MS, 2 * MS))
+    per_rank = []
+    for s in range(2):
+        recs: list[tuple[str, int, float, float, int]] = []
+        for t in sim.timeline.stage(s):
+            recs.append((t.kind, t.microbatch, t.start, t.end, t.chunk))
+            recs.append(("P", -1, t.end, t.end + 0.1 * MS * (s + 1), 0))
+        per_rank.append(recs)
+    rep = timeline_report(per_rank, "interleaved-1f1b", 2)
+    assert list(rep.timeline) == list(sim.timeline)
+    assert {t.chunk for t in rep.timeline} == {0, 1}
+    assert rep.step_time == pytest.approx(sim.step_time)
+    assert [s.compute for s in rep.stages] == pytest.approx([s.compute for s in sim.stages])
+    warm = [("F", 0, 0.0, 1.0, 0), ("P", -1, 1.0, 2.0, 0)]  # the warm-up step: left out
+    ranks = [{"timeline": [warm, recs]} for recs in per_rank]
+    assert posting_ms(ranks) == pytest.approx(0.15)  # ranks post 0.1 and 0.2 ms per action
+    assert posting_ms([{"walls": [], "reports": []}]) != posting_ms(ranks)  # ours: nan
 
 
 def test_timed_steps_times_each_step_after_its_barrier_and_drops_the_warm_up() -> None:

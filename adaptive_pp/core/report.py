@@ -12,18 +12,20 @@ from .schedules import Action, Kind
 
 
 class ActionTiming(NamedTuple):
-    """Start and end (seconds from the step's start) of one executed action."""
+    """Start and end (seconds from the step's start) of one executed action (``chunk``: the
+    rank's model chunk it ran, under interleaved schedules)."""
 
     stage: int
     kind: Kind
     microbatch: int
     start: float
     end: float
+    chunk: int = 0
 
     @property
     def action(self) -> Action:
         """The schedule action this timing belongs to."""
-        return Action(self.stage, self.kind, self.microbatch)
+        return Action(self.stage, self.kind, self.microbatch, self.chunk)
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Timeline:
         """Every action's timing, stage by stage."""
         for acts, st, en in zip(self.actions, self.start, self.end, strict=True):
             for a, t0, t1 in zip(acts, st, en, strict=True):
-                yield ActionTiming(a.stage, a.kind, a.microbatch, t0, t1)
+                yield ActionTiming(a.stage, a.kind, a.microbatch, t0, t1, a.chunk)
 
     def __len__(self) -> int:
         return sum(len(a) for a in self.actions)
@@ -46,7 +48,7 @@ class Timeline:
     def stage(self, s: int) -> list[ActionTiming]:
         """Stage ``s``'s timings in execution order."""
         return [
-            ActionTiming(a.stage, a.kind, a.microbatch, t0, t1)
+            ActionTiming(a.stage, a.kind, a.microbatch, t0, t1, a.chunk)
             for a, t0, t1 in zip(self.actions[s], self.start[s], self.end[s], strict=True)
         ]
 
