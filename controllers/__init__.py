@@ -2,8 +2,8 @@
 
 Every controller answers one question per step: given the latest ``StepReport`` and the current
 ``Plan`` (partition, micro-batches, schedule), what should change before the next step? The
-answer is an ``adaptive_pp.decisions.Decision``: ``Keep``, ``SetMicrobatches`` or
-``MoveLayers``. Controllers are pure Python (no torch.distributed) and deterministic: the same
+answer is an ``adaptive_pp.decisions.Decision``: ``Keep``, ``SetMicrobatches``, ``MoveLayers``
+or ``SetSchedule``. Controllers are pure Python (no torch.distributed) and deterministic: the same
 reports in the same order give the same decisions.
 
 Built in:
@@ -12,8 +12,10 @@ Built in:
   ``CostModel`` tells a slow device (cost stays with the stage) from costlier layers (cost
   travels with the layer).
 - ``MicrobatchTuner``: raises M while the bubble is large and keeps only changes that help.
-- ``AdaptivePolicy``: both, at most one decision a step (what the runtime uses when adaptivity
-  is on); ``Hold``: never changes anything (adaptivity off).
+- ``ScheduleSwitcher``: switches to a schedule the simulator predicts faster (1F1B <-> ZB-H1 by
+  default; ``SwitchConfig``) if its activation stash fits, and keeps it only if steps got faster.
+- ``AdaptivePolicy``: all three, at most one decision a step (what the runtime uses when
+  adaptivity is on); ``Hold``: never changes anything (adaptivity off).
 
 Plugging in your own controller: pass any object with these three methods (``Controller`` is
 a ``typing.Protocol``, so no subclassing is needed)::
@@ -45,6 +47,7 @@ from .costmodel import CostModel
 from .estimates import LayerEstimator, measured_layers, predict_step_time
 from .policy import AdaptivePolicy
 from .rebalancer import Rebalancer, RebalancerConfig
+from .schedule import ScheduleSwitcher, SwitchConfig
 from .search import near_balanced, nudges, route, single_moves
 from .tuner import MicrobatchTuner, TunerConfig
 
@@ -58,6 +61,8 @@ __all__ = [
     "Proposal",
     "Rebalancer",
     "RebalancerConfig",
+    "ScheduleSwitcher",
+    "SwitchConfig",
     "TunerConfig",
     "busiest_bubble",
     "imbalance",

@@ -11,8 +11,9 @@ in a step is multiplied by a factor uniform in ``[1 - noise, 1 + noise]``. Rando
 ``random.Random`` seeded by (scenario seed, step), so any stretch of steps can be replayed.
 
 Each step builds per-(stage, micro-batch) costs for the current plan from the layers it owns,
-simulates it, fills the per-layer fields of every StageStats with what was "measured", hands
-the report to the controller and applies its decision.
+simulates it under the plan's schedule (a split backward gives W the simulator's ``W_SHARE``),
+fills the per-layer fields of every StageStats with what was "measured", hands the report to
+the controller and applies its decision (any Decision, through ``decisions.apply``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,17 @@ import random
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 
-from adaptive_pp.core.decisions import Decision, MoveLayers, Plan, SetMicrobatches, apply
+from adaptive_pp.core.decisions import (
+    Decision,
+    MoveLayers,
+    Plan,
+    SetMicrobatches,
+    SetSchedule,
+    apply,
+)
 from adaptive_pp.core.partition import Partition
 from adaptive_pp.core.report import StepReport
-from adaptive_pp.core.simulator import BACKWARD_RATIO, Costs, simulate
+from adaptive_pp.core.simulator import BACKWARD_RATIO, W_SHARE, Costs, simulate
 
 from .base import Controller
 from .estimates import compiled_schedule
@@ -128,6 +136,9 @@ class Scenario:
     hop_latency: float = 0.0
     hop_per_sample: float = 0.0
     seed: int = 0
+    action_cost: float = 0.0
+    """Seconds every action (F, B, I, W) takes besides its compute: a runtime's per-action host
+    cost, which a split backward (I and W) pays 3M times per rank per step instead of 2M."""
 
     def base_forward(self, layer: int, microbatches: int) -> float:
         """Forward seconds of ``layer`` per micro-batch, before effects."""
@@ -203,8 +214,15 @@ def _report(scenario: Scenario, plan: Plan, fwd: list[list[float]], step: int) -
     ]
     tau_b = [[x * ratio for x in row] for row in tau_f]
     hops = (scenario.hop(m),) * (part.num_stages - 1)
-    costs = Costs(tuple(map(tuple, tau_f)), tuple(map(tuple, tau_b)), hops)
     sched, code = compiled_schedule(plan.schedule, part.num_stages, m)
+    tau_w = None
+    if scenario.action_cost:
+        o = scenario.action_cost
+        if code.split:
+            tau_w = tuple(tuple(x * W_SHARE + o for x in row) for row in tau_b)
+        tau_f = [[x + o for x in row] for row in tau_f]
+        tau_b = [[x + (2 * o if code.split else o) for x in row] for row in tau_b]
+    costs = Costs(tuple(map(tuple, tau_f)), tuple(map(tuple, tau_b)), hops, tau_w)
     rep = simulate(sched, costs, step=step, compiled=code)
     stages = []
     for st in rep.stages:
@@ -266,7 +284,9 @@ class History:
     decisions: list[Decision] = field(default_factory=list)
     final: Plan | None = None
 
-    def steps_with(self, kind: type[MoveLayers] | type[SetMicrobatches]) -> list[int]:
+    def steps_with(
+        self, kind: type[MoveLayers] | type[SetMicrobatches] | type[SetSchedule]
+    ) -> list[int]:
         """Steps whose decision was of ``kind``."""
         return [
             r.step for r, d in zip(self.reports, self.decisions, strict=True) if isinstance(d, kind)
@@ -275,6 +295,10 @@ class History:
     def migrations(self) -> list[int]:
         """Steps after which layers moved."""
         return self.steps_with(MoveLayers)
+
+    def switches(self) -> list[int]:
+        """Steps after which the schedule changed (tries and rollbacks)."""
+        return self.steps_with(SetSchedule)
 
 
 def run(

@@ -2,10 +2,12 @@
 
 Order of precedence each step, one decision at most:
 
-1. a micro-batch trial under way finishes first (keep or roll back), so its measurement is not
-   confounded by a migration;
+1. a micro-batch or schedule trial under way finishes first (keep or roll back), so its
+   measurement is not confounded by another change;
 2. otherwise the rebalancer moves layers if stages are uneven and a move pays off;
-3. otherwise the tuner may raise M.
+3. otherwise the tuner may raise M;
+4. otherwise, if the plan is steady (no move on its way or being checked), the switcher may
+   try another schedule (``controllers.schedule``).
 """
 
 from __future__ import annotations
@@ -13,55 +15,92 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from adaptive_pp.core.decisions import Decision, Plan
+from adaptive_pp.core.decisions import Decision, Keep, Plan
 from adaptive_pp.core.report import StepReport
 
 from .base import check_state
 from .rebalancer import Rebalancer, RebalancerConfig
+from .schedule import ScheduleSwitcher, SwitchConfig
 from .tuner import MicrobatchTuner, TunerConfig
+
+_SWITCH = SwitchConfig()
 
 
 class AdaptivePolicy:
-    """Rebalance first when stages are uneven; otherwise tune M; never both in one step."""
+    """Rebalance first when stages are uneven; otherwise tune M; otherwise maybe switch the
+    schedule; never two changes in one step."""
 
     def __init__(
-        self, rebalancer: RebalancerConfig | None = None, tuner: TunerConfig | None = None
+        self,
+        rebalancer: RebalancerConfig | None = None,
+        tuner: TunerConfig | None = None,
+        schedule: SwitchConfig | None = _SWITCH,
     ) -> None:
-        """``tuner=None`` keeps M fixed (the tuner needs the global batch size)."""
+        """``tuner=None`` keeps M fixed (the tuner needs the global batch size);
+        ``schedule=None`` keeps the schedule (default: switch between 1f1b and zb-h1)."""
         self.rebalancer = Rebalancer(rebalancer)
         self.tuner = MicrobatchTuner(tuner) if tuner is not None else None
+        self.switcher = ScheduleSwitcher(schedule) if schedule is not None else None
 
     def decide(self, report: StepReport, plan: Plan) -> Decision:
-        """Both controllers observe every step; at most one of them acts."""
+        """Every controller observes every step; at most one of them acts."""
         self.rebalancer.observe(report, plan)
         if self.tuner is not None:
             self.tuner.observe(report, plan)
-            if self.tuner.busy:
-                proposal = self.tuner.propose(plan)
-                self.tuner.commit(proposal)
+        if self.switcher is not None:
+            self.switcher.observe(report, plan)
+        for trial in (self.tuner, self.switcher):
+            if trial is not None and trial.busy:
+                proposal = trial.propose(plan)
+                trial.commit(proposal)
                 return proposal.decision
         proposal = self.rebalancer.propose(plan)
         self.rebalancer.commit(proposal)
-        if self.tuner is None or proposal.note == "move":
+        if proposal.note == "move":
             return proposal.decision
-        proposal = self.tuner.propose(plan)
-        self.tuner.commit(proposal)
-        return proposal.decision
+        keep = proposal.decision
+        if self.tuner is not None:
+            proposal = self.tuner.propose(plan)
+            self.tuner.commit(proposal)
+            if self.switcher is None or not isinstance(proposal.decision, Keep):
+                return proposal.decision
+            keep = proposal.decision
+        if self.switcher is None or not self.steady():
+            return keep
+        proposal = self.switcher.propose(plan)
+        self.switcher.commit(proposal)
+        return keep if isinstance(proposal.decision, Keep) else proposal.decision
+
+    def steady(self) -> bool:
+        """Whether no move is on its way or being checked (the rebalancer's view)."""
+        r = self.rebalancer
+        return r.target is None and not r.pending and not r.estimator.probing
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-ready state of both controllers."""
+        """JSON-ready state of the controllers."""
         return {
             "kind": "adaptive_policy",
-            "version": 1,
+            "version": 2,
             "rebalancer": self.rebalancer.state_dict(),
             "tuner": None if self.tuner is None else self.tuner.state_dict(),
+            "schedule": None if self.switcher is None else self.switcher.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what state_dict returned (from a policy built with the same configs)."""
-        check_state(state, "adaptive_policy")
-        self.rebalancer.load_state_dict(state["rebalancer"])
+        """Restore what state_dict returned (from a policy built with the same configs).
+
+        A version 1 state (before schedule switching) leaves the switcher fresh.
+        """
+        check_state(state, "adaptive_policy", 1 if state.get("version") == 1 else 2)
         if (state["tuner"] is None) != (self.tuner is None):
             raise ValueError("state and policy disagree on whether the tuner is on")
+        switcher = state.get("schedule")
+        if "schedule" in state and (switcher is None) != (self.switcher is None):
+            raise ValueError("state and policy disagree on whether schedule switching is on")
+        self.rebalancer.load_state_dict(state["rebalancer"])
         if self.tuner is not None:
             self.tuner.load_state_dict(state["tuner"])
+        if self.switcher is not None and switcher is not None:
+            self.switcher.load_state_dict(switcher)
+        elif self.switcher is not None:
+            self.switcher = ScheduleSwitcher(self.switcher.config)

@@ -11,7 +11,8 @@ does not skip past it: step time against M has one minimum under an affine per-m
 cost, so larger values would be slower still. The tuner only raises M; it never lowers it.
 
 A trial is void (no ban, no rollback) if the plan changes under it for another reason: the
-new M was refused, or layers moved. ``AdaptivePolicy`` lets a trial finish before moving.
+new M was refused, layers moved or the schedule changed. Measuring restarts after any change
+of M, partition or schedule. ``AdaptivePolicy`` lets a trial finish before anything else.
 
 Stash estimate for M: peak stashed micro-batches on any stage (from the schedule) x
 ``activation_bytes_per_sample`` x global_batch / M.
@@ -73,6 +74,7 @@ class MicrobatchTuner(Proposer):
         self.bans: dict[int, int | None] = {}
         self.seen = 0
         self.last: tuple[int, tuple[int, ...]] | None = None
+        self.schedule: str | None = None  # the schedule the samples were taken under
 
     @property
     def busy(self) -> bool:
@@ -85,13 +87,16 @@ class MicrobatchTuner(Proposer):
         key = (plan.microbatches, plan.partition.bounds)
         if self.phase == "trial" and plan.microbatches != self.trial_to:
             self.phase = "measure"  # the new M was refused or overridden: the trial is void
-        if key != self.last:
+        if key != self.last or plan.schedule != self.schedule:
             if self.phase == "trial" and (
-                self.samples or self.last is None or key[1] != self.last[1]
+                self.samples
+                or self.last is None
+                or key[1] != self.last[1]
+                or plan.schedule != self.schedule
             ):
-                self.phase = "measure"  # the partition changed during the trial: void
+                self.phase = "measure"  # the partition or schedule changed in the trial: void
             self.samples, self.bubbles, self.skip = [], [], self.config.settle
-            self.last = key
+            self.last, self.schedule = key, plan.schedule
         if report.microbatches != plan.microbatches:
             return
         if self.skip > 0:
@@ -198,6 +203,7 @@ class MicrobatchTuner(Proposer):
             "bans": [[m, until] for m, until in sorted(self.bans.items())],
             "seen": self.seen,
             "last": None if self.last is None else [self.last[0], list(self.last[1])],
+            "schedule": self.schedule,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -215,3 +221,5 @@ class MicrobatchTuner(Proposer):
         self.seen = int(state["seen"])
         last = state["last"]
         self.last = None if last is None else (int(last[0]), tuple(int(x) for x in last[1]))
+        schedule = state.get("schedule")  # absent from states saved before schedule switching
+        self.schedule = None if schedule is None else str(schedule)
