@@ -57,7 +57,8 @@ def run_ours(
     model = emulated_mlp(LAYERS, WIDTH, fwd_ms * 1e-3, 2 * fwd_ms * 1e-3)
     layer_bytes = 3 * sum(p.numel() * 4 for p in model[0].parameters())  # weights + Adam moments
     rebalancer = RebalancerConfig(**REBALANCER, bytes_per_layer=layer_bytes, horizon=steps)
-    policy = AdaptivePolicy(rebalancer) if adaptive else None
+    # Rebalancing alone (no schedule switching): the figures compare 1F1B runs.
+    policy = AdaptivePolicy(rebalancer, schedule=None) if adaptive else None
     cfg = PipelineConfig(microbatches=m, partition=bounds)
     x, y = _data()
     parts: list[list[int]] = []

@@ -106,7 +106,7 @@ def controller(kind: str, steps: int) -> Any:
     if kind == "repartition":
         return Rebalancer(rebalancer)
     if kind == "both":
-        return AdaptivePolicy(rebalancer, tuner)
+        return AdaptivePolicy(rebalancer, tuner, schedule=None)  # M and moves, on 1F1B
     return None
 
 
