@@ -45,3 +45,24 @@ def switch_refuse_checkpoint(
     }
     pipe.close()
     return result
+
+
+def refused_switch(case: rc.Case, name: str) -> dict[str, Any]:
+    """Rank job: step 0, ask to switch to ``name`` (refused: the error text), the other steps."""
+    pipe = rc.case_pipeline(case)
+    data = rc.batches(case)
+    losses = [pipe.step(*data[0]).loss]
+    refused = ""
+    try:
+        pipe.apply(SetSchedule(name))
+    except ValueError as exc:
+        refused = str(exc)
+    losses += [pipe.step(x, y).loss for x, y in data[1:]]
+    result = {
+        "losses": losses,
+        "refused": refused,
+        "after": pipe.plan.schedule,
+        **rc.snapshot(pipe),
+    }
+    pipe.close()
+    return result

@@ -40,9 +40,8 @@ def test_switches_mid_training_equal_single_process(
         assert r["schedules"] == ["1f1b", "zb-h1", "gpipe", "gpipe"]
         assert r["events"][:2] == ["set schedule 1f1b -> zb-h1", "set schedule zb-h1 -> gpipe"]
         chunked, unknown = r["refusals"]
-        # Refused by the runtime (one chunk per rank) or, while the core does not list the
-        # interleaved schedule as runnable, already by decisions.apply.
-        assert "one model chunk per rank" in chunked or "unknown schedule" in chunked
+        assert "cannot switch schedule gpipe -> interleaved-1f1b" in chunked
+        assert "one model chunk per rank" in chunked
         assert "unknown schedule 'zb-h9'" in unknown
         assert r["after"] == r["saved"] == "gpipe"
 
@@ -98,3 +97,15 @@ def test_random_switches_equal_single_process(
     expected = make_schedule(last.schedule, report.num_stages, report.microbatches)
     assert report.schedule == last.schedule
     assert [list(acts) for acts in report.timeline.actions] == [list(a) for a in expected.stages]
+
+
+@pytest.mark.multiprocess
+def test_an_interleaved_pipeline_refuses_to_switch_and_trains_on(pools: PoolFor) -> None:
+    """Two chunks per rank: a switch to 1F1B would re-cut the model; refused on every rank,
+    the next steps run interleaved as before, equal to one process."""
+    case = rc.Case(5, WIDTHS, (0, 2, 3, 5, 6), 2, "interleaved-1f1b", "adam", 3, chunks=2)
+    ranks = pools(2).run(sc.refused_switch, case, "1f1b", timeout=120)
+    rc.assert_matches_reference(case, ranks)
+    for r in ranks:
+        assert "cannot switch schedule interleaved-1f1b -> 1f1b" in r["refused"]
+        assert r["after"] == "interleaved-1f1b"

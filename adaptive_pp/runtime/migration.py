@@ -74,7 +74,7 @@ def apply_decision(local: LocalStage, decision: Decision) -> str | None:
         return f"set micro-batches {plan.microbatches} -> {decision.microbatches}"
     if isinstance(decision, SetSchedule):
         # Every rank runs the same checks on the same plan: all switch, or all raise alike.
-        _simulate_plan(new)
+        _simulate_plan(new, local.num_chunks)
         local.set_schedule(decision.schedule)
         log.info("schedule.change", old=plan.schedule, new=decision.schedule)
         return f"set schedule {plan.schedule} -> {decision.schedule}"
