@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import runtime_cases as rc
+import torch
+from torch import nn
 
+from adaptive_pp import Pipeline, PipelineConfig
 from adaptive_pp.core.decisions import Decision, SetSchedule
+from adaptive_pp.emulation.kernels import emulated_mlp
 from adaptive_pp.runtime.checkpoint import read_meta
+from controllers import AdaptivePolicy
 
 
 def switch_refuse_checkpoint(
@@ -66,3 +71,25 @@ def refused_switch(case: rc.Case, name: str) -> dict[str, Any]:
     }
     pipe.close()
     return result
+
+
+def adaptive_emulated(steps: int) -> dict[str, Any]:
+    """Rank job: 4 emulated layers (2 ms forward, 4.8 ms backward) on 2 stages, M = 2, 1F1B,
+    under the default AdaptivePolicy; returns each step's schedule and the events."""
+    torch.manual_seed(0)
+    model = emulated_mlp(4, 8, 2e-3, 4.8e-3)
+    cfg = PipelineConfig(microbatches=2, partition=(0, 2, 4))
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    schedules, events = [], []
+    with Pipeline(
+        model,
+        nn.functional.mse_loss,
+        lambda p: torch.optim.SGD(p, lr=0.01),
+        cfg,
+        controller=AdaptivePolicy(),
+    ) as pipe:
+        for _ in range(steps):
+            report = pipe.step(x, y).report
+            schedules.append(report.schedule)
+            events += list(report.events)
+    return {"schedules": schedules, "events": events}

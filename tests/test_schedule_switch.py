@@ -109,3 +109,18 @@ def test_an_interleaved_pipeline_refuses_to_switch_and_trains_on(pools: PoolFor)
     for r in ranks:
         assert "cannot switch schedule interleaved-1f1b -> 1f1b" in r["refused"]
         assert r["after"] == "interleaved-1f1b"
+
+
+@pytest.mark.multiprocess
+def test_the_default_policy_tries_zb_h1_on_the_runtime(pools: PoolFor) -> None:
+    """Emulated layers, 2 stages, M = 2 (ZB-H1 predicted ~20% faster): the policy switches
+    after its first window and keeps the switch or rolls it back once the trial is measured,
+    depending on what this machine's steps took."""
+    ranks = pools(2).run(sc.adaptive_emulated, 10, timeout=120)
+    schedules = ranks[0]["schedules"]
+    events = [e for e in ranks[0]["events"] if e.startswith("set schedule")]  # not moves
+    assert schedules[:4] == ["1f1b"] * 4 and schedules[4:8] == ["zb-h1"] * 4
+    assert events[0] == "set schedule 1f1b -> zb-h1"
+    rolled_back = events[1:] == ["set schedule zb-h1 -> 1f1b"]
+    assert rolled_back or events[1:] == []
+    assert schedules[8:] == ["1f1b" if rolled_back else "zb-h1"] * 2
