@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import failure_cases as fc
 import interleaved_cases as ic
 import pytest
 import runtime_cases as rc
@@ -145,6 +146,28 @@ def test_checkpoint_of_chunks_resumes_interleaved_and_on_other_plans(
             assert torch.equal(tensor, ref_state[key]), (resumed, key)
         last = [r for r in ranks if r["losses"]]
         assert all(r["losses"] == ref_losses[2:] for r in last)
+
+
+@pytest.mark.multiprocess
+def test_a_nan_loss_is_undone_on_every_rank_and_training_goes_on(pools: PoolFor) -> None:
+    """The last micro-batch's loss (rank 1, chunk 1) is NaN at step AT: every rank has run all
+    its forwards, none has stepped, so all undo it; the loop that goes on stays exact."""
+    case = rc.Case(**{**_case(2, 2, 2, "adam", seed=4).__dict__, "steps": fc.AT + 2})
+    ranks = pools(2).run(fc.job_catch_and_continue, "nan", case, timeout=120)
+    for out in ranks:
+        assert [(e["step"], e["kind"], e["undone"]) for e in out["errors"]] == [
+            (fc.AT, "NonFiniteLoss", True)
+        ]
+    rc.assert_matches_reference(case, ranks, skip=frozenset({fc.AT}))
+
+
+@pytest.mark.multiprocess
+def test_a_failing_forward_after_a_chunks_forwards_is_undone(pools: PoolFor) -> None:
+    """Rank 0 fails in its last forward (3 of its M * V = 4 done, more than M): no rank can
+    have stepped (the loss needs that forward), so every rank undoes the step."""
+    ranks = pools(2).run(ic.job_late_forward_failure, timeout=120)
+    for out in ranks:
+        assert out["errors"] == [(0, "StageFailure", True)] and len(out["losses"]) == 1
 
 
 @st.composite
