@@ -4,7 +4,9 @@
 forward / 2 ms backward. From step 5 on, stage 2 runs 2x slower (a slow device: whatever layers
 it holds). Printed from one run: adaptive steady step / torch.distributed.pipelining static step
 on the same initial partition (target <= 0.75), adaptive / our static run on the best partition
-found offline with the simulator (target <= 1.05), and the steps the adaptive run took to converge.
+found offline with the simulator (target <= 1.05), and the steps the adaptive run took to converge;
+then the same adaptive run with the controllers' schedule switch allowed (1F1B <-> ZB-H1, kept
+only if measured faster) against torch's static 1F1B, and the schedule it ended on.
 """
 
 from __future__ import annotations
@@ -50,18 +52,34 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_ours(
-    bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float, adaptive: bool
+    bounds: tuple[int, ...],
+    steps: int,
+    m: int,
+    fwd_ms: float,
+    adaptive: bool,
+    switch: bool = False,
 ) -> dict[str, Any]:
-    """Rank job: our runtime, static or with AdaptivePolicy; returns walls and events."""
+    """Rank job: our runtime, static or with AdaptivePolicy (``switch``: its schedule switch
+    allowed too, default SwitchConfig); returns walls, events, partitions and schedules."""
     torch.manual_seed(0)
     model = emulated_mlp(LAYERS, WIDTH, fwd_ms * 1e-3, 2 * fwd_ms * 1e-3)
     layer_bytes = 3 * sum(p.numel() * 4 for p in model[0].parameters())  # weights + Adam moments
     rebalancer = RebalancerConfig(**REBALANCER, bytes_per_layer=layer_bytes, horizon=steps)
-    # Rebalancing alone (no schedule switching): the figures compare 1F1B runs.
-    policy = AdaptivePolicy(rebalancer, schedule=None) if adaptive else None
+    # Rebalancing alone (no schedule switching) for the 1F1B figures; ``switch`` adds it.
+    policy = (
+        (AdaptivePolicy(rebalancer) if switch else AdaptivePolicy(rebalancer, schedule=None))
+        if adaptive
+        else None
+    )
     cfg = PipelineConfig(microbatches=m, partition=bounds)
     x, y = _data()
     parts: list[list[int]] = []
+    scheds: list[str] = []
+
+    def record() -> None:
+        parts.append(list(pipe.partition.bounds))
+        scheds.append(pipe.plan.schedule)
+
     with Pipeline(
         model,
         nn.functional.mse_loss,
@@ -73,10 +91,10 @@ def run_ours(
             lambda _: pipe.step(x, y).report,
             steps,
             before_step=lambda k: _slow_device(list(pipe.local_modules().values()), pipe.stage, k),
-            after_step=lambda k, _: parts.append(list(pipe.partition.bounds)),
+            after_step=lambda k, _: record(),
         )
     events = [list(report.events) for report in timed.outputs]
-    return {"walls": timed.walls, "events": events, "partitions": parts}
+    return {"walls": timed.walls, "events": events, "partitions": parts, "schedules": scheds}
 
 
 def run_torch(bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float) -> dict[str, Any]:
@@ -112,7 +130,8 @@ def best_offline(m: int) -> Partition:
 def _job(kind: str, bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float) -> dict[str, Any]:
     if kind == "torch":
         return run_torch(bounds, steps, m, fwd_ms)
-    return run_ours(bounds, steps, m, fwd_ms, adaptive=(kind == "adaptive"))
+    adaptive = kind in ("adaptive", "adaptive-switch")
+    return run_ours(bounds, steps, m, fwd_ms, adaptive, switch=kind == "adaptive-switch")
 
 
 def converged_after(walls: list[float], events: list[list[str]], steady: float) -> int:
@@ -141,6 +160,8 @@ def main() -> None:
     static_steps = SLOW_FROM + 3 + tail
     jobs = {
         "adaptive": ("adaptive", initial, steps),
+        # The same with the controllers' schedule switch allowed (1F1B <-> ZB-H1).
+        "adaptive-switch": ("adaptive-switch", initial, steps),
         "torch": ("torch", initial, static_steps),
         "best": ("best", best.bounds, static_steps),
         # Context, not a target: what torch's own runtime gains from the same move.
@@ -187,6 +208,16 @@ def main() -> None:
         f"initial {t_torch * 1e3:.1f} ms = {med['torch-best'] / t_torch:.3f}; ours / torch, both "
         f"on the best partition: {t_best / med['torch-best']:.3f}"
     )
+    switched = med["adaptive-switch"]
+    finals = [run["schedules"][-1] for run in runs["adaptive-switch"]]
+    print(
+        f"adaptive with schedule switch steady {switched * 1e3:.1f} ms / torch static "
+        f"{t_torch * 1e3:.1f} ms = {switched / t_torch:.3f}; / adaptive 1F1B only "
+        f"{switched / steady:.3f}; final schedules {', '.join(finals)}"
+    )
+    for r, run in enumerate(runs["adaptive-switch"]):
+        changes = [f"step {k}: {e}" for k, es in enumerate(run["events"]) for e in es]
+        print(f"  switch run, round {r + 1}: " + ("; ".join(changes) or "no change"))
     print(
         f"steps to converge (first step on the final plan within 5% of steady): "
         f"{', '.join(map(str, converged))}"
@@ -204,6 +235,10 @@ def main() -> None:
             "median_step_s": med,
             "ratio_vs_torch": steady / t_torch,
             "ratio_vs_best": steady / t_best,
+            "switch_walls": [run["walls"] for run in runs["adaptive-switch"]],
+            "switch_events": [run["events"] for run in runs["adaptive-switch"]],
+            "switch_final_schedules": finals,
+            "switch_ratio_vs_torch": switched / t_torch,
             "steps_to_converge": converged,
         },
     )

@@ -48,7 +48,15 @@ def test_bench_adaptive_quick_moves_layers_off_the_slow_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _run(bench_adaptive.main, "bench_adaptive", tmp_path, monkeypatch)
-    assert set(data["median_step_s"]) == {"adaptive", "torch", "best", "torch-best"}
+    assert set(data["median_step_s"]) == {
+        "adaptive",
+        "adaptive-switch",
+        "torch",
+        "best",
+        "torch-best",
+    }
+    assert data["switch_final_schedules"][0] in ("1f1b", "zb-h1")
+    assert data["switch_ratio_vs_torch"] > 0
     moves = [e for run in data["events"] for step in run for e in step if e.startswith("moved")]
     assert moves, data["events"]
     assert len(data["steps_to_converge"]) == data["rounds"] == 1
