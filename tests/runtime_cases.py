@@ -182,6 +182,21 @@ def assert_matches_reference(
     assert seen == set(ref_state), "some layer is missing or held twice"
 
 
+def assert_held_equal(
+    ranks: list[dict[str, Any]], ref_state: dict[str, torch.Tensor], what: object = ""
+) -> None:
+    """The layers all ranks hold (``r["state"]``: global name -> state dict) are, together,
+    exactly the reference's, each tensor bit-for-bit equal (``what`` names the case)."""
+    held: dict[str, torch.Tensor] = {}
+    for r in ranks:
+        for name, sd in r["state"].items():
+            for key, tensor in sd.items():
+                held[f"{name.split('.')[1]}.{key}"] = tensor
+    assert set(held) == set(ref_state)
+    for key, tensor in held.items():
+        assert torch.equal(tensor, ref_state[key]), (what, key)
+
+
 # --- failure jobs (each run through adaptive_pp.launch) -----------------------------------
 
 

@@ -8,7 +8,6 @@ import failure_cases as fc
 import interleaved_cases as ic
 import pytest
 import runtime_cases as rc
-import torch
 from conftest import PoolFor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -136,14 +135,7 @@ def test_checkpoint_of_chunks_resumes_interleaved_and_on_other_plans(
             "resume",
             timeout=90,
         )
-        held: dict[str, torch.Tensor] = {}
-        for r in ranks:
-            for name, sd in r["state"].items():
-                for key, tensor in sd.items():
-                    held[f"{name.split('.')[1]}.{key}"] = tensor
-        assert set(held) == set(ref_state)
-        for key, tensor in held.items():
-            assert torch.equal(tensor, ref_state[key]), (resumed, key)
+        rc.assert_held_equal(ranks, ref_state, resumed)
         last = [r for r in ranks if r["losses"]]
         assert all(r["losses"] == ref_losses[2:] for r in last)
 

@@ -127,14 +127,7 @@ def test_checkpoint_resumes_on_other_stage_counts_exactly(tmp_path: Path, resume
     )
     ref_losses, ref_state, _ = rc.train_reference(saved)
     assert ranks[-1]["losses"] == ref_losses[2:]
-    held = {}
-    for r in ranks:
-        for name, sd in r["state"].items():
-            for key, tensor in sd.items():
-                held[f"{name.split('.')[1]}.{key}"] = tensor
-    assert set(held) == set(ref_state)
-    for key, tensor in held.items():
-        assert torch.equal(tensor, ref_state[key]), key
+    rc.assert_held_equal(ranks, ref_state)
 
 
 def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
