@@ -90,6 +90,26 @@ def busiest_bubble(report: StepReport) -> float:
     return busiest.bubble
 
 
+def judge_trial(mean: float, baseline: float, min_gain: float) -> tuple[bool, float]:
+    """A trial's verdict: whether its mean step time beat ``baseline`` by ``min_gain`` (then
+    keep the change, else roll back), and the relative change (0.0 with no baseline)."""
+    change = (mean - baseline) / baseline if baseline > 0 else 0.0
+    return mean < baseline * (1.0 - min_gain), change
+
+
+def ban_end(seen: int, ban_steps: int | None) -> int | None:
+    """The step a ban starting after ``seen`` steps ends (None: ``ban_steps`` None, never)."""
+    return None if ban_steps is None else seen + ban_steps
+
+
+def is_banned(bans: Mapping[Any, int | None], key: Any, seen: int) -> bool:
+    """Whether ``key`` was rolled back and its ban (see ``ban_end``) has not run out."""
+    if key not in bans:
+        return False
+    until = bans[key]
+    return until is None or seen < until
+
+
 def check_state(state: Mapping[str, Any], kind: str, version: int = 1) -> None:
     """Raise ValueError unless ``state`` came from a controller of ``kind`` (and ``version``)."""
     if state.get("kind") != kind or state.get("version") != version:

@@ -37,7 +37,7 @@ from adaptive_pp.core.decisions import Keep, Plan, SetSchedule
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import SCHEDULE_NAMES, make_schedule
 
-from .base import Proposal, Proposer, check_state
+from .base import Proposal, Proposer, ban_end, check_state, is_banned, judge_trial
 from .estimates import compiled_schedule, measured_layers, predict_step_time
 
 
@@ -144,8 +144,8 @@ class ScheduleSwitcher(Proposer):
             return Proposal(Keep(f"measuring schedule {name}"))
         mean = math.fsum(self.samples[: c.window]) / c.window
         if self.phase == "trial":
-            change = (mean - self.baseline) / self.baseline if self.baseline > 0 else 0.0
-            if mean < self.baseline * (1.0 - c.min_gain):
+            kept, change = judge_trial(mean, self.baseline, c.min_gain)
+            if kept:
                 why = (
                     f"schedule {name} kept: {self.baseline * 1e3:.2f} -> {mean * 1e3:.2f} ms "
                     f"({change:+.1%})"
@@ -210,18 +210,13 @@ class ScheduleSwitcher(Proposer):
             del self.layers[: -self.config.window]
         elif proposal.note == "rollback":
             self.phase = "measure"
-            ban = self.config.ban_steps
-            self.bans[f"{self.trial_from}->{self.trial_to}"] = (
-                None if ban is None else self.seen + ban
+            self.bans[f"{self.trial_from}->{self.trial_to}"] = ban_end(
+                self.seen, self.config.ban_steps
             )
 
     def banned(self, src: str, dst: str) -> bool:
         """Whether the switch ``src`` -> ``dst`` was rolled back and its ban has not run out."""
-        key = f"{src}->{dst}"
-        if key not in self.bans:
-            return False
-        until = self.bans[key]
-        return until is None or self.seen < until
+        return is_banned(self.bans, f"{src}->{dst}", self.seen)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state (the config is not included: pass it to the constructor)."""

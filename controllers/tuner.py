@@ -28,7 +28,15 @@ from typing import Any
 from adaptive_pp.core.decisions import Keep, Plan, SetMicrobatches
 from adaptive_pp.core.report import StepReport
 
-from .base import Proposal, Proposer, busiest_bubble, check_state
+from .base import (
+    Proposal,
+    Proposer,
+    ban_end,
+    busiest_bubble,
+    check_state,
+    is_banned,
+    judge_trial,
+)
 from .estimates import compiled_schedule
 
 
@@ -116,8 +124,8 @@ class MicrobatchTuner(Proposer):
             return Proposal(Keep(f"measuring M={m}"))
         mean = math.fsum(self.samples[: c.window]) / c.window
         if self.phase == "trial":
-            change = (mean - self.baseline) / self.baseline if self.baseline > 0 else 0.0
-            if mean < self.baseline * (1.0 - c.min_gain):
+            kept, change = judge_trial(mean, self.baseline, c.min_gain)
+            if kept:
                 why = (
                     f"M={m} kept: {self.baseline * 1e3:.2f} -> {mean * 1e3:.2f} ms ({change:+.1%})"
                 )
@@ -158,15 +166,11 @@ class MicrobatchTuner(Proposer):
             del self.bubbles[: -self.config.window]
         elif proposal.note == "rollback":
             self.phase = "measure"
-            ban = self.config.ban_steps
-            self.bans[self.trial_to] = None if ban is None else self.seen + ban
+            self.bans[self.trial_to] = ban_end(self.seen, self.config.ban_steps)
 
     def banned(self, m: int) -> bool:
         """Whether ``m`` was rejected and its ban has not run out."""
-        if m not in self.bans:
-            return False
-        until = self.bans[m]
-        return until is None or self.seen < until
+        return is_banned(self.bans, m, self.seen)
 
     def next_microbatches(self, m: int, growth: float | None = None) -> int | None:
         """Smallest divisor of the global batch > ``m`` and >= growth x ``m`` (within max)."""
