@@ -43,13 +43,8 @@ def run_actions(
         worker = workers[action.chunk]
         t_req = time.perf_counter()
         t_start = worker.act(action, inputs, targets, m_count, step, log)
-        if len(workers) == 1:
-            stashed, live = worker.stashed, worker.live_bytes
-        else:
-            stashed = sum(w.stashed for w in workers)
-            live = sum(w.live_bytes for w in workers)
-        log.peak_stash = max(log.peak_stash, stashed)
-        log.peak_stash_bytes = max(log.peak_stash_bytes, live)
+        log.peak_stash = max(log.peak_stash, sum(w.stashed for w in workers))
+        log.peak_stash_bytes = max(log.peak_stash_bytes, sum(w.live_bytes for w in workers))
         if sync is not None:
             torch.cuda.synchronize(sync)
         t_end = time.perf_counter()

@@ -103,8 +103,8 @@ class LocalStage:
         )
         fault = control.fault
         last = self.schedule.num_virtual_stages - 1
-        ups = [self.schedule.locate(v - 1)[0] if v > 0 else None for v in vstages]
-        downs = [self.schedule.locate(v + 1)[0] if v < last else None for v in vstages]
+        ups = [self.rank_of(v - 1) if v > 0 else None for v in vstages]
+        downs = [self.rank_of(v + 1) if v < last else None for v in vstages]
         peers = sorted({p for p in ups + downs if p is not None})
         #: One link per peer rank, shared by the chunks (messages name their virtual stage).
         self._links = {p: Link(stage, p, fault=fault) for p in peers}

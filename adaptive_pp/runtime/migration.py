@@ -62,23 +62,22 @@ def apply_decision(local: LocalStage, decision: Decision) -> str | None:
     plan = local.plan
     new = apply(plan, decision)  # ValueError on every rank alike for an invalid decision
     _agree(local, decision)
+    batch = local.last_batch_size
+    if isinstance(decision, SetMicrobatches) and batch and batch % decision.microbatches:
+        raise ValueError(
+            f"cannot use M={decision.microbatches}: the batch of {batch} samples does not split "
+            "into that many equal micro-batches"
+        )
+    # Every rank runs the same checks on the same plan: all change, or all raise alike.
+    _simulate_plan(new, local.num_chunks)
     if isinstance(decision, SetMicrobatches):
-        if local.last_batch_size is not None and local.last_batch_size % decision.microbatches:
-            raise ValueError(
-                f"cannot use M={decision.microbatches}: the batch of {local.last_batch_size} "
-                "samples does not split into that many equal micro-batches"
-            )
-        _simulate_plan(new, local.num_chunks)
         local.set_microbatches(decision.microbatches)
         log.info("microbatches.change", old=plan.microbatches, new=decision.microbatches)
         return f"set micro-batches {plan.microbatches} -> {decision.microbatches}"
     if isinstance(decision, SetSchedule):
-        # Every rank runs the same checks on the same plan: all switch, or all raise alike.
-        _simulate_plan(new, local.num_chunks)
         local.set_schedule(decision.schedule)
         log.info("schedule.change", old=plan.schedule, new=decision.schedule)
         return f"set schedule {plan.schedule} -> {decision.schedule}"
-    _simulate_plan(new, local.num_chunks)
     layers = _moving_layers(plan, decision)
     log.info("migration.begin", decision=describe(decision), layers=layers, step=local.step_count)
     t0 = time.perf_counter()
