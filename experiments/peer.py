@@ -56,29 +56,30 @@ def torch_pipeline_walls(
         # torch's input-gradient pass detaches the stage output in place, which fails on a
         # view (an emulated layer's output is one): end the stage on a copy (microseconds).
         sub = nn.Sequential(*sub, _Copy())
-    records: list[Record] = []
     sched: Any
+    held: list[Any]  # this rank's PipelineStages, in chunk order
     if schedule == "interleaved-1f1b":
         chunks = list(sub)
         virtual = len(chunks) * stages
-        held: list[Any] = [
+        held = [
             PipelineStage(mod, c * stages + rank, virtual, torch.device("cpu"))
             for c, mod in enumerate(chunks)
         ]
         sched = ScheduleInterleaved1F1B(held, microbatches, loss_fn=nn.functional.mse_loss)
-        if timeline is not None:
-            for c, st in enumerate(held):
-                _time_chunks(st, records, c)
-        return _timed_walls(sched, optimizer, x, y, steps, before_step, timeline, records)
-    stage = PipelineStage(sub, rank, stages, torch.device("cpu"))
-    if schedule == "zb-h1":
-        _mark_split_backward(stage)
-        sched = ScheduleInterleavedZeroBubble([stage], microbatches, loss_fn=nn.functional.mse_loss)
     else:
-        cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-        sched = cls(stage, microbatches, loss_fn=nn.functional.mse_loss)
+        held = [PipelineStage(sub, rank, stages, torch.device("cpu"))]
+        if schedule == "zb-h1":
+            _mark_split_backward(held[0])
+            sched = ScheduleInterleavedZeroBubble(
+                held, microbatches, loss_fn=nn.functional.mse_loss
+            )
+        else:
+            cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
+            sched = cls(held[0], microbatches, loss_fn=nn.functional.mse_loss)
+    records: list[Record] = []
     if timeline is not None:
-        _time_chunks(stage, records)
+        for c, st in enumerate(held):
+            _time_chunks(st, records, c)
     return _timed_walls(sched, optimizer, x, y, steps, before_step, timeline, records)
 
 
