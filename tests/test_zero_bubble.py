@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import ffn_cases
 import pytest
 import runtime_cases as rc
@@ -10,6 +12,7 @@ import zb_cases as zc
 from conftest import FakeClock, PoolFor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from adaptive_pp import PipelineConfig
 from adaptive_pp.core.decisions import MoveLayers, SetMicrobatches
@@ -53,10 +56,11 @@ def test_emulated_layer_sleeps_i_share_then_w_share(fake_clock: FakeClock, layer
     x = torch.randn(2, 4, requires_grad=True)
     y = mod(x)
     fake_clock.slept.clear()
-    pending = input_pass(y, torch.ones_like(y), [x, y], is_last=False, whole=False)[1]
+    params = [list(mod.parameters())]
+    pending = input_pass(y, torch.ones_like(y), [x, y], params, is_last=False, whole=False)[1]
     assert fake_clock.slept == [pytest.approx((1 - W_SHARE) * BACKWARD_RATIO)]
     assert all(p.grad is None for p in mod.parameters())  # I touches no weight
-    weight_pass_segment(mod, pending.outputs[0])
+    weight_pass_segment(pending.segments[0])
     assert fake_clock.slept == pytest.approx(
         [(1 - W_SHARE) * BACKWARD_RATIO, W_SHARE * BACKWARD_RATIO]
     )
@@ -82,6 +86,88 @@ def test_a_w_pass_without_its_i_pass_sleeps_the_whole_backward(fake_clock: FakeC
     with phase("W"):
         y.backward(torch.ones_like(y))
     assert fake_clock.slept == [pytest.approx(BACKWARD_RATIO)]
+
+
+class _Counted(torch.autograd.Function):
+    """Identity whose backward counts its calls (activation-gradient work on the chain)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        _Counted.calls += 1
+        return grad
+
+
+class _Chain(nn.Module):
+    """LayerNorm -> Linear -> tanh -> a counted identity: two weight-adjacent nodes."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm, self.linear = nn.LayerNorm(width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _Counted.apply(torch.tanh(self.linear(self.norm(x))))  # type: ignore[no-untyped-call]
+        return out
+
+
+class _Reuse(nn.Module):
+    """One weight used twice in a row: two nodes reach it (W from the output instead)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width) / width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.weight) @ self.weight
+
+
+def _split_then_full(
+    mods: list[nn.Module], x: torch.Tensor, is_last: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of I then W (each micro-batch, two of them), and of full backwards."""
+    grads = []
+    for split in (True, False):
+        for mod in mods:
+            mod.zero_grad(set_to_none=True)
+        for m in range(2):
+            h = x[m].clone().requires_grad_(m == 1)  # micro-batch 0: an input without grad
+            bounds = [h]
+            for mod in mods:
+                bounds.append(mod(bounds[-1]))
+            top = bounds[-1].square().mean() if is_last else bounds[-1]
+            g = None if is_last else torch.ones_like(top)
+            if split:
+                params = [list(mod.parameters()) for mod in mods]
+                pending = input_pass(top, g, bounds, params, is_last, whole=False)[1]
+                assert all(p.grad is None for p in params[-1]) or m == 1  # I gives none
+                for calls in pending.segments:
+                    weight_pass_segment(calls)
+            else:
+                torch.autograd.backward(top, g)
+        grads.append([p.grad.clone() for mod in mods for p in mod.parameters()])  # type: ignore[union-attr]
+    return grads[0], grads[1]
+
+
+@pytest.mark.parametrize("is_last", [False, True])
+def test_w_runs_only_the_weight_side_and_equals_a_full_backward(is_last: bool) -> None:
+    """W starts at the nodes next to the weights: the activation-gradient chain above them (the
+    counted identity) runs once per micro-batch, in I, not again in W; and every gradient equals
+    a full backward's bit for bit, including a segment whose input needs no gradient and one
+    reusing a weight (both W from the output)."""
+    torch.manual_seed(3)
+    mods: list[nn.Module] = [_Chain(5), _Reuse(5), _Chain(5)]
+    x = torch.randn(2, 3, 5)
+    _Counted.calls = 0
+    split, full = _split_then_full(mods, x, is_last)
+    # Two counted segments, two micro-batches: 4 calls split (micro-batch 0's first segment,
+    # its input needing no gradient, runs its chain in W instead of I) and 4 in full backwards.
+    assert _Counted.calls == 4 + 4
+    assert all(torch.equal(a, b) for a, b in zip(split, full, strict=True))
 
 
 def test_config_accepts_zb_h1_and_refuses_unknown_schedules() -> None:

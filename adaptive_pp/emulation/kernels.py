@@ -17,8 +17,11 @@ counts from that wake-up instead, so recomputation under activation checkpointin
 window inside a backward one) is paid in full. Host work outside any window (the runtime's own:
 sends, receives, bookkeeping) is never hidden. Split backward (zero-bubble schedules, see
 ``adaptive_pp.runtime.splitgrad``): the I pass reaches the output but not the anchor, and sleeps
-``1 - W_SHARE`` of the backward from the output; the W pass opens the window again and sleeps
-``W_SHARE`` of it at the anchor (``core.simulator``'s split), so I + W = one backward. With
+``1 - W_SHARE`` of the backward from the output; the W pass, which starts at the nodes next to
+the weights (ours and torch's alike) and so never passes the output again, sleeps ``W_SHARE``
+of it at the anchor counted from the thread's last wake-up (``core.simulator``'s split), so
+I + W = one backward. A W that does start at the output (a segment whose input needs no
+gradient) reopens the window there. With
 no parameter that requires a gradient the backward sleeps its whole duration at the output.
 Sleeps aim at their deadline: on Linux each sleeping thread asks for a 1 µs timer slack
 (``prctl``; default 50 µs), and each thread wakes its sleeps early by its running mean lateness

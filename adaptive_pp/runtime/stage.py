@@ -14,7 +14,8 @@ per-layer backward timing hooks on.
 
 Split backward (ZB-H1: actions I and W instead of B, see ``splitgrad``): I(m) computes the
 gradients of the stage input and of every segment boundary (sending the input's upstream at
-once, as B does) and keeps the graph; W(m) runs each segment's weight gradients from them. The
+once, as B does), keeps the graph and the gradients at each segment's weight-adjacent nodes;
+W(m) runs each segment's weight gradients from those nodes. The
 stash of m (and I's boundary gradients) is held until W(m) ends; a layer's backward time is its
 I part (hooks, as for B) plus its W call.
 
@@ -40,7 +41,14 @@ from ..core.errors import NonFiniteLoss, PipelineError, StageFailure, VersionMis
 from ..core.schedules import Action
 from .chunk import Chunk, Segment
 from .comm import Header, Link, MessageKind
-from .splitgrad import PendingW, WeightPassError, input_pass, shares_parameters, weight_pass
+from .splitgrad import (
+    PendingW,
+    WeightPassError,
+    input_pass,
+    shares_parameters,
+    weight_params,
+    weight_pass,
+)
 from .stash import StashMeter, storage_ptrs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -101,6 +109,7 @@ class StageWorker:
         self._sources: dict[int, Header] = {}
         self._pending_w: dict[int, PendingW] = {}  # what I(m) left for W(m)
         self._whole_w = False  # W from the top (segments share parameters)
+        self._w_params: list[list[torch.Tensor]] = []  # per segment, what W gives a gradient
         #: Forward actions completed (their output sent) in the step being run.
         self.forwards_done = 0
 
@@ -125,6 +134,7 @@ class StageWorker:
         self._range = self.chunk.layer_range()  # segments change only between steps
         split = any(a.kind == "W" for a in actions)  # a split backward's W needs to know
         self._whole_w = split and shares_parameters([seg.module for seg in self.segments])
+        self._w_params = [weight_params(seg.module) for seg in self.segments] if split else []
 
     def act(
         self,
@@ -317,7 +327,9 @@ class StageWorker:
         t0 = time.perf_counter()
         try:
             if split:  # grad is None on the last stage: top is the loss
-                x_grad, pending = input_pass(top, grad, boundaries, self.is_last, self._whole_w)
+                x_grad, pending = input_pass(
+                    top, grad, boundaries, self._w_params, self.is_last, self._whole_w
+                )
             else:
                 torch.autograd.backward(top, grad)
                 x_grad = boundaries[0].grad
