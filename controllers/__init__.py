@@ -45,7 +45,7 @@ in a closed loop against the simulator, to test it before it touches a real job.
 from .base import Controller, Hold, Proposal, busiest_bubble, imbalance
 from .costmodel import CostModel
 from .estimates import LayerEstimator, measured_layers, predict_step_time
-from .policy import AdaptivePolicy
+from .policy import AdaptivePolicy, default_policy
 from .rebalancer import Rebalancer, RebalancerConfig
 from .schedule import ScheduleSwitcher, SwitchConfig
 from .search import near_balanced, nudges, route, single_moves
@@ -65,6 +65,7 @@ __all__ = [
     "SwitchConfig",
     "TunerConfig",
     "busiest_bubble",
+    "default_policy",
     "imbalance",
     "measured_layers",
     "near_balanced",

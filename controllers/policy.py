@@ -104,3 +104,9 @@ class AdaptivePolicy:
             self.switcher.load_state_dict(switcher)
         elif self.switcher is not None:
             self.switcher = ScheduleSwitcher(self.switcher.config)
+
+
+def default_policy() -> AdaptivePolicy:
+    """What ``PipelineConfig(adaptive=True)`` runs: every controller with its defaults; layer
+    bytes and the batch size come from the step reports."""
+    return AdaptivePolicy()

@@ -6,10 +6,13 @@ import time
 
 import pytest
 import runtime_cases as rc
+import torch
 from conftest import PoolFor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+from adaptive_pp import Pipeline, PipelineConfig
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import make_schedule, validate
 from adaptive_pp.runtime.launch import LaunchError, launch
@@ -75,6 +78,20 @@ def test_report_matches_schedule_shape(pools: PoolFor) -> None:
         for s in report.stages:
             assert 0 < s.utilization <= 1 and s.compute > 0 and len(s.layer_forward) == 1
         assert report.loss == ranks[-1]["losses"][-1]
+        # What a move of each layer would ship: parameters and SGD's momentum buffers.
+        model = rc.build_model(case)
+        for s in report.stages:
+            (layer,) = s.layers
+            assert s.layer_bytes == (sum(2 * p.nbytes for p in model[layer].parameters()),)
+        assert report.batch == case.batch
+
+
+def test_adaptive_and_a_controller_are_refused_together() -> None:
+    from controllers import Hold
+
+    cfg = PipelineConfig(adaptive=True)
+    with pytest.raises(ValueError, match="not both"):
+        Pipeline([nn.Linear(2, 2)], nn.functional.mse_loss, torch.optim.SGD, cfg, controller=Hold())
 
 
 _RANKS = {rc.job_killed_stage: 4, rc.job_stuck_stage: 2}

@@ -121,6 +121,9 @@ class StageStats:
     layer_forward: tuple[float, ...] = ()
     layer_backward: tuple[float, ...] = ()
     peak_stash_bytes: int = 0
+    layer_bytes: tuple[int, ...] = ()
+    """Per layer (as ``layers``), the bytes a move of it would ship: parameters, buffers and
+    optimizer state (the runtime measures them every step; empty from the simulator)."""
 
     @property
     def idle(self) -> float:
@@ -171,6 +174,8 @@ class StepReport:
     loss: float | None = None
     events: tuple[str, ...] = ()
     extra: StepTimes = field(default_factory=lambda: StepTimes())
+    batch: int = 0
+    """Samples in the step's mini-batch (0: not known, as from the simulator)."""
 
     @property
     def num_stages(self) -> int:
@@ -237,6 +242,7 @@ class StepReport:
                     layer_forward=tuple(s.get("layer_forward", ())),
                     layer_backward=tuple(s.get("layer_backward", ())),
                     peak_stash_bytes=int(s.get("peak_stash_bytes", 0)),
+                    layer_bytes=tuple(s.get("layer_bytes", ())),
                 )
                 for s in data["stages"]
             ),
@@ -250,6 +256,7 @@ class StepReport:
             loss=data.get("loss"),
             events=tuple(data.get("events", ())),
             extra=cast(StepTimes, dict(data.get("extra", {}))),
+            batch=int(data.get("batch", 0)),
         )
 
 

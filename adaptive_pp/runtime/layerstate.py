@@ -46,6 +46,20 @@ def optimizer_state(
     }
 
 
+def state_bytes(
+    optimizer: torch.optim.Optimizer | None, modules: Mapping[str, nn.Module]
+) -> dict[str, int]:
+    """Global module name -> bytes a move of it ships: parameters, buffers, optimizer state."""
+    opt = optimizer.state if optimizer is not None else {}
+    out = {}
+    for mn, mod in modules.items():
+        n = sum(t.nbytes for t in mod.state_dict().values() if t.device.type != "meta")
+        for p in mod.parameters():
+            n += sum(v.nbytes for v in opt.get(p, {}).values() if isinstance(v, torch.Tensor))
+        out[mn] = n
+    return out
+
+
 def load_module_state(
     modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor], where: str
 ) -> None:

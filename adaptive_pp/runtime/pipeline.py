@@ -112,6 +112,11 @@ class Pipeline:
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self.config = cfg = config or PipelineConfig()
+        if cfg.adaptive and controller is not None:
+            raise ValueError(
+                "PipelineConfig(adaptive=True) builds the default controller; pass either it "
+                "or controller=..., not both"
+            )
         self._owns_group = init_distributed(cfg.init_timeout)
         s, world = dist.get_rank(), dist.get_world_size()
         num_stages = cfg.stages or world
@@ -120,6 +125,10 @@ class Pipeline:
         blocks = list(model)
         if not blocks:
             raise ValueError("the model has no layers to pipeline")
+        if cfg.adaptive:
+            from controllers import default_policy  # the policies sit above the runtime
+
+            controller = default_policy()
         self.controller = controller
         self._local = LocalStage(
             s,

@@ -7,6 +7,7 @@ from typing import Any
 from ..core.report import QueueTrace, StageStats, StepReport, Timeline
 from ..core.schedules import Action
 from .comm import Link, MessageKind
+from .layerstate import layer_name, state_bytes
 from .local import LocalStage
 from .stage import StageLog
 
@@ -14,6 +15,7 @@ from .stage import StageLog
 def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
     """This rank's share of the step report, JSON-ready, times relative to its step start."""
     layers = local.layers()
+    sizes = state_bytes(local.optimizer, local.modules())
     queues = []
     for ln, kind in _incoming(local):
         got = [i for i, k in enumerate(ln.log.kinds) if k == kind]
@@ -36,6 +38,8 @@ def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) 
         "layers": layers,
         "layer_forward": [log.layer_forward.get(i, 0.0) for i in layers],
         "layer_backward": [log.layer_backward.get(i, 0.0) for i in layers],
+        "layer_bytes": [sizes.get(layer_name(i), 0) for i in layers],
+        "batch": local.last_batch_size or 0,
         "actions": " ".join(map(str, log.actions)),
         "start": log.start,
         "stop": log.end,
@@ -83,6 +87,7 @@ def merge_parts(local: LocalStage, parts: list[dict[str, Any]], wall: float) -> 
             layer_forward=tuple(p["layer_forward"]),
             layer_backward=tuple(p["layer_backward"]),
             peak_stash_bytes=p["peak_stash_bytes"],
+            layer_bytes=tuple(p["layer_bytes"]),
         )
         for p in parts
     )
@@ -114,4 +119,5 @@ def merge_parts(local: LocalStage, parts: list[dict[str, Any]], wall: float) -> 
             "change": local.change_s,
             "offset": min(p["since"] for p in parts),
         },
+        batch=max(p["batch"] for p in parts),
     )
