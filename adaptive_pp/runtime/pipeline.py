@@ -265,7 +265,8 @@ class Pipeline:
                 event = apply_decision(local, decision)
                 if span is not None and event is not None:
                     span.set_attribute("adaptive_pp.event", event)
-            noted = event
+            # The report says what changed and, from a controller, why.
+            noted = f"{event} ({decision.reason})" if event and decision.reason else event
         except (MigrationAborted, ValueError) as exc:
             noted = f"refused {describe(decision)}: {exc}"
             raise
