@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
@@ -105,28 +104,35 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    print("== simulated: 4 stages x 16 micro-batches, 1 ms forward, 2 ms backward per stage ==\n")
-    for name in ("gpipe", "1f1b"):
-        report = simulate(make_schedule(name, 4, 16), Costs.build(4, 16, 1e-3, 2e-3))
-        print(summary(report))
-        print()
-        print(timeline(report, 96))
-        print()
     if args.simulate_only:
+        print("== simulated: 4 stages x 16 micro-batches, 1 ms forward, 2 ms backward ==\n")
+        for name in ("gpipe", "1f1b"):
+            report = simulate(make_schedule(name, 4, 16), Costs.build(4, 16, 1e-3, 2e-3))
+            print(summary(report))
+            print()
+            print(timeline(report, 96))
+            print()
         return 0
-    from .emulation.demo import Observe, train_rank
+    from .emulation.demo import Observe, Slowdown, train_rank, written
     from .runtime.launch import launch
 
+    if not 0 <= args.slow_stage < args.stages:
+        raise ValueError(f"--slow-stage must be a stage 0..{args.stages - 1}")
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "reports.jsonl").unlink(missing_ok=True)
     # no endpoint given: setup_otlp in each rank falls back to $OTEL_EXPORTER_OTLP_ENDPOINT
-    observe = Observe(args.log_format, args.log_level, args.otlp_endpoint)
-    if args.run_dir is not None:
-        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.run_dir) / "reports.jsonl").unlink(missing_ok=True)
-        observe = dataclasses.replace(observe, run_dir=str(args.run_dir))
-    print(f"== live: starting {args.stages} stage processes (each imports torch: a few seconds) ==")
-    launch(train_rank, args.stages, args.steps, args.microbatches, args.schedule, observe)
-    if args.run_dir is not None:
-        print(f"step reports in {args.run_dir}/reports.jsonl: `adaptive-pp plot {args.run_dir}`")
+    observe = Observe(args.log_format, args.log_level, args.otlp_endpoint, str(run_dir))
+    slow = Slowdown(args.slow_stage, args.slow_factor, args.slow_at - 1) if args.slow_at else None
+    print(f"== starting {args.stages} stage processes (each imports torch: a few seconds) ==")
+    launch(train_rank, args.stages, args.steps, args.microbatches, args.schedule, observe, slow)
+    print()
+    try:
+        paths = plot_run(run_dir)
+    except PlotDependencyError as exc:  # no matplotlib: the trace still helps
+        print(f"no plots: {exc}")
+        paths = [write_chrome_trace(run_dir / "trace.json", load_run(run_dir))]
+    print("\n".join(written(str(run_dir), paths)))
     return 0
 
 
@@ -185,14 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adaptive-pp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
-    demo = sub.add_parser("demo", help="simulate the 4 x 16 pipeline, then train on 4 processes")
+    demo = sub.add_parser(
+        "demo",
+        help="train on 4 local processes with adaptive=True while one stage slows down",
+    )
     demo.add_argument("--stages", type=int, default=4)
     demo.add_argument("--microbatches", type=int, default=8)
     demo.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
-    demo.add_argument("--steps", type=int, default=8)
-    demo.add_argument("--simulate-only", action="store_true", help="skip the live training run")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--slow-stage", type=int, default=2, help="the stage that slows down (2)")
+    demo.add_argument("--slow-factor", type=float, default=2.0, help="how much slower (2.0)")
     demo.add_argument(
-        "--run-dir", help="write every step's report to RUN_DIR/reports.jsonl (replaced if there)"
+        "--slow-at", type=int, default=8, help="first slow step, from 1 (8; 0: never)"
+    )
+    demo.add_argument(
+        "--simulate-only", action="store_true", help="print simulated GPipe and 1F1B instead"
+    )
+    demo.add_argument(
+        "--run-dir",
+        default="runs/demo",
+        help="where reports.jsonl, trace.json and the plots go (runs/demo; replaced)",
     )
     demo.add_argument(
         "--otlp-endpoint",
@@ -200,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"export OpenTelemetry spans and metrics over OTLP/gRPC (default ${ENV_ENDPOINT})",
     )
     demo.add_argument("--log-format", choices=FORMATS, default="console", help="structlog output")
-    demo.add_argument("--log-level", choices=LEVELS, default="info")
+    demo.add_argument("--log-level", choices=LEVELS, default="warning")
     _add_trace(sub)
     _add_plot(sub)
     return parser

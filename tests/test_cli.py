@@ -130,16 +130,19 @@ def test_plot_without_matplotlib_is_exit_2(
 
 
 def test_demo_observability_flags() -> None:
-    """--otlp-endpoint/--log-format/--log-level/--run-dir parse; a bad log format is refused."""
+    """--otlp-endpoint/--log-format/--log-level/--run-dir parse; a bad log format is refused.
+    The demo narrates itself: its logs default to warnings, its files to runs/demo."""
     args = build_parser().parse_args(
         ["demo", "--otlp-endpoint", "http://c:4317", "--log-format", "json", "--run-dir", "r"]
     )
     assert (args.otlp_endpoint, args.log_format, args.log_level, args.run_dir) == (
         "http://c:4317",
         "json",
-        "info",
+        "warning",
         "r",
     )
+    defaults = build_parser().parse_args(["demo"])
+    assert (defaults.run_dir, defaults.slow_stage, defaults.slow_at) == ("runs/demo", 2, 8)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--log-format", "xml"])
 
