@@ -152,9 +152,11 @@ def assert_matches_reference(
     ranks: list[dict[str, Any]],
     m_from: dict[int, int] | None = None,
     skip: frozenset[int] = frozenset(),
+    reference: tuple[list[float], dict[str, torch.Tensor], Any] | None = None,
 ) -> None:
-    """Losses, parameters and optimizer state of every rank equal the single-process run's."""
-    ref_losses, ref_state, ref_opt = train_reference(case, m_from, skip)
+    """Losses, parameters and optimizer state of every rank equal the single-process run's
+    (``reference``: another run's, e.g. the PipeDream-2BW update rule's)."""
+    ref_losses, ref_state, ref_opt = reference or train_reference(case, m_from, skip)
     ref_params = [p for g in ref_opt.param_groups for p in g["params"]]
     ref_by_name = dict(zip(ref_state.keys(), ref_params, strict=True))
     seen: set[str] = set()

@@ -73,6 +73,11 @@ def test_action_parse_rejects_junk(junk: str) -> None:
         Action.parse(junk)
 
 
+def test_a_backward_of_the_previous_step_parses() -> None:
+    """PipeDream-2BW windows name the previous step's micro-batches by negative ids."""
+    assert Action.parse("1B-3") == Action(1, "B", -3) and str(Action(1, "B", -3)) == "1B-3"
+
+
 @given(
     st.one_of(
         st.text(max_size=12),

@@ -47,8 +47,11 @@ SPLIT_BACKWARD_SCHEDULES = ("zb-h1",)
 CHUNKED_SCHEDULES = ("interleaved-1f1b",)  # V model chunks per rank (PipelineConfig.chunks)
 # ... and those the core (generators, validator, simulator) knows: the same ones today.
 SIMULATED_SCHEDULE_NAMES = SCHEDULE_NAMES
+# Run without a flush between steps (PipeDream-2BW, core.twobw): chosen at the start only.
+ASYNC_SCHEDULES = ("2bw",)
 
-_ACTION_RE = re.compile(r"^(\d+)([FBIW])(\d+)(?:c(\d+))?$", re.ASCII)  # ASCII digits only
+# ASCII digits only; a backward's negative micro-batch is the previous step's (PipeDream-2BW)
+_ACTION_RE = re.compile(r"^(\d+)([FBIW])(-?\d+)(?:c(\d+))?$", re.ASCII)
 
 
 class ScheduleError(ValueError):
@@ -80,7 +83,7 @@ class Action(NamedTuple):
     def parse(cls, text: str) -> Action:
         """Parse the compact form, e.g. ``"1F3"`` or ``"1I3c1"`` (chunk 1)."""
         match = _ACTION_RE.match(text.strip())
-        if match is None:
+        if match is None or (match.group(3).startswith("-") and match.group(2) != "B"):
             raise ValueError(
                 f"not an action: {text!r} (expected e.g. '1F3' or '1W3c1': stage, F|B|I|W, "
                 "micro-batch, optional c<chunk>)"

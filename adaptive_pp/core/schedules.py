@@ -21,6 +21,7 @@ from functools import partial
 
 from .actions import (
     ALL_KINDS,
+    ASYNC_SCHEDULES,
     CHUNKED_SCHEDULES,
     KINDS,
     PLACEMENTS,
@@ -53,6 +54,7 @@ from .zerobubble import interleaved_1f1b, zb_h1
 
 __all__ = [
     "ALL_KINDS",
+    "ASYNC_SCHEDULES",
     "CHUNKED_SCHEDULES",
     "KINDS",
     "PLACEMENTS",
@@ -165,6 +167,11 @@ def make_schedule(name: str, num_stages: int, microbatches: int, chunks: int = 2
         return interleaved_1f1b(num_stages, microbatches, chunks)
     if key == "zbh1":
         return zb_h1(num_stages, microbatches)
+    if key == "2bw":  # one step's window of the unflushed stream (core.twobw)
+        from .twobw import NAME, window
+
+        stages = tuple(window(num_stages, microbatches, s, spill=True) for s in range(num_stages))
+        return Schedule(stages, microbatches, NAME)
     raise ValueError(
         f"unknown schedule {name!r}; choose one of {', '.join(SIMULATED_SCHEDULE_NAMES)}"
     )

@@ -170,6 +170,10 @@ def simulate(
             f"costs are for {costs.num_stages} stages x {costs.microbatches} micro-batches, "
             f"schedule is {num_stages} x {m_count}"
         )
+    if schedule.name == "2bw":  # a window of an unflushed stream: its steady state
+        from .twobw import simulate_window
+
+        return simulate_window(schedule, costs, step=step)
     code = compiled if compiled is not None else compile_schedule(schedule)
     run = replay(
         schedule,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.partition import Partition
-from ..core.schedules import SCHEDULE_NAMES, make_schedule
+from ..core.schedules import ASYNC_SCHEDULES, SCHEDULE_NAMES, make_schedule
 
 
 @dataclass(kw_only=True)
@@ -19,7 +19,9 @@ class PipelineConfig:
     """M: the mini-batch is split into this many equal micro-batches."""
     schedule: str = "1f1b"
     """"1f1b" (default), "gpipe", "zb-h1" (split backward: I, then W; see runtime.splitgrad) or
-    "interleaved-1f1b" (``chunks`` model chunks per rank; M must be a multiple of the stages)."""
+    "interleaved-1f1b" (``chunks`` model chunks per rank; M must be a multiple of the stages),
+    or "2bw": PipeDream-2BW, 1F1B without a flush between steps, each step's micro-batches on
+    the weights of two steps back (see runtime.twobw; M >= stages - 1)."""
     chunks: int = 2
     """V, the model chunks (virtual stages) per rank of "interleaved-1f1b"; other schedules hold
     one. Virtual stage v = chunk * S + rank: the S*V ranges of the partition loop over the ranks."""
@@ -108,4 +110,5 @@ def check_schedule(name: str) -> None:
     try:
         make_schedule(name, 1, 1)
     except ValueError as exc:
-        raise ValueError(f"{exc} (the runtime runs {', '.join(SCHEDULE_NAMES)})") from None
+        names = ", ".join((*SCHEDULE_NAMES, *ASYNC_SCHEDULES))
+        raise ValueError(f"{exc} (the runtime runs {names})") from None

@@ -27,16 +27,18 @@ def run_actions(
     t0: float,
     *,
     version: int,
+    prepared: bool = False,
 ) -> StageLog:
     """Run ``actions`` in order, action ``a`` on ``workers[a.chunk]``; return the rank's log.
 
     Inputs go to the chunk of virtual stage 0, targets to the chunk that computes the loss;
     ``version`` is the weights' version (stamped on what is sent, checked on what arrives);
-    times are relative to ``t0``.
+    times are relative to ``t0``. ``prepared``: the caller prepared the workers itself.
     """
     log = StageLog()
     for w in workers:
-        w.prepare(actions, version)
+        if not prepared:
+            w.prepare(actions, version)
     m_count = sum(a.kind == "F" and a.chunk == 0 for a in actions)  # each chunk runs M forwards
     sync = workers[0].device if workers[0].device.type == "cuda" else None
     for action in actions:

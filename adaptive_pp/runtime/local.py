@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import twobw
 from ..core.decisions import Plan
 from ..core.partition import Partition
 from ..core.schedules import Schedule, make_schedule, validate
@@ -31,9 +32,10 @@ from .chunk import Chunk, Segment
 from .comm import Link
 from .config import PipelineConfig, check_schedule
 from .control import Control
-from .layerstate import OptimizerFactory, optimizer_state, rebuild_optimizer
+from .layerstate import OptimizerFactory, named_params, optimizer_state, rebuild_optimizer
 from .stage import LossFn, StageWorker
 from .undo import StepMark
+from .versions import AsyncState, WeightVersions
 
 
 class LocalStage:
@@ -127,6 +129,10 @@ class LocalStage:
             for chunk, up, down in zip(self.chunks, ups, downs, strict=True)
         ]
         self.optimizer = rebuild_optimizer(factory, self.modules(), None, {})
+        #: PipeDream-2BW's weight versions and stream position (None: a flushed schedule).
+        self.stream: AsyncState | None = None
+        if self.schedule_name == twobw.NAME:
+            self.stream = AsyncState(WeightVersions(named_params(self.modules()), stage))
 
     # --- reading --------------------------------------------------------------------------
 
@@ -217,6 +223,11 @@ class LocalStage:
         to or from an interleaved schedule would cut the model into other chunks).
         """
         check_schedule(name)
+        if twobw.NAME in (name, self.schedule.name):
+            raise ValueError(
+                f"cannot switch schedule {self.schedule.name} -> {name}: {twobw.NAME} (no flush "
+                "between steps) is chosen in PipelineConfig.schedule at the start"
+            )
         if make_schedule(name, 1, 1).chunks > 1 or len(self.chunks) > 1:
             raise ValueError(
                 f"cannot switch schedule {self.schedule.name} -> {name}: a switch runs only "
@@ -297,5 +308,8 @@ class LocalStage:
 
     def _make_schedule(self, microbatches: int) -> Schedule:
         sched = make_schedule(self.schedule_name, self.num_stages, microbatches, self.num_chunks)
-        validate(sched)
+        if sched.name == twobw.NAME:  # a window: checked as the stream it belongs to
+            validate(twobw.unrolled(self.num_stages, microbatches, 2))
+        else:
+            validate(sched)
         return sched

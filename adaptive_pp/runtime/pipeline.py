@@ -41,6 +41,7 @@ from .local import LocalStage
 from .migration import MigrationAborted, apply_decision
 from .stage import LossFn
 from .step import StepOutput, split_batch
+from .twobw import run_drain
 from .undo import StepMark, clear_gradients
 
 __all__ = ["Pipeline", "StepOutput", "init_distributed", "split_batch"]
@@ -239,6 +240,7 @@ class Pipeline:
         schedules of one model chunk per rank). The next step's report lists the change, or
         the refusal (ValueError for an invalid decision, MigrationAborted), which is re-raised.
         """
+        self.flush()  # PipeDream-2BW: changes land between streams
         self._local.begin()
         try:
             return self._apply(decision)
@@ -374,18 +376,40 @@ class Pipeline:
         if isinstance(decision, Keep):
             return
         log.info("decision", step=report.step, decision=describe(decision), reason=decision.reason)
+        self._drain()  # PipeDream-2BW: changes land between streams
         try:
             self._apply(decision)
         except (MigrationAborted, ValueError) as exc:
             # Refused or aborted (apply noted it for the next report): the old plan stays.
             log.warning("decision.refused", decision=describe(decision), error=str(exc))
 
+    def flush(self) -> None:
+        """PipeDream-2BW: run the backwards the last step left and make the version they
+        complete, so that the parameters hold every step's update (every rank calls it; no-op
+        for flushed schedules and when nothing is left). The next step starts a new stream.
+        """
+        try:
+            self._drain()
+        except BaseException as exc:
+            steps.fail(self._local, exc, undoable=False)
+            raise
+
+    def _drain(self) -> None:
+        """The drain of ``flush``, in a round of its own (failures are the caller's)."""
+        local = self._local
+        if local.stream is not None and local.stream.spill:
+            local.begin()
+            run_drain(local, local.stream, time.perf_counter())
+
     # --- closing ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Say goodbye to the neighbours, stop receiver threads, leave the process group."""
+        """Say goodbye to the neighbours, stop receiver threads, leave the process group
+        (PipeDream-2BW: after draining what the last step left, unless poisoned)."""
         if self._closed:
             return
+        if self._local.stream is not None and not self._local.control.poisoned:
+            self.flush()
         self._closed = True
         self._local.close()
         if self._owns_group and dist.is_initialized():

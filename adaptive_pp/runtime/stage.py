@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import NonFiniteLoss, PipelineError, StageFailure, VersionMismatch
@@ -112,6 +113,14 @@ class StageWorker:
         self._w_params: list[list[torch.Tensor]] = []  # per segment, what W gives a gradient
         #: Forward actions completed (their output sent) in the step being run.
         self.forwards_done = 0
+        #: PipeDream-2BW (``runtime.twobw``): the weights this step's forwards run on (segment
+        #: name -> parameter name -> tensor), their version, and each stash entry's version.
+        self._weights_of: dict[str, dict[str, torch.Tensor]] | None = None
+        self._stash_version: dict[int, int] = {}
+        #: Backwards whose input gradient the upstream stage takes in its next step (2BW),
+        #: and the micro-batches of a step (their id there is m - M).
+        self.grads_for_next_step: frozenset[int] = frozenset()
+        self.microbatches_of_step = 0
 
     @property
     def is_last(self) -> bool:
@@ -123,14 +132,39 @@ class StageWorker:
         """The chunk's segments, in the order they run."""
         return self.chunk.segments
 
-    def prepare(self, actions: Sequence[Action], version: int) -> None:
+    def prepare(
+        self,
+        actions: Sequence[Action],
+        version: int,
+        *,
+        carry: int = 0,
+        weights: tuple[dict[str, torch.Tensor], set[int]] | None = None,
+    ) -> None:
         """Start a step running (this chunk's share of) ``actions`` at weight ``version``.
 
-        ``version`` is stamped on what is sent and checked on what arrives.
+        ``version`` is stamped on what is sent and checked on what arrives. PipeDream-2BW:
+        ``carry`` = M keeps the stash of the micro-batches whose backwards spill into this
+        step, renamed m - M (with the versions they ran on); ``weights`` are the forwards'
+        tensors by global parameter name and the storages of every weight version.
         """
+        kept = {m - carry: v for m, v in self._stash.items()} if carry else {}
+        kept_bytes = {m - carry: self._stash_bytes.get(m, 0) for m in self._stash} if carry else {}
+        kept_versions = {m - carry: self._stash_version[m] for m in self._stash} if carry else {}
         self.discard()
+        self._stash, self._stash_bytes, self._stash_version = kept, kept_bytes, kept_versions
+        self._live_bytes = sum(kept_bytes.values())
         self._version = version
         self._weights = storage_ptrs(seg.module for seg in self.segments)
+        self._weights_of = None
+        if weights is not None:
+            by_name, storages = weights
+            self._weights |= storages
+            self._weights_of = {
+                seg.name: {
+                    pn: by_name[f"{seg.name}.{pn}"] for pn, _ in seg.module.named_parameters()
+                }
+                for seg in self.segments
+            }
         self._range = self.chunk.layer_range()  # segments change only between steps
         split = any(a.kind == "W" for a in actions)  # a split backward's W needs to know
         self._whole_w = split and shares_parameters([seg.module for seg in self.segments])
@@ -165,6 +199,10 @@ class StageWorker:
         """Micro-batches whose activations are stashed now."""
         return len(self._stash)
 
+    def stashed_versions(self) -> set[int]:
+        """Weight versions the stashed micro-batches ran on (PipeDream-2BW)."""
+        return set(self._stash_version.values())
+
     @property
     def live_bytes(self) -> int:
         """Bytes of the activations (and I's gradients) stashed now."""
@@ -172,19 +210,24 @@ class StageWorker:
 
     def discard(self) -> None:
         """Drop the step's stashed activations and graphs (a new step, or an aborted one)."""
-        self._stash.clear()
-        self._stash_bytes.clear()
+        self._stash = {}
+        self._stash_bytes = {}
+        self._stash_version = {}
         self._live_bytes = 0
         self.forwards_done = 0
         self._sources.clear()
         self._pending_w.clear()
 
-    def _check_version(self, header: Header, what: str) -> None:
-        if header.version != self._version:
+    def _check_version(self, header: Header, what: str, expected: int | None = None) -> None:
+        """``expected``: the version micro-batch's stash ran on (PipeDream-2BW), else the
+        step's."""
+        want = self._version if expected is None else expected
+        if header.version != want:
+            held = "its stash of it ran on" if expected is not None else "its weights are at"
             raise VersionMismatch(
                 f"stage {self.stage} received the {what} of micro-batch {header.microbatch} "
                 f"computed by layers {header.layer_lo}-{header.layer_hi} at weight version "
-                f"{header.version}, but its weights are at version {self._version}",
+                f"{header.version}, but {held} version {want}",
                 stage=self.stage,
                 microbatch=header.microbatch,
                 layer=header.layer_lo,
@@ -204,7 +247,7 @@ class StageWorker:
         if self.down is None:
             return None
         msg = self.down.take(MessageKind.GRAD, m, self.recv_timeout, "gradient", self.vstage)
-        self._check_version(msg.header, "gradient")
+        self._check_version(msg.header, "gradient", self._stash_version.get(m))
         return msg.payload.to(self.device)
 
     def _source(self, m: int) -> str:
@@ -247,7 +290,7 @@ class StageWorker:
             for i, seg in enumerate(self.segments):
                 t = time.perf_counter()
                 try:
-                    h = self._call(seg.module, h)
+                    h = self._call(seg, h)
                 except Exception as exc:
                     # The stage's first segment names where its input came from (a shape that
                     # does not fit is the producer's as much as the consumer's).
@@ -277,19 +320,32 @@ class StageWorker:
         for i in _hooked(boundaries, self.is_last):
             boundaries[i].register_hook(lambda _g: stamp(time.perf_counter()))  # type: ignore[no-untyped-call]
         self._stash[m] = (boundaries, top, marks)
+        if self._weights_of is not None:
+            self._stash_version[m] = self._version
 
-    def _call(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """One segment's forward, under activation checkpointing if enabled."""
+    def _call(self, seg: Segment, h: torch.Tensor) -> torch.Tensor:
+        """One segment's forward (on the step's weight version under PipeDream-2BW), under
+        activation checkpointing if enabled."""
+        run: Callable[[torch.Tensor], torch.Tensor] = seg.module
+        if self._weights_of is not None:
+            weights, module = self._weights_of[seg.name], seg.module
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor = functional_call(module, weights, (x,), strict=False)
+                return out
+
         if self.checkpointing and torch.is_grad_enabled():
-            out: torch.Tensor = checkpoint(module, h, use_reentrant=False)
+            out: torch.Tensor = checkpoint(run, h, use_reentrant=False)
             return out
-        result: torch.Tensor = module(h)
-        return result
+        return run(h)
 
-    def _header(self, kind: MessageKind, m: int, step: int, t: torch.Tensor) -> Header:
+    def _header(
+        self, kind: MessageKind, m: int, step: int, t: torch.Tensor, version: int | None = None
+    ) -> Header:
         lo, hi = self._range
         to = self.vstage + 1 if kind == MessageKind.ACT else self.vstage - 1  # the receiver
-        return Header(kind, m, step, self._version, lo, hi, t.dtype, tuple(t.shape), to)
+        v = self._version if version is None else version
+        return Header(kind, m, step, v, lo, hi, t.dtype, tuple(t.shape), to)
 
     def _loss(
         self,
@@ -322,6 +378,7 @@ class StageWorker:
     ) -> None:
         """B (or, ``split``, I: input gradient only, stash kept until W) of micro-batch ``m``."""
         boundaries, top, marks = self._stash[m] if split else self._stash.pop(m)
+        version = self._stash_version.pop(m, None)
         if not split:
             self._live_bytes -= self._stash_bytes.pop(m, 0)
         t0 = time.perf_counter()
@@ -354,7 +411,12 @@ class StageWorker:
                     microbatch=m,
                 )
             # Sent before the per-layer bookkeeping: the previous stage may be waiting for it.
-            self.up.send(self._header(MessageKind.GRAD, m, step, x_grad), x_grad.cpu())
+            # PipeDream-2BW: a gradient the upstream stage takes in its next step is filed
+            # under that step (round) and its id there.
+            ahead = m in self.grads_for_next_step
+            sent = m - self.microbatches_of_step if ahead else m
+            header = self._header(MessageKind.GRAD, sent, step + ahead, x_grad, version)
+            self.up.send(header, x_grad.cpu())
         self._layer_backward_times(boundaries, marks, t0, t_end, log)
 
     def _backward_weight(self, m: int, log: StageLog) -> None:

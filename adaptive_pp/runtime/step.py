@@ -23,6 +23,7 @@ from ..observability.telemetry import Telemetry
 from .driver import run_actions
 from .local import LocalStage
 from .stepreport import local_part, merge_parts
+from .twobw import run_window
 
 log = structlog.get_logger("adaptive_pp.pipeline")
 
@@ -72,24 +73,30 @@ def run(
     if batch is not None:
         local.last_batch_size = int(batch.shape[0])
     local.phase = "run"
-    stage_log = run_actions(
-        local.workers,
-        local.schedule.stages[stage],
-        ins,
-        tgts if local.is_last else None,
-        local.control.round,
-        t0,
-        version=local.version,
-    )
-    local.phase = "done"
-    for ln in local.links():
-        ln.flush()
-    t_opt = time.perf_counter()
-    if local.optimizer is not None:
-        local.optimizer.step()
-        local.optimizer.zero_grad(set_to_none=True)
-    local.version += 1
-    t_done = time.perf_counter()
+    if local.stream is not None:  # PipeDream-2BW: a window; it makes its version itself
+        stage_log, (t_opt, t_done) = run_window(
+            local, local.stream, ins, tgts if local.is_last else None, t0
+        )
+        local.phase = "done"
+    else:
+        stage_log = run_actions(
+            local.workers,
+            local.schedule.stages[stage],
+            ins,
+            tgts if local.is_last else None,
+            local.control.round,
+            t0,
+            version=local.version,
+        )
+        local.phase = "done"
+        for ln in local.links():
+            ln.flush()
+        t_opt = time.perf_counter()
+        if local.optimizer is not None:
+            local.optimizer.step()
+            local.optimizer.zero_grad(set_to_none=True)
+        local.version += 1
+        t_done = time.perf_counter()
     part = local_part(local, stage_log, t0, t_done - t_opt)
     report = merge_parts(local, local.control.all_gather(part), time.perf_counter() - t0)
     telemetry.record(span, report)
@@ -131,7 +138,7 @@ def undoable(local: LocalStage) -> bool:
     """
     if local.phase == "check":
         return True
-    if local.phase != "run":
+    if local.phase != "run" or local.stream is not None:  # 2BW: the stream cannot rewind
         return False
     return local.is_last or local.forwards_done < local.microbatches * local.num_chunks
 

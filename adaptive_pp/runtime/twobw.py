@@ -1,0 +1,125 @@
+"""PipeDream-2BW on a rank: each step runs a window of the unflushed 1F1B stream.
+
+``core.twobw`` gives the actions: step t's forwards F(0..M-1) and the backwards due in it, the
+previous step's last ones (spilled, ids m - M) first. Weights come from ``WeightVersions``:
+step t's micro-batches run forward and backward on W(t-1), each step on leaf tensors of its
+own, so gradients of different steps never mix. Once a rank has every backward of a step, it
+makes the next version at the end of the window: the last stage, which spills nothing, makes
+W(t+1) from step t's gradients after window t; the others make W(t) from step t-1's after the
+window its spill ran in (or after the drain).
+
+Messages: a forward's activation and a backward's gradient carry the version the micro-batch
+ran on, checked on arrival against the receiver's stash (VersionMismatch otherwise). Each
+rank's first backward of the window that is not spilled sends its gradient to a rank that
+spills one more: that rank takes it in its next step, so it is filed under the next round with
+its id there (``StageWorker.grads_for_next_step``); every other message stays in its round.
+Between a window and anything but the next window or a drain no round may start: ``Pipeline``
+drains first (moves, M changes, checkpoints, close).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..core import twobw
+from ..core.errors import VersionMismatch
+from .driver import run_actions
+from .local import LocalStage
+from .stage import StageLog
+from .versions import AsyncState
+
+
+def run_window(
+    local: LocalStage,
+    state: AsyncState,
+    inputs: Sequence[torch.Tensor] | None,
+    targets: Sequence[torch.Tensor] | None,
+    t0: float,
+) -> tuple[StageLog, tuple[float, float]]:
+    """Step ``local.step_count``: its window, then the version its completed step makes (when
+    it started and ended, perf_counter seconds)."""
+    s, num, m = local.stage, local.num_stages, local.microbatches
+    t = local.step_count
+    actions = twobw.window(num, m, s, spill=state.spill)
+    leaves = state.versions.leaves(t - 1, f"the forwards of step {t}")
+    worker = local.workers[0]
+    worker.prepare(
+        actions,
+        t - 1,
+        carry=m if state.spill else 0,
+        weights=(leaves, state.versions.storage_ptrs()),
+    )
+    # The upstream rank spills one backward more: it takes our last backward's gradient next.
+    last = m - 1 - twobw.warmup(num, m, s)
+    worker.grads_for_next_step = frozenset({last} if s > 0 and last >= 0 else ())
+    worker.microbatches_of_step = m
+    log = run_actions(
+        local.workers,
+        actions,
+        inputs,
+        targets,
+        local.control.round,
+        t0,
+        version=t - 1,
+        prepared=True,
+    )
+    for ln in local.links():
+        ln.flush()
+    t_opt = time.perf_counter()
+    if local.is_last:  # nothing spills: step t is complete
+        _update(local, state, t + 1, leaves)
+    else:
+        if state.spill:
+            _update(local, state, t, state.pending)
+        state.pending = leaves
+    state.spill = True  # on every rank alike: a drain is due (the last stage's is empty)
+    return log, (t_opt, time.perf_counter())
+
+
+def run_drain(local: LocalStage, state: AsyncState, t0: float) -> StageLog | None:
+    """Run the backwards the last window left and make the version they complete."""
+    if not state.spill:
+        return None
+    s, num, m = local.stage, local.num_stages, local.microbatches
+    t = local.step_count  # windows run so far
+    actions = twobw.drain(num, m, s)
+    worker = local.workers[0]
+    worker.prepare(actions, t - 1, carry=m)
+    worker.grads_for_next_step = frozenset()
+    log = run_actions(
+        local.workers,
+        actions,
+        None,
+        None,
+        local.control.round,
+        t0,
+        version=t - 1,
+        prepared=True,
+    )
+    for ln in local.links():
+        ln.flush()
+    if not local.is_last:  # the last stage made its version after its window
+        _update(local, state, t, state.pending)
+    state.pending, state.spill = {}, False
+    return log
+
+
+def _update(
+    local: LocalStage, state: AsyncState, version: int, leaves: dict[str, torch.Tensor]
+) -> None:
+    """Make W(``version``) from the gradients on ``leaves`` (the step that ran on W(v-2)
+    is complete: its storage takes the new version; no stash may still need it)."""
+    freed = version - 2
+    for w in local.workers:
+        if freed in w.stashed_versions():
+            raise VersionMismatch(
+                f"stage {local.stage} would overwrite weight version {freed} while a backward "
+                "still needs it",
+                stage=local.stage,
+            )
+    grads = {n: leaf.grad for n, leaf in leaves.items()}
+    state.versions.update(version, grads, local.optimizer)
+    local.version = version

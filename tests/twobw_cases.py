@@ -1,0 +1,62 @@
+"""PipeDream-2BW: the single-process reference of its update rule, and rank jobs for the tests.
+
+The rule (Narayanan et al. 2021): step t's micro-batches run forward and backward on W(t-1),
+their gradients summed in micro-batch order, and W(t+1) = W(t) - update(that sum), with
+W(-1) = W(0). The reference keeps the version the next step runs on beside the newest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import runtime_cases as rc
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+def train_reference(case: rc.Case) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+    """Losses of every step, the final parameters W(T) and the optimizer, one process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the stage processes: same kernels, same bits
+    try:
+        model = rc.build_model(case)
+        opt = rc.make_optimizer(case, model.parameters())
+        stale = {n: p.detach().clone() for n, p in model.named_parameters()}  # W(-1) = W(0)
+        losses, m = [], case.microbatches
+        for x, y in rc.batches(case):
+            leaves = {n: t.requires_grad_() for n, t in stale.items()}
+            total = 0.0
+            for xm, ym in zip(
+                torch.split(x, len(x) // m), torch.split(y, len(y) // m), strict=True
+            ):
+                loss = nn.functional.mse_loss(functional_call(model, leaves, (xm,)), ym)
+                total += float(loss.detach())
+                (loss / m).backward()
+            losses.append(total / m)
+            stale = {n: p.detach().clone() for n, p in model.named_parameters()}  # W(t)
+            for n, p in model.named_parameters():
+                p.grad = leaves[n].grad
+            opt.step()  # W(t+1) = W(t) - update(gradients at W(t-1))
+            opt.zero_grad(set_to_none=True)
+        return losses, model.state_dict(), opt
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_pipelined(case: rc.Case, flush_every: int = 0) -> dict[str, Any]:
+    """Rank job: ``case`` under 2BW (drained every ``flush_every`` steps too, if set), then
+    drained; losses, events, this stage's snapshot and the last report."""
+    pipe = rc.case_pipeline(case)
+    losses, events = [], []
+    for k, (x, y) in enumerate(rc.batches(case)):
+        out = pipe.step(x, y)
+        losses.append(out.loss)
+        events += list(out.report.events)
+        if flush_every and (k + 1) % flush_every == 0:
+            pipe.flush()
+    pipe.flush()
+    result = {"losses": losses, "events": events, "report": out.report.to_dict()}
+    result.update(rc.snapshot(pipe))
+    pipe.close()
+    return result
