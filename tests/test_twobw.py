@@ -6,9 +6,13 @@ import pytest
 import runtime_cases as rc
 import twobw_cases as tc
 from conftest import PoolFor
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adaptive_pp.core import twobw
-from adaptive_pp.core.schedules import one_f_one_b
+from adaptive_pp.core.report import StepReport
+from adaptive_pp.core.schedules import make_schedule, one_f_one_b
+from adaptive_pp.runtime.launch import LaunchError, launch
 
 
 def test_windows_and_drain_are_one_unflushed_1f1b_stream() -> None:
@@ -43,3 +47,76 @@ def test_2bw_equals_its_update_rule(pools: PoolFor, stages: int, optimizer: str)
     case = rc.Case(7, WIDTHS[: layers + 1], tuple(range(0, layers + 1, 2)), 4, "2bw", optimizer, 4)
     ranks = pools(stages).run(tc.train_pipelined, case, timeout=120)
     rc.assert_matches_reference(case, ranks, reference=tc.train_reference(case))
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> rc.Case:
+    """Random small MLPs on 1-4 stages, random partitions, M >= S - 1, SGD and Adam."""
+    stages = draw(st.integers(1, 4))
+    layers = draw(st.integers(stages, 7))
+    cuts = sorted(
+        draw(st.sets(st.integers(1, max(1, layers - 1)), min_size=stages - 1, max_size=stages - 1))
+    )
+    return rc.Case(
+        seed=draw(st.integers(0, 10_000)),
+        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
+        bounds=(0, *cuts, layers),
+        microbatches=draw(st.integers(max(1, stages - 1), 6)),
+        schedule="2bw",
+        optimizer=draw(st.sampled_from(["sgd", "adam"])),
+        steps=draw(st.integers(1, 5)),
+        per_microbatch=draw(st.integers(1, 3)),
+    )
+
+
+@pytest.mark.multiprocess
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=cases(), flush_every=st.integers(0, 3))
+def test_2bw_equals_its_update_rule_hypothesis(
+    pools: PoolFor, case: rc.Case, flush_every: int
+) -> None:
+    """Any stages, partition, M >= S - 1, optimizer; drained every ``flush_every`` steps (0:
+    only at the end): a drain ends the stream, the rule goes on."""
+    ranks = pools(len(case.bounds) - 1).run(tc.train_pipelined, case, flush_every, timeout=120)
+    rc.assert_matches_reference(case, ranks, reference=tc.train_reference(case))
+
+
+@pytest.mark.multiprocess
+def test_the_report_shows_the_window_run(pools: PoolFor) -> None:
+    """The last step's timeline is the steady window: the previous step's backwards spilled
+    into it by negative ids; every message checked; peak stash as 1F1B's."""
+    case = rc.Case(3, (4,) * 5, (0, 1, 2, 3, 4), 4, "2bw", "sgd", 3)
+    ranks = pools(4).run(tc.train_pipelined, case, timeout=120)
+    report = StepReport.from_dict(ranks[0]["report"])
+    assert report.schedule == "2bw" and report.step == 2
+    steady = make_schedule("2bw", 4, 4)
+    assert [list(a) for a in report.timeline.actions] == [list(a) for a in steady.stages]
+    assert [a.microbatch for a in report.timeline.actions[0] if a.kind == "B"] == [-3, -2, -1, 0]
+    assert report.peak_stash == tuple(min(4 - s, 4) for s in range(4))
+    for q in report.queues:
+        assert len(q.arrived) == 4
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["message", "stash"])
+def test_a_wrong_version_is_refused_loudly(mode: str) -> None:
+    """A message stamped with another version, or a backward whose stash claims another one:
+    VersionMismatch naming the stage, the layers and the micro-batch, on every rank."""
+    with pytest.raises(LaunchError) as info:
+        launch(tc.job_tampered, 3, mode, timeout=90)
+    root = info.value.root
+    assert root.kind == "VersionMismatch", info.value
+    if mode == "message":  # stage 1 receives stage 0's activation of step 2's micro-batch 0
+        assert root.rank == 1
+        assert "stage 1 received the activation of micro-batch 0 computed by layers 0-0" in (
+            root.message
+        )
+        assert "weight version 2, but its weights are at version 1" in root.message
+    else:  # stage 0's backward of step 1's last micro-batch (id -1 in step 2)
+        assert root.rank == 0
+        assert "stage 0 received the gradient of micro-batch -1 computed by layers 1-1" in (
+            root.message
+        )
+        assert "but its stash of it ran on version 5" in root.message

@@ -60,3 +60,25 @@ def train_pipelined(case: rc.Case, flush_every: int = 0) -> dict[str, Any]:
     result.update(rc.snapshot(pipe))
     pipe.close()
     return result
+
+
+def job_tampered(mode: str) -> None:
+    """Rank job (3 ranks, 2BW, M=2): at step 2, stage 0 stamps its activations with a wrong
+    version (``mode`` "message"), or its stash of a spilled micro-batch claims a wrong one
+    ("stash"); the receiving or the backward stage must refuse."""
+    from adaptive_pp.runtime.stage import StageWorker
+
+    pipe = rc.case_pipeline(rc.Case(3, (4,) * 4, (0, 1, 2, 3), 2, "2bw", "sgd", 3))
+    prepare = StageWorker.prepare
+
+    def tampered(self: StageWorker, *args: Any, **kwargs: Any) -> None:
+        prepare(self, *args, **kwargs)
+        if pipe.stage == 0 and pipe.step_count == 2:
+            if mode == "message":
+                self._version += 1
+            else:
+                self._stash_version[-1] += 5
+
+    StageWorker.prepare = tampered  # type: ignore[method-assign]
+    for x, y in rc.batches(rc.Case(3, (4,) * 4, (0, 1, 2, 3), 2, "2bw", "sgd", 3)):
+        pipe.step(x, y)
