@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptive_pp.core import twobw
+from adaptive_pp.core.decisions import MoveLayers, SetMicrobatches
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import make_schedule, one_f_one_b
 from adaptive_pp.runtime.launch import LaunchError, launch
@@ -120,3 +121,21 @@ def test_a_wrong_version_is_refused_loudly(mode: str) -> None:
             root.message
         )
         assert "but its stash of it ran on version 5" in root.message
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_moves_and_m_changes_between_streams(pools: PoolFor, optimizer: str) -> None:
+    """A move or an M change drains the stream first; a moved layer carries both weight
+    versions and its optimizer state: still the update rule, step for step."""
+    case = rc.Case(11, WIDTHS[:7], (0, 2, 4, 6), 3, "2bw", optimizer, 6)
+    changes = {
+        2: [MoveLayers(0, 1, 1)],
+        3: [MoveLayers(2, 1, 1), SetMicrobatches(6)],
+        5: [MoveLayers(1, 0, 2)],
+    }
+    ranks = pools(3).run(tc.train_pipelined, case, 0, changes, timeout=120)
+    m_from = {3: 6}
+    rc.assert_matches_reference(case, ranks, reference=tc.train_reference(case, m_from))
+    assert ranks[0]["bounds"] == (0, 3, 5, 6) and ranks[0]["m"] == 6
+    assert sum("moved layers" in e for e in ranks[0]["events"]) == 3

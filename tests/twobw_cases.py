@@ -14,9 +14,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from adaptive_pp.core.decisions import Decision
 
-def train_reference(case: rc.Case) -> tuple[list[float], dict[str, torch.Tensor], Any]:
-    """Losses of every step, the final parameters W(T) and the optimizer, one process."""
+
+def train_reference(
+    case: rc.Case, m_from: dict[int, int] | None = None
+) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+    """Losses of every step, the final parameters W(T) and the optimizer, one process
+    (``m_from[k] = M``: M micro-batches from step k on)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the stage processes: same kernels, same bits
     try:
@@ -24,7 +29,8 @@ def train_reference(case: rc.Case) -> tuple[list[float], dict[str, torch.Tensor]
         opt = rc.make_optimizer(case, model.parameters())
         stale = {n: p.detach().clone() for n, p in model.named_parameters()}  # W(-1) = W(0)
         losses, m = [], case.microbatches
-        for x, y in rc.batches(case):
+        for k, (x, y) in enumerate(rc.batches(case)):
+            m = (m_from or {}).get(k, m)
             leaves = {n: t.requires_grad_() for n, t in stale.items()}
             total = 0.0
             for xm, ym in zip(
@@ -44,12 +50,17 @@ def train_reference(case: rc.Case) -> tuple[list[float], dict[str, torch.Tensor]
         torch.set_num_threads(threads)
 
 
-def train_pipelined(case: rc.Case, flush_every: int = 0) -> dict[str, Any]:
-    """Rank job: ``case`` under 2BW (drained every ``flush_every`` steps too, if set), then
-    drained; losses, events, this stage's snapshot and the last report."""
+def train_pipelined(
+    case: rc.Case, flush_every: int = 0, changes: dict[int, list[Decision]] | None = None
+) -> dict[str, Any]:
+    """Rank job: ``case`` under 2BW (drained every ``flush_every`` steps too, if set; the
+    decisions ``changes[k]`` applied before step k), then drained; losses, events, this
+    stage's snapshot and the last report."""
     pipe = rc.case_pipeline(case)
     losses, events = [], []
     for k, (x, y) in enumerate(rc.batches(case)):
+        for decision in (changes or {}).get(k, []):
+            pipe.apply(decision)
         out = pipe.step(x, y)
         losses.append(out.loss)
         events += list(out.report.events)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .partition import Partition
-from .schedules import SCHEDULE_NAMES
+from .schedules import ASYNC_SCHEDULES, SCHEDULE_NAMES
 
 if TYPE_CHECKING:
     from .report import StepReport
@@ -72,9 +72,9 @@ def _check_microbatches(m: object) -> int:
     return m
 
 
-def _check_schedule(name: object) -> str:
-    if not isinstance(name, str) or name not in SCHEDULE_NAMES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+def _check_schedule(name: object, names: tuple[str, ...] = SCHEDULE_NAMES) -> str:
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(names)}")
     return name
 
 
@@ -88,7 +88,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         _check_microbatches(self.microbatches)
-        _check_schedule(self.schedule)
+        _check_schedule(self.schedule, SCHEDULE_NAMES + ASYNC_SCHEDULES)  # 2BW: not a switch
 
     @property
     def num_stages(self) -> int:

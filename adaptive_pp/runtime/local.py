@@ -192,12 +192,19 @@ class LocalStage:
             ln.begin(rnd)
         return rnd
 
-    def adopt_partition(self, partition: Partition, carried: dict[str, dict[str, Any]]) -> None:
+    def adopt_partition(
+        self,
+        partition: Partition,
+        carried: dict[str, dict[str, Any]],
+        older: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Commit a new partition: swap segments and rebuild the optimizer, keeping all state.
 
-        ``carried``: optimizer state of the layers that arrived, by global parameter name.
+        ``carried``: optimizer state of the layers that arrived, by global parameter name;
+        ``older`` (PipeDream-2BW, between streams): their previous weight version.
         """
         old = self.modules()
+        kept_older = self.stream.versions.older() if self.stream is not None else {}
         kept = optimizer_state(self.optimizer, old)
         self.partition = partition
         for chunk in self.chunks:
@@ -210,6 +217,11 @@ class LocalStage:
             for name, module in old.items():
                 if name not in new:
                     module.to("meta")  # freed only after the commit
+        if self.stream is not None:
+            both = {**kept_older, **(older or {})}
+            self.stream.versions = WeightVersions.at(
+                named_params(new), both, self.stream.versions.newest, self.stage
+            )
 
     def set_microbatches(self, microbatches: int) -> None:
         """Run the next steps with ``microbatches`` micro-batches (schedule rebuilt and checked)."""

@@ -40,10 +40,17 @@ from ..core.decisions import (
 from ..core.errors import DecisionMismatch, PipelineError, VersionMismatch
 from ..core.simulator import Costs, simulate
 from .comm import Header, Link, MessageKind, json_tensor, tensor_json
-from .layerstate import layer_name, load_module_state, module_state, optimizer_state
+from .layerstate import (
+    layer_name,
+    load_module_state,
+    module_state,
+    named_params,
+    optimizer_state,
+)
 from .local import LocalStage
 
 MANIFEST, ACK = 0, 1
+OLDER = "\0older"  # key of the arrived layers' older weight version among the carried state
 log = structlog.get_logger("adaptive_pp.migration")
 
 
@@ -192,7 +199,8 @@ def _move(local: LocalStage, move: MoveLayers, new: Plan) -> int:
             f"{local.partition}: {failed[0]}",
             stage=local.stage,
         )
-    local.adopt_partition(new.partition, carried)
+    older = carried.pop(OLDER, None)
+    local.adopt_partition(new.partition, carried, older)
     log.debug(
         "migration.phases",
         stage=local.stage,
@@ -230,6 +238,11 @@ def _send_layers(local: LocalStage, link: Link, modules: dict[str, torch.nn.Modu
                     f"{type(value).__name__}",
                     stage=local.stage,
                 )
+    if local.stream is not None:  # PipeDream-2BW: the older version travels too
+        older = local.stream.versions.older()
+        for pname in named_params(modules):
+            entries.append({"name": pname, "opt": None, "older": True, "tensor": len(tensors)})
+            tensors.append(older[pname])
     versions = {name: local.version for name in modules}
     _send_json(
         link,
@@ -276,9 +289,14 @@ def _receive_layers(
     for module in modules.values():
         if any(t.is_meta for t in module.state_dict().values()):
             module.to_empty(device=local.device)  # materialise the twin; loaded just below
-    state = {e["name"]: tensors[e["tensor"]] for e in entries if e["opt"] is None}
+    state = {
+        e["name"]: tensors[e["tensor"]] for e in entries if e["opt"] is None and not e.get("older")
+    }
     load_module_state(modules, state, f"stage {local.stage} loading migrated layers")
     carried: dict[str, dict[str, Any]] = {}
+    older = {e["name"]: tensors[e["tensor"]] for e in entries if e.get("older")}
+    if older:
+        carried[OLDER] = older
     for e in entries:
         if e["opt"] is None:
             continue

@@ -37,6 +37,30 @@ class WeightVersions:
         ]
         self.label = [0, -1]  # W(0) in store[0], W(-1) = W(0) in store[1]
 
+    @classmethod
+    def at(
+        cls,
+        params: Mapping[str, nn.Parameter],
+        older: Mapping[str, torch.Tensor],
+        version: int,
+        stage: int,
+    ) -> WeightVersions:
+        """Versions ``version`` (the parameters) and ``version - 1`` (``older``, by name): a
+        rank's versions after a move or a checkpoint load."""
+        obj = cls.__new__(cls)
+        obj.params, obj.stage = dict(params), stage
+        newest = {n: p.data for n, p in obj.params.items()}
+        stale = {n: older[n].to(p.device, p.dtype) for n, p in obj.params.items()}
+        obj.store = [newest, stale] if version % 2 == 0 else [stale, newest]
+        obj.label = [version, version - 1] if version % 2 == 0 else [version - 1, version]
+        return obj
+
+    def older(self) -> dict[str, torch.Tensor]:
+        """The version before the newest, by name (what the next step's forwards run on)."""
+        side = (self.newest - 1) % 2
+        assert self.label[side] == self.newest - 1
+        return dict(self.store[side])
+
     @property
     def newest(self) -> int:
         """The newest version held."""
