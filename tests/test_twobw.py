@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import runtime_cases as rc
 import twobw_cases as tc
@@ -139,3 +141,22 @@ def test_moves_and_m_changes_between_streams(pools: PoolFor, optimizer: str) -> 
     rc.assert_matches_reference(case, ranks, reference=tc.train_reference(case, m_from))
     assert ranks[0]["bounds"] == (0, 3, 5, 6) and ranks[0]["m"] == 6
     assert sum("moved layers" in e for e in ranks[0]["events"]) == 3
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_keeps_both_versions_and_resumes_on_another_stage_count(
+    pools: PoolFor, tmp_path: Path
+) -> None:
+    """Saved on 3 stages after 3 steps (drained, both versions), resumed on 2 with another
+    partition: the last 3 steps and the final state are the update rule's."""
+    widths = WIDTHS[:7]
+    three = rc.Case(5, widths, (0, 2, 4, 6), 3, "2bw", "adam", 6)
+    two = rc.Case(5, widths, (0, 4, 6), 3, "2bw", "adam", 6)
+    path = str(tmp_path / "ckpt")
+    first = pools(3).run(tc.train_through_checkpoint, three, 3, path, False, timeout=120)
+    ranks = pools(2).run(tc.train_through_checkpoint, two, 3, path, True, timeout=120)
+    losses, _, _ = reference = tc.train_reference(three)
+    assert first[-1]["losses"] == losses[:3]
+    for r in ranks:
+        r["losses"] = first[-1]["losses"] + r["losses"]
+    rc.assert_matches_reference(two, ranks, reference=reference)

@@ -93,3 +93,22 @@ def job_tampered(mode: str) -> None:
     StageWorker.prepare = tampered  # type: ignore[method-assign]
     for x, y in rc.batches(rc.Case(3, (4,) * 4, (0, 1, 2, 3), 2, "2bw", "sgd", 3)):
         pipe.step(x, y)
+
+
+def train_through_checkpoint(
+    case: rc.Case, save_at: int, path: str, resume: bool
+) -> dict[str, Any]:
+    """Rank job: 2BW up to step ``save_at``, then save (``resume`` False); or load and train the
+    remaining steps, then drain (``resume`` True). Losses of the steps run and the snapshot."""
+    pipe = rc.case_pipeline(case)
+    batches = rc.batches(case)
+    start = pipe.load_checkpoint(path)["step"] if resume else 0
+    losses = []
+    for x, y in batches[start : len(batches) if resume else save_at]:
+        losses.append(pipe.step(x, y).loss)
+    if not resume:
+        pipe.save_checkpoint(path)
+    pipe.flush()
+    result = {"losses": losses, **rc.snapshot(pipe)}
+    pipe.close()
+    return result

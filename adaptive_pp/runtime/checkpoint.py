@@ -4,7 +4,7 @@ Layout of a checkpoint directory::
 
     meta.json            step, version, partition, M, schedule, chunks, layers, user extras
     stage-0-of-4.pt      that rank's parameters, buffers and optimizer state, by global name
-    ...
+    ...                  (PipeDream-2BW, saved drained: also the version before the newest)
 
 Under an interleaved schedule the partition has a range per virtual stage (chunks per rank x
 ranks) and rank r's shard holds the virtual stages v with ``v % ranks == r`` (its chunks).
@@ -40,6 +40,7 @@ from .layerstate import (
     optimizer_state,
 )
 from .local import LocalStage
+from .versions import AsyncState, WeightVersions
 
 FORMAT = 1
 
@@ -69,6 +70,10 @@ def save(local: LocalStage, path: str | Path, extra: dict[str, Any] | None = Non
         },
         "hyper": _hyper(local),
     }
+    if local.stream is not None:  # PipeDream-2BW (drained): the version before the newest
+        shard["older"] = {
+            k: v.detach().cpu().clone() for k, v in local.stream.versions.older().items()
+        }
     name = f"stage-{local.stage}-of-{local.num_stages}.pt"
     torch.save(shard, tmp / name)
     local.control.barrier("the checkpoint write")
@@ -161,7 +166,7 @@ def load(local: LocalStage, path: str | Path) -> dict[str, Any]:
     modules = local.modules()
     failure: Exception | None = None
     try:
-        meta, module, carried, hyper = _read_checked(local, path, modules)
+        meta, module, carried, hyper, older = _read_checked(local, path, modules)
     except Exception as exc:  # whatever it is, this rank must still take part in the verdict
         failure = exc
     text = failure if isinstance(failure, CheckpointError) else repr(failure)
@@ -174,13 +179,20 @@ def load(local: LocalStage, path: str | Path) -> dict[str, Any]:
     # No rank found a fault, so this one read and checked everything: nothing below can fail.
     load_module_state(modules, module, f"checkpoint {path}")
     local.restore(carried, hyper, meta["version"], meta["step"])
+    if local.stream is not None:  # 2BW: both versions (a flushed run's: the newest twice)
+        params = named_params(modules)
+        both = {n: older.get(n, p.detach()) for n, p in params.items()}
+        local.stream = AsyncState(WeightVersions.at(params, both, local.version, local.stage))
     return meta
 
 
 def _read_checked(
     local: LocalStage, path: Path, modules: dict[str, nn.Module]
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Meta, module state, optimizer state and hyperparameters for ``modules``, checked."""
+) -> tuple[
+    dict[str, Any], dict[str, torch.Tensor], dict[str, Any], dict[str, Any], dict[str, torch.Tensor]
+]:
+    """Meta, module state, optimizer state, hyperparameters and (2BW) the older weight version
+    for ``modules``, checked."""
     meta = read_meta(path)
     n, saved, now = len(local.blocks), meta["partition"], local.partition.bounds
     if meta["num_layers"] != n:
@@ -190,6 +202,7 @@ def _read_checked(
     module: dict[str, torch.Tensor] = {}
     carried: dict[str, dict[str, Any]] = {}
     hyper: dict[str, Any] = {}
+    older: dict[str, torch.Tensor] = {}
     for s, name in enumerate(meta["shards"]):
         if not _held(saved, s, len(meta["shards"])) & set(modules):
             continue
@@ -200,9 +213,14 @@ def _read_checked(
             elif _top(key) not in elsewhere:
                 raise CheckpointError(f"the checkpoint holds {key}, which this model does not have")
         carried.update({k: v for k, v in shard["optimizer"].items() if _top(k) in modules})
+        older.update({k: v for k, v in shard.get("older", {}).items() if _top(k) in modules})
         hyper = hyper or shard.get("hyper", {})
     _check(modules, module, carried)
-    return meta, module, carried, hyper
+    params = named_params(modules)
+    for key, value in older.items():
+        if key not in params or _describe(value) != _describe(params[key]):
+            raise CheckpointError(f"the older weight version of {key} does not fit here")
+    return meta, module, carried, hyper, older
 
 
 def _held(bounds: Sequence[int], s: int, ranks: int) -> set[str]:

@@ -295,7 +295,10 @@ class Pipeline:
     # --- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Checkpoint every stage (all ranks call it); ``extra`` (controller state) rides along."""
+        """Checkpoint every stage (all ranks call it); ``extra`` (controller state) rides along.
+
+        PipeDream-2BW: drains first, and saves both weight versions."""
+        self.flush()
         self._local.begin()
         if self.controller is not None:
             extra = {**(extra or {}), "controller": self.controller.state_dict()}
