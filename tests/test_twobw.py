@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,20 @@ def test_a_checkpoint_keeps_both_versions_and_resumes_on_another_stage_count(
     for r in ranks:
         r["losses"] = first[-1]["losses"] + r["losses"]
     rc.assert_matches_reference(two, ranks, reference=reference)
+
+
+@pytest.mark.multiprocess
+def test_memory_is_two_weight_versions_plus_1f1b_activations(pools: PoolFor) -> None:
+    """Per stage: weights x 2 versions, and at most S - s micro-batches' activations in flight
+    (1F1B's closed form), each as many bytes as under flushed 1F1B."""
+    case = rc.Case(3, (4, 6, 5, 3, 4), (0, 1, 2, 3, 4), 4, "2bw", "sgd", 3)
+    flushed = replace(case, schedule="1f1b")
+    ranks = pools(4).run(tc.train_pipelined, case, timeout=120)
+    ref = pools(4).run(rc.train_pipelined, flushed, timeout=120)
+    async_r, sync_r = (StepReport.from_dict(r[0]["report"]) for r in (ranks, ref))
+    model = rc.build_model(case)
+    for s, (a, b) in enumerate(zip(async_r.stages, sync_r.stages, strict=True)):
+        params = sum(p.nbytes for p in model[s].parameters())
+        assert (a.weight_bytes, b.weight_bytes) == (2 * params, params)
+        assert a.peak_stash == b.peak_stash == 4 - s
+        assert a.peak_stash_bytes == b.peak_stash_bytes > 0

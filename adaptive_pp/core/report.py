@@ -121,6 +121,10 @@ class StageStats:
     layer_forward: tuple[float, ...] = ()
     layer_backward: tuple[float, ...] = ()
     peak_stash_bytes: int = 0
+    weight_bytes: int = 0
+    """Bytes of the weight versions the stage holds: its parameters once, twice under
+    PipeDream-2BW (the version in-flight micro-batches use and the newest); 0 if not measured.
+    With ``peak_stash_bytes``, what the stage keeps for backward."""
     layer_bytes: tuple[int, ...] = ()
     """Per layer (as ``layers``), the bytes a move of it would ship: parameters, buffers and
     optimizer state (the runtime measures them every step; empty from the simulator)."""
@@ -242,6 +246,7 @@ class StepReport:
                     layer_forward=tuple(s.get("layer_forward", ())),
                     layer_backward=tuple(s.get("layer_backward", ())),
                     peak_stash_bytes=int(s.get("peak_stash_bytes", 0)),
+                    weight_bytes=int(s.get("weight_bytes", 0)),
                     layer_bytes=tuple(s.get("layer_bytes", ())),
                 )
                 for s in data["stages"]

@@ -7,7 +7,7 @@ from typing import Any
 from ..core.report import QueueTrace, StageStats, StepReport, Timeline
 from ..core.schedules import Action
 from .comm import Link, MessageKind
-from .layerstate import layer_name, state_bytes
+from .layerstate import layer_name, named_params, state_bytes
 from .local import LocalStage
 from .stage import StageLog
 
@@ -39,6 +39,11 @@ def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) 
         "layer_forward": [log.layer_forward.get(i, 0.0) for i in layers],
         "layer_backward": [log.layer_backward.get(i, 0.0) for i in layers],
         "layer_bytes": [sizes.get(layer_name(i), 0) for i in layers],
+        "weight_bytes": (
+            local.stream.versions.nbytes()
+            if local.stream is not None
+            else sum(p.nbytes for p in named_params(local.modules()).values())
+        ),
         "batch": local.last_batch_size or 0,
         "actions": " ".join(map(str, log.actions)),
         "start": log.start,
@@ -87,6 +92,7 @@ def merge_parts(local: LocalStage, parts: list[dict[str, Any]], wall: float) -> 
             layer_forward=tuple(p["layer_forward"]),
             layer_backward=tuple(p["layer_backward"]),
             peak_stash_bytes=p["peak_stash_bytes"],
+            weight_bytes=p["weight_bytes"],
             layer_bytes=tuple(p["layer_bytes"]),
         )
         for p in parts
