@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from ..core.schedules import Action
-from .stage import StageLog, StageWorker
+from .stage import StageWorker
+from .stagelog import StageLog
 
 
 def run_actions(

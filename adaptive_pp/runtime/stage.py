@@ -19,10 +19,10 @@ W(m) runs each segment's weight gradients from those nodes. The
 stash of m (and I's boundary gradients) is held until W(m) ends; a layer's backward time is its
 I part (hooks, as for B) plus its W call.
 
-The activation stash in bytes (``StageLog.peak_stash_bytes``) is measured with
-``adaptive_pp.stash.StashMeter``: per micro-batch, the distinct bytes autograd saves for backward
-plus the boundaries the stage holds, from its forward until its backward; the peak over the step
-of the sum over micro-batches in flight.
+The activation stash in bytes (``StageLog.peak_stash_bytes``, see ``stash.StashMeter``): per
+micro-batch, from its forward until its backward; the peak over the step of the sum in flight.
+PipeDream-2BW (``twobw``): forwards run on the step's weight version, each stash entry keeps
+the version it ran on (checked against its gradient's), and a step's spilled entries carry over.
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
@@ -50,25 +47,10 @@ from .splitgrad import (
     weight_params,
     weight_pass,
 )
+from .stagelog import StageLog, add_time, backward_culprit, hooked, layer_backward_times
 from .stash import StashMeter, storage_ptrs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class StageLog:
-    """What a stage measured during one step (times relative to the step's start)."""
-
-    actions: list[Action] = field(default_factory=list)
-    start: list[float] = field(default_factory=list)
-    end: list[float] = field(default_factory=list)
-    compute: float = 0.0
-    wait: float = 0.0
-    peak_stash: int = 0
-    peak_stash_bytes: int = 0
-    layer_forward: dict[int, float] = field(default_factory=dict)
-    layer_backward: dict[int, float] = field(default_factory=dict)
-    loss_sum: float = 0.0
 
 
 class StageWorker:
@@ -281,7 +263,7 @@ class StageWorker:
         log: StageLog,
     ) -> None:
         # One autograd graph per micro-batch; gradient hooks on the segment boundaries (see
-        # _hooked) timestamp the backward, so per-layer backward time costs no extra calls.
+        # stagelog.hooked) timestamp the backward, so per-layer backward time costs no extra calls.
         h = x.requires_grad_() if x.is_floating_point() and self.up is not None else x
         marks: list[float] = []
         boundaries = [h]
@@ -296,7 +278,7 @@ class StageWorker:
                     # does not fit is the producer's as much as the consumer's).
                     source = self._source(m) if i == 0 else ""
                     raise self._fail(seg.name, seg.layer, m, "forward", exc, source) from exc
-                _add(log.layer_forward, seg.layer, time.perf_counter() - t)
+                add_time(log.layer_forward, seg.layer, time.perf_counter() - t)
                 boundaries.append(h)
         if self.is_last:
             top = self._loss(m, h, targets, m_count, log)
@@ -317,7 +299,7 @@ class StageWorker:
         self._stash_bytes[m] = meter.bytes
         self._live_bytes += meter.bytes
         stamp = marks.append
-        for i in _hooked(boundaries, self.is_last):
+        for i in hooked(boundaries, self.is_last):
             boundaries[i].register_hook(lambda _g: stamp(time.perf_counter()))  # type: ignore[no-untyped-call]
         self._stash[m] = (boundaries, top, marks)
         if self._weights_of is not None:
@@ -392,7 +374,7 @@ class StageWorker:
                 x_grad = boundaries[0].grad
         except Exception as exc:
             raise self._fail(
-                _backward_culprit(self.segments, boundaries, marks, self.is_last),
+                backward_culprit(self.segments, boundaries, marks, self.is_last),
                 None,
                 m,
                 "input-gradient backward (I)" if split else "backward",
@@ -417,7 +399,7 @@ class StageWorker:
             sent = m - self.microbatches_of_step if ahead else m
             header = self._header(MessageKind.GRAD, sent, step + ahead, x_grad, version)
             self.up.send(header, x_grad.cpu())
-        self._layer_backward_times(boundaries, marks, t0, t_end, log)
+        layer_backward_times(self.segments, boundaries, marks, (t0, t_end), self.is_last, log)
 
     def _backward_weight(self, m: int, log: StageLog) -> None:
         """W of micro-batch ``m`` from what I(m) kept (see splitgrad); then its stash goes."""
@@ -429,63 +411,3 @@ class StageWorker:
         finally:
             del self._stash[m]
             self._live_bytes -= self._stash_bytes.pop(m, 0)
-
-    def _layer_backward_times(
-        self,
-        boundaries: list[torch.Tensor],
-        marks: list[float],
-        t0: float,
-        t_end: float,
-        log: StageLog,
-    ) -> None:
-        """Segment i's backward ran from its output's gradient to its input's gradient."""
-        # Hooks fire from the top down; boundaries without a hook have no mark (backward's
-        # start and end stand for the top and the input).
-        when: list[float | None] = [None] * len(boundaries)
-        for i, t in zip(reversed(_hooked(boundaries, self.is_last)), marks, strict=False):
-            when[i] = t
-        for i, seg in enumerate(self.segments):
-            above, below = when[i + 1], when[i]
-            start = t0 if above is None else above
-            stop = t_end if below is None else below
-            _add(log.layer_backward, seg.layer, max(0.0, stop - start))
-
-    def named_segments(self) -> dict[str, nn.Module]:
-        """Global name -> module for this stage's segments."""
-        return self.chunk.modules()
-
-    def state(self) -> dict[str, Any]:
-        """Global-name-keyed state dicts of this stage's modules."""
-        return {seg.name: seg.module.state_dict() for seg in self.segments}
-
-
-def _add(acc: dict[int, float], layer: int | None, seconds: float) -> None:
-    """Accumulate per-layer time (pre, post and the loss, layer None, are not layers)."""
-    if layer is not None:
-        acc[layer] = acc.get(layer, 0.0) + seconds
-
-
-def _hooked(boundaries: list[torch.Tensor], is_last: bool) -> list[int]:
-    """Boundaries whose gradient is timestamped, bottom to top.
-
-    The interior ones, plus the top one on the last stage (the loss sits above it there);
-    elsewhere the top's gradient arrives when backward starts and the input's when it ends,
-    which the action's own timestamps give.
-    """
-    top = len(boundaries) if is_last else len(boundaries) - 1
-    return [i for i in range(1, top) if boundaries[i].requires_grad]
-
-
-def _backward_culprit(
-    segments: list[Segment], boundaries: list[torch.Tensor], marks: list[float], is_last: bool
-) -> str:
-    """Name the segment whose backward raised: the one below the last boundary that got grad."""
-    done = len(marks)
-    hooked = _hooked(boundaries, is_last)
-    if not done and is_last:
-        return "loss or last segment"
-    # hooked[-done:] got their gradient (off the last stage the top always has it); the failing
-    # segment sits just below the lowest of them.
-    reached = hooked[-done] if done else len(boundaries) - 1
-    idx = min(max(reached - 1, 0), len(segments) - 1)
-    return segments[idx].name

@@ -9,7 +9,7 @@ from ..core.schedules import Action
 from .comm import Link, MessageKind
 from .layerstate import layer_name, named_params, state_bytes
 from .local import LocalStage
-from .stage import StageLog
+from .stagelog import StageLog
 
 
 def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:

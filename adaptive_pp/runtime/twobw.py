@@ -28,7 +28,7 @@ from ..core import twobw
 from ..core.errors import VersionMismatch
 from .driver import run_actions
 from .local import LocalStage
-from .stage import StageLog
+from .stagelog import StageLog
 from .versions import AsyncState
 
 
