@@ -178,3 +178,15 @@ def test_memory_is_two_weight_versions_plus_1f1b_activations(pools: PoolFor) -> 
         assert (a.weight_bytes, b.weight_bytes) == (2 * params, params)
         assert a.peak_stash == b.peak_stash == 4 - s
         assert a.peak_stash_bytes == b.peak_stash_bytes > 0
+
+
+@pytest.mark.multiprocess
+def test_a_controllers_decisions_land_between_streams(pools: PoolFor) -> None:
+    """Decisions a controller makes after a step (a move, an M change) drain the stream
+    first, as ``apply`` does: the update rule holds across them."""
+    case = rc.Case(13, WIDTHS[:7], (0, 2, 4, 6), 4, "2bw", "adam", 5)
+    script = {1: MoveLayers(1, 2, 1), 2: SetMicrobatches(2)}
+    ranks = pools(3).run(tc.train_pipelined, case, 0, None, script, timeout=120)
+    reference = tc.train_reference(case, {3: 2})
+    rc.assert_matches_reference(case, ranks, reference=reference)
+    assert ranks[0]["bounds"] == (0, 2, 3, 6) and ranks[0]["m"] == 2

@@ -51,12 +51,16 @@ def train_reference(
 
 
 def train_pipelined(
-    case: rc.Case, flush_every: int = 0, changes: dict[int, list[Decision]] | None = None
+    case: rc.Case,
+    flush_every: int = 0,
+    changes: dict[int, list[Decision]] | None = None,
+    script: dict[int, Decision] | None = None,
 ) -> dict[str, Any]:
     """Rank job: ``case`` under 2BW (drained every ``flush_every`` steps too, if set; the
-    decisions ``changes[k]`` applied before step k), then drained; losses, events, this
-    stage's snapshot and the last report."""
-    pipe = rc.case_pipeline(case)
+    decisions ``changes[k]`` applied before step k; with ``script``, a controller deciding
+    after each step), then drained; losses, events, this stage's snapshot and the last
+    report."""
+    pipe = rc.case_pipeline(case, controller=rc.Scripted(script) if script else None)
     losses, events = [], []
     for k, (x, y) in enumerate(rc.batches(case)):
         for decision in (changes or {}).get(k, []):

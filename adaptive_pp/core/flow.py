@@ -230,7 +230,17 @@ def _peak_action(acts: Sequence[Action]) -> Action:
 
 def peak_stash(schedule: Schedule) -> list[int]:
     """Per rank, the most activations stashed at once (from an F until its B or W ends)."""
-    return list(compile_schedule(schedule).peak)
+    return list(compile_schedule(_stream_of(schedule)).peak)
+
+
+def _stream_of(schedule: Schedule) -> Schedule:
+    """A 2BW window (its backwards reach into the previous step) as two steps of its stream;
+    any other schedule as it is."""
+    if schedule.name != "2bw":
+        return schedule
+    from .twobw import unrolled
+
+    return unrolled(schedule.num_stages, schedule.microbatches, 2)
 
 
 @dataclass(frozen=True)
@@ -388,8 +398,11 @@ def _raise_deadlock(schedule: Schedule, code: Compiled, cur: list[int], ready: l
 def validate(schedule: Schedule, max_stash: int | Sequence[int] | None = None) -> Compiled:
     """Raise ScheduleError unless every rank runs its actions once, in order, without deadlock.
 
-    ``max_stash`` (one bound, or one per rank) also bounds each rank's peak stash.
+    ``max_stash`` (one bound, or one per rank) also bounds each rank's peak stash. A 2BW
+    window (core.twobw) is checked as two steps of its stream and returns that form (same
+    peak stash per rank).
     """
+    schedule = _stream_of(schedule)
     code = compile_schedule(schedule, max_stash)
     zeros = [[0.0] * schedule.microbatches] * schedule.num_stages
     replay(schedule, zeros, zeros, [0.0] * (schedule.num_stages - 1), code, tau_w=zeros)
