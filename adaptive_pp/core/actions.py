@@ -45,10 +45,10 @@ PLACEMENTS: tuple[Placement, ...] = ("loop", "v")
 SCHEDULE_NAMES = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")
 SPLIT_BACKWARD_SCHEDULES = ("zb-h1",)
 CHUNKED_SCHEDULES = ("interleaved-1f1b",)  # V model chunks per rank (PipelineConfig.chunks)
-# ... and those the core (generators, validator, simulator) knows: the same ones today.
-SIMULATED_SCHEDULE_NAMES = SCHEDULE_NAMES
 # Run without a flush between steps (PipeDream-2BW, core.twobw): chosen at the start only.
 ASYNC_SCHEDULES = ("2bw",)
+# ... and those the core (generators, validator, simulator) knows: all of them.
+SIMULATED_SCHEDULE_NAMES = SCHEDULE_NAMES + ASYNC_SCHEDULES
 
 # ASCII digits only; a backward's negative micro-batch is the previous step's (PipeDream-2BW)
 _ACTION_RE = re.compile(r"^(\d+)([FBIW])(-?\d+)(?:c(\d+))?$", re.ASCII)
