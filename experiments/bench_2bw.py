@@ -1,0 +1,185 @@
+"""PipeDream-2BW vs our flushed 1F1B: steady-state step time and what a drain costs.
+
+bench_runtime's setup: 16-layer MLP (width 256), batch 64, S = 4 stages of 4 layers, M = 16,
+EMULATED kernels (a real Linear+tanh plus a sleep of 1 ms forward / 2 ms backward per layer,
+standing for accelerator time). Both schedules run on one pool of 4 ranks in alternating rounds;
+each run drops its first ``--warmup`` steps (2BW's first window has no spilled backwards) and
+the median step wall of the rest is compared. Ideal ratio 2BW / 1F1B = M / (M + S - 1) = 0.84
+(no fill or drain per step); target <= 0.88. Printed next to it: the simulator's steady state
+of a 2BW window (``simulate(make_schedule("2bw", S, M), ...)``: consecutive windows overlap) and
+a model of a window whose ranks all start together (what a step that ends with a collective
+on every rank allows: stage s waits s forwards for its first input). Then each 2BW run's
+``pipe.flush()`` is timed (barrier to return, slowest rank): a drain's cost in ms and in steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from adaptive_pp import Pipeline, PipelineConfig
+from adaptive_pp.core import twobw
+from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.simulator import Costs, simulate
+from experiments import bench_runtime as br
+from experiments.common import pool, timed_steps, write_json
+
+NAME = "bench_2bw"
+SCHEDULES = ("2bw", "1f1b")
+TARGET = 0.88
+
+
+def run_job(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]:
+    """Rank job: ``steps`` timed steps of ``schedule``, then (2BW) a timed ``flush``.
+
+    Returns this rank's step walls (barrier release to return), losses and the flush's wall.
+    """
+    model = br._model(args)
+    cfg = PipelineConfig(microbatches=args["microbatches"], schedule=schedule)
+    x, y = br._data(args)
+    with Pipeline(
+        model, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=1e-3), cfg
+    ) as pipe:
+        timed = timed_steps(lambda _: pipe.step(x, y), steps)
+        dist.barrier()
+        t0 = time.perf_counter()
+        pipe.flush()
+        flush_s = time.perf_counter() - t0
+    return {
+        "walls": timed.walls,
+        "losses": [out.loss for out in timed.outputs],
+        "step_times": [out.report.step_time for out in timed.outputs],
+        "flush_s": flush_s,
+    }
+
+
+def synced_window_s(num: int, m: int, fwd: float, bwd: float) -> float:
+    """A steady-state 2BW window whose ranks all start at 0 (zero hop cost): every spilled
+    backward whose downstream partner ran in the previous window is ready at once; the rest
+    wait for their producer in this window. Returns the end of the last action on any rank."""
+    acts = [twobw.window(num, m, s, spill=True) for s in range(num)]
+    here = {(a.stage, a.kind, a.microbatch) for row in acts for a in row}
+    done: dict[tuple[int, str, int], float] = {}
+    pos, free = [0] * num, [0.0] * num
+    moved = True
+    while moved:
+        moved = False
+        for s in range(num):
+            while pos[s] < len(acts[s]):
+                a = acts[s][pos[s]]
+                peer = s - 1 if a.kind == "F" else s + 1  # F after upstream's, B downstream's
+                dep = (peer, "F" if peer < s else "B", a.microbatch)
+                if dep in here and dep not in done:
+                    break  # its producer has not run yet: try the other ranks
+                start = max(free[s], done.get(dep, 0.0))
+                free[s] = done[(s, a.kind, a.microbatch)] = start + (fwd if a.kind == "F" else bwd)
+                pos[s] += 1
+                moved = True
+    if pos != [len(row) for row in acts]:
+        raise RuntimeError(f"synced window model deadlocked at {pos}")
+    return max(free)
+
+
+def predictions(args: dict[str, Any]) -> dict[str, float]:
+    """Simulated step times (s) of both schedules and the ratios they give."""
+    s, m = args["stages"], args["microbatches"]
+    per = args["layers"] // s
+    f, b = per * args["fwd_ms"] * 1e-3, per * args["bwd_ms"] * 1e-3
+    costs = Costs.build(s, m, f, b)
+    stream = simulate(make_schedule("2bw", s, m), costs).step_time
+    flushed = simulate(make_schedule("1f1b", s, m), costs).step_time
+    synced = synced_window_s(s, m, f, b)
+    return {
+        "2bw_stream_s": stream,
+        "2bw_synced_window_s": synced,
+        "1f1b_s": flushed,
+        "ratio_stream": stream / flushed,
+        "ratio_synced_window": synced / flushed,
+        "ideal": m / (m + s - 1),
+        "drain_s": (s - 1) * b,
+    }
+
+
+def main() -> None:
+    """Run both schedules in alternating rounds on one pool of S ranks; print and save."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first in each run")
+    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
+    ns = p.parse_args()
+    args: dict[str, Any] = dict(br.SETUP)
+    if ns.quick:
+        ns.rounds, ns.steps, ns.warmup = 1, 2, 1
+        args.update(stages=2, layers=4, microbatches=4, fwd_ms=0.2, bwd_ms=0.4)  # 2 processes
+    walls: dict[str, list[float]] = {k: [] for k in SCHEDULES}
+    reported: dict[str, list[float]] = {k: [] for k in SCHEDULES}
+    flushes: list[float] = []
+    with pool(args["stages"]) as workers:
+        for rnd in range(ns.rounds):
+            for kind in SCHEDULES if rnd % 2 == 0 else SCHEDULES[::-1]:
+                ranks = workers.run(run_job, args, kind, ns.warmup + ns.steps, timeout=600)
+                walls[kind] += ranks[0]["walls"][ns.warmup :]
+                reported[kind] += ranks[0]["step_times"][ns.warmup :]
+                if kind == "2bw":
+                    flushes.append(max(r["flush_s"] for r in ranks))
+            print(f"round {rnd + 1}/{ns.rounds} done", flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    med_reported = {k: statistics.median(v) for k, v in reported.items()}
+    ratio = med["2bw"] / med["1f1b"]
+    pred = predictions(args)
+    flush_s = statistics.median(flushes)
+    s, m = args["stages"], args["microbatches"]
+    print(
+        f"\nEMULATED kernels: {args['layers']} layers x ({args['fwd_ms']} ms fwd, "
+        f"{args['bwd_ms']} ms bwd), S={s}, M={m}, batch {args['batch']}, width {args['width']}; "
+        f"median of {len(walls['2bw'])} steps per schedule ({ns.rounds} rounds x {ns.steps} "
+        f"steps after {ns.warmup} warm-up); load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs"
+    )
+    for kind in SCHEDULES:
+        print(
+            f"{kind:5s} median step wall {med[kind] * 1e3:7.1f} ms "
+            f"(report step_time {med_reported[kind] * 1e3:7.1f} ms)"
+        )
+    print(
+        f"ratio 2bw/1f1b {ratio:.3f} (target <= {TARGET}: {'met' if ratio <= TARGET else 'MISSED'};"
+        f" ideal M/(M+S-1) = {pred['ideal']:.3f})"
+    )
+    print(
+        f"simulator: 2bw window steady state {pred['2bw_stream_s'] * 1e3:.1f} ms vs 1f1b "
+        f"{pred['1f1b_s'] * 1e3:.1f} ms -> ratio {pred['ratio_stream']:.3f}; a window with every "
+        f"rank starting together {pred['2bw_synced_window_s'] * 1e3:.1f} ms -> ratio "
+        f"{pred['ratio_synced_window']:.3f}"
+    )
+    print(
+        f"drain: pipe.flush() {flush_s * 1e3:.1f} ms (median of {len(flushes)}, slowest rank) = "
+        f"{flush_s / med['2bw']:.3f} steps of 2bw (nominal (S-1) x backward = "
+        f"{pred['drain_s'] * 1e3:.1f} ms)"
+    )
+    out: dict[str, Any] = {
+        "setup": {**args, "rounds": ns.rounds, "steps": ns.steps, "warmup": ns.warmup},
+        "kernels": "EMULATED",
+        "median_step_s": med,
+        "median_report_step_s": med_reported,
+        "walls_s": walls,
+        "ratio": ratio,
+        "target": TARGET,
+        "target_met": ratio <= TARGET,
+        "simulator": pred,
+        "flush_s": flushes,
+        "flush_median_s": flush_s,
+        "flush_steps": flush_s / med["2bw"],
+    }
+    print(f"wrote {write_json(NAME, out)}")
+
+
+if __name__ == "__main__":
+    main()
