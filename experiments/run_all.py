@@ -25,6 +25,7 @@ STUDIES = (
     "exp_moe",
     "exp_transition",
     "exp_peers",
+    "exp_2bw",
 )
 
 

@@ -23,6 +23,7 @@ KEYS = {
     "exp_moe": {"setup", "configs", "target", "target_met", "figures"},
     "exp_transition": {"setup", "per_step", "moves", "targets_met", "figures"},
     "exp_peers": {"setup", "scenarios", "figures"},
+    "exp_2bw": {"setup", "curves", "gaps", "figures"},
 }
 ENVIRONMENT = {"torch", "python", "platform", "cpus", "time", "adaptive_pp", "matplotlib"}
 
