@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,26 @@ def test_without_a_slowdown_only_the_end_is_shown() -> None:
 def test_a_slowdown_at_the_start_or_past_the_end(at: int) -> None:
     rows = _steps(before_after(_run([0.1, 0.2, 0.3], {}), Slowdown(at=at)))
     assert set(rows) == ({"slowed, as was", "end"} if at == 0 else {"end"})
+
+
+@pytest.mark.multiprocess
+def test_the_demo_shows_a_live_move(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """`make demo` as a user sees it: the slowdown said on screen, the controller's move with
+    its reason, before/after rows, and the run's files where it says."""
+    from adaptive_pp.cli import main
+
+    run_dir = tmp_path / "demo"
+    assert main(["demo", "--run-dir", str(run_dir)]) == 0
+    out = capfd.readouterr().out  # the ranks print: their file descriptors are captured
+    assert "EMULATED" in out and "PipelineConfig(adaptive=True)" in out
+    assert "stage 2's device is 2x slower" in out
+    moves = [line for line in out.splitlines() if line.startswith("  step ") and "moved" in line]
+    assert moves and all("(" in line for line in moves), out  # each move says why
+    assert all(int(line.split()[1].rstrip(":")) > 8 for line in moves)  # after the slowdown
+    assert {"before slowdown", "slowed, as was", "end"} <= {
+        label for line in out.splitlines() for label in _steps([line])
+    }
+    reports = (run_dir / "reports.jsonl").read_text().splitlines()
+    assert len(reports) == 20
+    for name in ("trace.json", "steps.png", "queue-depth.png"):
+        assert (run_dir / name).is_file() and str(run_dir / name) in out
