@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -280,3 +281,35 @@ def median_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "microbatches": rows[-1]["microbatches"],
         "partition": rows[-1]["partition"],
     }
+
+
+@dataclass(frozen=True)
+class Regression:
+    """Synthetic regression y = W x + b + noise (``samples`` points of ``width``, seeded: the
+    same on every rank), served in epochs of seeded shuffles."""
+
+    samples: int
+    width: int
+    noise: float
+    bias_scale: float = 0.1
+
+    @functools.cached_property
+    def data(self) -> tuple[Any, Any]:
+        """All points: x (samples x width) and y (computed once)."""
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(self.width, self.width, generator=g) / self.width**0.5
+        b = self.bias_scale * torch.randn(self.width, generator=g)
+        x = torch.randn(self.samples, self.width, generator=g)
+        return x, x @ w.T + b + self.noise * torch.randn(self.samples, self.width, generator=g)
+
+    def batch(self, step: int, size: int) -> tuple[Any, Any]:
+        """Step ``step``'s mini-batch of ``size`` points (an epoch: a seeded shuffle)."""
+        import torch
+
+        x, y = self.data
+        epoch, i = divmod(step, self.samples // size)
+        order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(1000 + epoch))
+        idx = order[i * size : (i + 1) * size]
+        return x[idx], y[idx]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
-from experiments.common import pool, pyplot, save_figure, study_args, write_json
+from experiments.common import Regression, pool, pyplot, save_figure, study_args, write_json
 
 NAME = "exp_2bw"
 STAGES, WIDTH, HIDDEN, SAMPLES, BATCH, M, NOISE = 4, 32, 64, 1024, 64, 4, 0.1
@@ -35,23 +35,17 @@ SCHEDULES = ("1f1b", "2bw")
 OPTIMIZERS = {"adam": "Adam lr 1e-3", "sgd": "SGD lr 0.05 momentum 0.9"}
 
 
-@functools.lru_cache(maxsize=1)
+DATA = Regression(SAMPLES, WIDTH, NOISE, 0.1)
+
+
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:
     """y = W x + b + noise, seeded (the same on every rank)."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(WIDTH, WIDTH, generator=g) / WIDTH**0.5
-    b = 0.1 * torch.randn(WIDTH, generator=g)
-    x = torch.randn(SAMPLES, WIDTH, generator=g)
-    return x, x @ w.T + b + NOISE * torch.randn(SAMPLES, WIDTH, generator=g)
+    return DATA.data  # type: ignore[no-any-return]
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step ``step``'s mini-batch: epochs of seeded shuffles over the dataset."""
-    x, y = dataset()
-    epoch, i = divmod(step, SAMPLES // BATCH)
-    order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(1000 + epoch))
-    idx = order[i * BATCH : (i + 1) * BATCH]
-    return x[idx], y[idx]
+    """Step ``step``'s mini-batch of BATCH samples: epochs of seeded shuffles of the data."""
+    return DATA.batch(step, BATCH)  # type: ignore[no-any-return]
 
 
 def model() -> nn.Sequential:

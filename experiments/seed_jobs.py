@@ -11,7 +11,6 @@ for accelerator time, for the timing plots).
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -24,28 +23,23 @@ from adaptive_pp.core.decisions import Decision, MoveLayers, SetMicrobatches
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.emulation.kernels import emulated_mlp
 from adaptive_pp.observability.logs import configure_logging
+from experiments.common import Regression
 
 SAMPLES, BATCH, MICROBATCHES, LR, NOISE = 1024, 64, 4, 1e-3, 0.1
 LAYERS, WIDTH, HIDDEN = 10, 16, 64
 
 
-@functools.lru_cache(maxsize=1)
+DATA = Regression(SAMPLES, WIDTH, NOISE, 0.5)
+
+
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N x WIDTH) and y = W x + b + noise, the same on every rank."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(WIDTH, WIDTH, generator=g) / WIDTH**0.5
-    b = 0.5 * torch.randn(WIDTH, generator=g)
-    x = torch.randn(SAMPLES, WIDTH, generator=g)
-    return x, x @ w.T + b + NOISE * torch.randn(SAMPLES, WIDTH, generator=g)
+    """y = W x + b + noise, seeded (the same on every rank)."""
+    return DATA.data  # type: ignore[no-any-return]
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step ``step``'s mini-batch of BATCH samples: epochs of seeded shuffles of the data."""
-    x, y = dataset()
-    epoch, i = divmod(step, SAMPLES // BATCH)
-    order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(1000 + epoch))
-    idx = order[i * BATCH : (i + 1) * BATCH]
-    return x[idx], y[idx]
+    return DATA.batch(step, BATCH)  # type: ignore[no-any-return]
 
 
 def regression_mlp() -> nn.Sequential:

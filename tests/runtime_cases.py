@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
 from adaptive_pp import Pipeline, PipelineConfig
@@ -34,6 +36,34 @@ class Case:
     def batch(self) -> int:
         """Mini-batch size."""
         return self.microbatches * self.per_microbatch
+
+
+def draw_case(
+    draw: st.DrawFn,
+    schedules: Sequence[str],
+    *,
+    min_stages: int = 1,
+    min_m: Callable[[int], int] = lambda stages: 1,
+    max_m: int = 8,
+    max_steps: int = 3,
+) -> Case:
+    """A random small MLP on ``min_stages``-4 stages with a random partition, M in
+    ``min_m(stages)``..``max_m``, one of ``schedules``, SGD or Adam (hypothesis)."""
+    stages = draw(st.integers(min_stages, 4))
+    layers = draw(st.integers(stages, 7))
+    cuts = sorted(
+        draw(st.sets(st.integers(1, max(1, layers - 1)), min_size=stages - 1, max_size=stages - 1))
+    )
+    return Case(
+        seed=draw(st.integers(0, 10_000)),
+        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
+        bounds=(0, *cuts, layers),
+        microbatches=draw(st.integers(min_m(stages), max_m)),
+        schedule=draw(st.sampled_from(list(schedules))),
+        optimizer=draw(st.sampled_from(["sgd", "adam"])),
+        steps=draw(st.integers(1, max_steps)),
+        per_microbatch=draw(st.integers(1, 3)),
+    )
 
 
 def build_model(case: Case) -> nn.Sequential:

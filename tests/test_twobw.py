@@ -56,21 +56,7 @@ def test_2bw_equals_its_update_rule(pools: PoolFor, stages: int, optimizer: str)
 @st.composite
 def cases(draw: st.DrawFn) -> rc.Case:
     """Random small MLPs on 1-4 stages, random partitions, M >= S - 1, SGD and Adam."""
-    stages = draw(st.integers(1, 4))
-    layers = draw(st.integers(stages, 7))
-    cuts = sorted(
-        draw(st.sets(st.integers(1, max(1, layers - 1)), min_size=stages - 1, max_size=stages - 1))
-    )
-    return rc.Case(
-        seed=draw(st.integers(0, 10_000)),
-        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
-        bounds=(0, *cuts, layers),
-        microbatches=draw(st.integers(max(1, stages - 1), 6)),
-        schedule="2bw",
-        optimizer=draw(st.sampled_from(["sgd", "adam"])),
-        steps=draw(st.integers(1, 5)),
-        per_microbatch=draw(st.integers(1, 3)),
-    )
+    return rc.draw_case(draw, ["2bw"], min_m=lambda s: max(1, s - 1), max_m=6, max_steps=5)
 
 
 @pytest.mark.multiprocess

@@ -232,21 +232,7 @@ def test_zb_h1_with_activation_checkpointing_is_bit_exact(pools: PoolFor) -> Non
 @st.composite
 def zb_cases(draw: st.DrawFn) -> rc.Case:
     """Random small MLPs on 2-4 stages, random partitions and M, SGD or Adam, under ZB-H1."""
-    stages = draw(st.integers(2, 4))
-    layers = draw(st.integers(stages, 7))
-    cuts = sorted(
-        draw(st.sets(st.integers(1, layers - 1), min_size=stages - 1, max_size=stages - 1))
-    )
-    return rc.Case(
-        seed=draw(st.integers(0, 10_000)),
-        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
-        bounds=(0, *cuts, layers),
-        microbatches=draw(st.integers(1, 8)),
-        schedule="zb-h1",
-        optimizer=draw(st.sampled_from(["sgd", "adam"])),
-        steps=draw(st.integers(1, 3)),
-        per_microbatch=draw(st.integers(1, 3)),
-    )
+    return rc.draw_case(draw, ["zb-h1"], min_stages=2)
 
 
 @pytest.mark.multiprocess

@@ -26,6 +26,7 @@ import torch
 
 from ..core import twobw
 from ..core.errors import VersionMismatch
+from ..core.schedules import Action
 from .driver import run_actions
 from .local import LocalStage
 from .stagelog import StageLog
@@ -56,18 +57,7 @@ def run_window(
     last = m - 1 - twobw.warmup(num, m, s)
     worker.grads_for_next_step = frozenset({last} if s > 0 and last >= 0 else ())
     worker.microbatches_of_step = m
-    log = run_actions(
-        local.workers,
-        actions,
-        inputs,
-        targets,
-        local.control.round,
-        t0,
-        version=t - 1,
-        prepared=True,
-    )
-    for ln in local.links():
-        ln.flush()
+    log = _run(local, actions, inputs, targets, t0, t - 1)
     t_opt = time.perf_counter()
     if local.is_last:  # nothing spills: step t is complete
         _update(local, state, t + 1, leaves)
@@ -89,21 +79,34 @@ def run_drain(local: LocalStage, state: AsyncState, t0: float) -> StageLog | Non
     worker = local.workers[0]
     worker.prepare(actions, t - 1, carry=m)
     worker.grads_for_next_step = frozenset()
+    log = _run(local, actions, None, None, t0, t - 1)
+    if not local.is_last:  # the last stage made its version after its window
+        _update(local, state, t, state.pending)
+    state.pending, state.spill = {}, False
+    return log
+
+
+def _run(
+    local: LocalStage,
+    actions: Sequence[Action],
+    inputs: Sequence[torch.Tensor] | None,
+    targets: Sequence[torch.Tensor] | None,
+    t0: float,
+    version: int,
+) -> StageLog:
+    """Run ``actions`` on the prepared workers, then wait for every send to complete."""
     log = run_actions(
         local.workers,
         actions,
-        None,
-        None,
+        inputs,
+        targets,
         local.control.round,
         t0,
-        version=t - 1,
+        version=version,
         prepared=True,
     )
     for ln in local.links():
         ln.flush()
-    if not local.is_last:  # the last stage made its version after its window
-        _update(local, state, t, state.pending)
-    state.pending, state.spill = {}, False
     return log
 
 
