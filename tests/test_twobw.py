@@ -176,3 +176,11 @@ def test_a_controllers_decisions_land_between_streams(pools: PoolFor) -> None:
     reference = tc.train_reference(case, {3: 2})
     rc.assert_matches_reference(case, ranks, reference=reference)
     assert ranks[0]["bounds"] == (0, 2, 3, 6) and ranks[0]["m"] == 2
+
+
+def test_2bw_refuses_activation_checkpointing() -> None:
+    """Recomputation in a spilled backward would run on the next step's weights: refused."""
+    from adaptive_pp import PipelineConfig
+
+    with pytest.raises(ValueError, match="2bw with activation_checkpointing"):
+        PipelineConfig(schedule="2bw", activation_checkpointing=True)

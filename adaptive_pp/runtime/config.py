@@ -63,6 +63,11 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule)
+        if self.schedule == "2bw" and self.activation_checkpointing:
+            raise ValueError(
+                "2bw with activation_checkpointing is not supported: a spilled backward would "
+                "recompute its forward on the next step's weight version"
+            )
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"chunks must be an int >= 1, got {self.chunks!r}")
         if self.stages and self.chunks_per_rank() > 1:  # M % S, checked now if S is known

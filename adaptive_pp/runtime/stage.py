@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import NonFiniteLoss, PipelineError, StageFailure, VersionMismatch
@@ -95,9 +94,9 @@ class StageWorker:
         self._w_params: list[list[torch.Tensor]] = []  # per segment, what W gives a gradient
         #: Forward actions completed (their output sent) in the step being run.
         self.forwards_done = 0
-        #: PipeDream-2BW (``runtime.twobw``): the weights this step's forwards run on (segment
-        #: name -> parameter name -> tensor), their version, and each stash entry's version.
-        self._weights_of: dict[str, dict[str, torch.Tensor]] | None = None
+        #: PipeDream-2BW (``runtime.twobw``): whether the step runs on a weight version (the
+        #: runner swaps it into the modules), and the version each stash entry ran on.
+        self._versioned = False
         self._stash_version: dict[int, int] = {}
         #: Backwards whose input gradient the upstream stage takes in its next step (2BW),
         #: and the micro-batches of a step (their id there is m - M).
@@ -120,14 +119,14 @@ class StageWorker:
         version: int,
         *,
         carry: int = 0,
-        weights: tuple[dict[str, torch.Tensor], set[int]] | None = None,
+        versions: set[int] | None = None,
     ) -> None:
         """Start a step running (this chunk's share of) ``actions`` at weight ``version``.
 
         ``version`` is stamped on what is sent and checked on what arrives. PipeDream-2BW:
         ``carry`` = M keeps the stash of the micro-batches whose backwards spill into this
-        step, renamed m - M (with the versions they ran on); ``weights`` are the forwards'
-        tensors by global parameter name and the storages of every weight version.
+        step, renamed m - M (with the versions they ran on); ``versions``: the storages of
+        every weight version (not activations), for a step on a weight version.
         """
         kept = {m - carry: v for m, v in self._stash.items()} if carry else {}
         kept_bytes = {m - carry: self._stash_bytes.get(m, 0) for m in self._stash} if carry else {}
@@ -137,16 +136,8 @@ class StageWorker:
         self._live_bytes = sum(kept_bytes.values())
         self._version = version
         self._weights = storage_ptrs(seg.module for seg in self.segments)
-        self._weights_of = None
-        if weights is not None:
-            by_name, storages = weights
-            self._weights |= storages
-            self._weights_of = {
-                seg.name: {
-                    pn: by_name[f"{seg.name}.{pn}"] for pn, _ in seg.module.named_parameters()
-                }
-                for seg in self.segments
-            }
+        self._versioned = versions is not None
+        self._weights |= versions or set()
         self._range = self.chunk.layer_range()  # segments change only between steps
         split = any(a.kind == "W" for a in actions)  # a split backward's W needs to know
         self._whole_w = split and shares_parameters([seg.module for seg in self.segments])
@@ -302,24 +293,16 @@ class StageWorker:
         for i in hooked(boundaries, self.is_last):
             boundaries[i].register_hook(lambda _g: stamp(time.perf_counter()))  # type: ignore[no-untyped-call]
         self._stash[m] = (boundaries, top, marks)
-        if self._weights_of is not None:
+        if self._versioned:
             self._stash_version[m] = self._version
 
     def _call(self, seg: Segment, h: torch.Tensor) -> torch.Tensor:
-        """One segment's forward (on the step's weight version under PipeDream-2BW), under
-        activation checkpointing if enabled."""
-        run: Callable[[torch.Tensor], torch.Tensor] = seg.module
-        if self._weights_of is not None:
-            weights, module = self._weights_of[seg.name], seg.module
-
-            def run(x: torch.Tensor) -> torch.Tensor:
-                out: torch.Tensor = functional_call(module, weights, (x,), strict=False)
-                return out
-
+        """One segment's forward, under activation checkpointing if enabled."""
         if self.checkpointing and torch.is_grad_enabled():
-            out: torch.Tensor = checkpoint(run, h, use_reentrant=False)
+            out: torch.Tensor = checkpoint(seg.module, h, use_reentrant=False)
             return out
-        return run(h)
+        result: torch.Tensor = seg.module(h)
+        return result
 
     def _header(
         self, kind: MessageKind, m: int, step: int, t: torch.Tensor, version: int | None = None

@@ -30,7 +30,7 @@ from ..core.schedules import Action
 from .driver import run_actions
 from .local import LocalStage
 from .stagelog import StageLog
-from .versions import AsyncState
+from .versions import AsyncState, swapped_in
 
 
 def run_window(
@@ -48,16 +48,16 @@ def run_window(
     leaves = state.versions.leaves(t - 1, f"the forwards of step {t}")
     worker = local.workers[0]
     worker.prepare(
-        actions,
-        t - 1,
-        carry=m if state.spill else 0,
-        weights=(leaves, state.versions.storage_ptrs()),
+        actions, t - 1, carry=m if state.spill else 0, versions=state.versions.storage_ptrs()
     )
     # The upstream rank spills one backward more: it takes our last backward's gradient next.
     last = m - 1 - twobw.warmup(num, m, s)
     worker.grads_for_next_step = frozenset({last} if s > 0 and last >= 0 else ())
     worker.microbatches_of_step = m
-    log = _run(local, actions, inputs, targets, t0, t - 1)
+    params = state.versions.params
+    on = {id(params[n]): leaf for n, leaf in leaves.items()}  # the modules run on W(t-1)
+    with swapped_in((seg.module for seg in worker.segments), on):
+        log = _run(local, actions, inputs, targets, t0, t - 1)
     t_opt = time.perf_counter()
     if local.is_last:  # nothing spills: step t is complete
         _update(local, state, t + 1, leaves)
@@ -77,7 +77,7 @@ def run_drain(local: LocalStage, state: AsyncState, t0: float) -> StageLog | Non
     t = local.step_count  # windows run so far
     actions = twobw.drain(num, m, s)
     worker = local.workers[0]
-    worker.prepare(actions, t - 1, carry=m)
+    worker.prepare(actions, t - 1, carry=m, versions=state.versions.storage_ptrs())
     worker.grads_for_next_step = frozenset()
     log = _run(local, actions, None, None, t0, t - 1)
     if not local.is_last:  # the last stage made its version after its window

@@ -3,7 +3,8 @@
 Version W(v) of every parameter lives in one of two storages, ``store[v % 2]``; W(-1) = W(0)
 starts as a copy in ``store[1]``. The module's own parameters always point at the newest
 version (what checkpoints, migration and ``state_dict`` read). Forwards do not use them: each
-step gets fresh leaf tensors over the storage of the version it runs on (``leaves``), so its
+step gets fresh leaf tensors over the storage of the version it runs on (``leaves``), swapped
+into the modules while its window runs (``swapped_in``: once per step, not per call), so its
 gradients accumulate apart from any other step's, and its backwards find in their graphs
 exactly the weights their forwards used.
 
@@ -16,7 +17,8 @@ that is not there (VersionMismatch), so a step can never run on overwritten weig
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -121,3 +123,21 @@ class AsyncState:
     versions: WeightVersions
     spill: bool = False
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def swapped_in(modules: Iterator[nn.Module], tensors: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Run with every parameter of ``modules`` whose id is in ``tensors`` replaced by that
+    tensor (tied parameters included), put back afterwards even on error."""
+    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for mod in modules:
+            for sub in mod.modules():
+                for name, p in list(sub._parameters.items()):
+                    if p is not None and id(p) in tensors:
+                        saved.append((sub, name, p))
+                        sub._parameters[name] = tensors[id(p)]  # type: ignore[assignment]
+        yield
+    finally:
+        for sub, name, p in reversed(saved):
+            sub._parameters[name] = p
