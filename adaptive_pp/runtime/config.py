@@ -56,10 +56,10 @@ class PipelineConfig:
     """Recompute each layer's activations in backward (torch.utils.checkpoint) to save memory."""
     adaptive: bool = False
     """Rebalance while training with the default policy (``controllers.default_policy()``:
-    move boundary layers when stages are uneven, raise M while the bubble is large, switch
-    1F1B <-> ZB-H1 when predicted faster; each kept only if measured faster where it is a
-    trial). The runtime reports each layer's real bytes and the batch size to it. To use
-    another controller, pass ``Pipeline(..., controller=...)`` and leave this False."""
+    move boundary layers when stages are uneven, switch 1F1B <-> ZB-H1 when predicted faster
+    and kept only if measured faster). Every report carries each layer's real bytes and the
+    batch size for it. To use another controller (one with the M tuner, say), pass
+    ``Pipeline(..., controller=...)`` and leave this False."""
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule)
