@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev,otel,plot,notebook]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev,otel,plot,notebook,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,4 @@
-"""Command line: ``adaptive-pp simulate|demo|trace|plot``."""
+"""Command line: ``adaptive-pp simulate|demo|trace|plot|export|serve|infer``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .observability.display import summary, timeline
 from .observability.logs import FORMATS, LEVELS
 from .observability.otel import ENV_ENDPOINT
 from .observability.plots import PlotDependencyError, plot_run
+from .serving import commands as serving
 
 
 def _slowdown(text: str) -> tuple[int, float]:
@@ -182,6 +183,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _run_demo,
     "trace": _run_trace,
     "plot": _run_plot,
+    **serving.COMMANDS,
 }
 
 
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", choices=LEVELS, default="warning")
     _add_trace(sub)
     _add_plot(sub)
+    serving.add_commands(sub)
     return parser
 
 
