@@ -268,3 +268,21 @@ def test_a_stage_that_is_down_is_named(export_dir: Path) -> None:
                 c.health()
     finally:
         p.stop(0)
+
+
+def test_servers_and_client_import_without_torch() -> None:
+    """A stage server process starts without torch (fast, small); the CLI without grpc."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, adaptive_pp.serving.server, adaptive_pp.serving.client, "
+        "adaptive_pp.serving.launch\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch'}))\n"
+        "import adaptive_pp.cli; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "ok"]
+    code = "import sys, adaptive_pp.cli; print(sorted({'grpc', 'onnxruntime'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -87,3 +87,15 @@ def test_cli_infer_starts_the_stages_tunes_m_and_writes_a_run_dir(
     assert [r["microbatches"] for r in summary["rows"]] == [1, 4]
     assert summary["choice"]["microbatches"] in (1, 4)
     assert len((run / "reports.jsonl").read_text().splitlines()) == 6
+
+
+def test_bench_serve_quick_writes_rows_choice_and_ratio(tmp_path: Path) -> None:
+    from experiments import bench_serve
+
+    data = bench_serve.main(["--quick", "--out", str(tmp_path)])
+    assert [r["microbatches"] for r in data["rows"]] == bench_serve.QUICK["candidates"]
+    assert data["choice"]["binds"] in ("none", "latency", "bubble", "both")
+    assert data["ratio_throughput_vs_plain"] > 0 and "2-core CPU" in data["note"]
+    saved = json.loads((tmp_path / "serve_bench.json").read_text())
+    assert saved["choice"] == data["choice"] and Path(data["figures"][0]).is_file()
+    assert (tmp_path / "run" / "reports.jsonl").is_file()
