@@ -1,18 +1,19 @@
 """Point-to-point messages with a fixed header, and instrumented per-link mailboxes.
 
-Every message is a byte frame: a 16 x int64 header (kind, micro-batch, step, weight version,
-layer range, dtype, shape, and last the virtual stage it is for) followed by the payload's
-bytes. No pickle on the wire. The receiver posts each receive into a reusable buffer of
-FRAME_CAPACITY bytes (gloo accepts a buffer larger than the message). A payload that would not
-fit travels on its own right after its header, from the sender's tensor into a tensor of its
-own on the receiver: no copy on either side, where the large messages would cost most. Each
-link has a receiver thread that timestamps arrivals into a mailbox; the stage posts its frames
-itself, in order, and takes messages out by (kind, micro-batch, virtual stage), so queue depth
-over time and time blocked on receives are measured.
+Every message is a 16 x int64 header (kind, micro-batch, step, weight version, layer range,
+dtype, shape, and last the virtual stage it is for) and, unless empty, a payload: the tensor's
+bytes. No pickle on the wire. Headers (and JSON payloads) travel on the control group (gloo,
+CPU), tensors on the data group of the (sender, receiver) pair, NCCL between GPUs (see
+runtime/transport.py): from the sender's tensor straight into the receiver's, on the wire
+device. Each link has a receiver thread that takes a header, then its payload, and timestamps
+the arrival into a mailbox; the stage posts its messages itself, in order, and takes messages
+out by (kind, micro-batch, virtual stage), so queue depth over time and time blocked on
+receives are measured.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -26,12 +27,14 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import PeerGone, PipelineError, PipelineTimeout
+from .transport import Transport, links_of, make_transport
 
 MAGIC = 0x41505030  # "APP0"
 HEADER_LEN = 16
 HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = HEADER_LEN - 10  # the last value is the virtual stage
-FRAME_CAPACITY = 1 << 20  # bytes; a larger message's payload travels on its own
+#: Bytes around which the wire tests probe (payloads up to it once shared their header's frame).
+FRAME_CAPACITY = 1 << 20
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -126,11 +129,6 @@ class Header:
 _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES}
 
 
-def _separate(nbytes: int) -> bool:
-    """Whether a payload of ``nbytes`` travels on its own after its header frame."""
-    return HEADER_BYTES + nbytes > FRAME_CAPACITY
-
-
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for d in shape:
@@ -170,10 +168,16 @@ class Link:
         self,
         me: int,
         peer: int,
-        group: dist.ProcessGroup | None = None,
+        transport: Transport | None = None,
         fault: Callable[[], BaseException | None] | None = None,
     ) -> None:
-        self.me, self.peer, self.group = me, peer, group
+        """``transport``: the groups to use (None: made for this pair alone, on the CPU, which
+        is collective: every rank of the default group makes its Link at the same time)."""
+        self.me, self.peer = me, peer
+        #: Where headers and payloads travel.
+        self.transport = transport or make_transport(
+            me, links_of([me, peer]), torch.device("cpu"), 120.0
+        )
         self.round = 0
         #: Another rank's failure to raise instead of waiting (see adaptive_pp.control).
         self.fault = fault
@@ -190,34 +194,33 @@ class Link:
         self._thread.start()
 
     def _receive_loop(self) -> None:
-        buf = torch.empty(FRAME_CAPACITY, dtype=torch.uint8)
+        wire = self.transport
+        try:
+            stream = wire.receiver_stream()
+        except BaseException as exc:
+            self._unreadable(exc)
+            return
+        buf = torch.empty(HEADER_BYTES, dtype=torch.uint8)
         raw = buf.numpy()
-        while self._recv(buf):
+        while self._recv(lambda: wire.recv_header(buf, self.peer)):
             try:
-                header = Header.from_values(raw[:HEADER_BYTES].view(np.int64).tolist())
+                header = Header.from_values(raw.view(np.int64).tolist())
                 if header.kind == MessageKind.STOP:
                     with self.cond:
                         self._closed_by_peer = True
                         self.cond.notify_all()
                     return
                 nbytes = _nbytes(header.shape, header.dtype)
-                separate = _separate(nbytes)  # then the payload follows, straight into place
-                data = (
-                    torch.empty(nbytes, dtype=torch.uint8)
-                    if separate  # else a copy: buf is reused
-                    else torch.from_numpy(raw[HEADER_BYTES : HEADER_BYTES + nbytes].copy())
-                )
+                control = header.kind == MessageKind.CONTROL  # JSON: on the control group
+                data = wire.empty(nbytes, control)
             except BaseException as exc:
                 self._unreadable(exc)
                 return
-            if separate and not self._recv(data):
+            receive = functools.partial(wire.recv_data, data, self.peer, stream, control)
+            if nbytes and not self._recv(receive):
                 return
             try:
-                payload = (
-                    data.view(header.dtype).reshape(header.shape)
-                    if nbytes
-                    else torch.empty(header.shape, dtype=header.dtype)
-                )
+                payload = data.view(header.dtype).reshape(header.shape)
             except BaseException as exc:
                 self._unreadable(exc)
                 return
@@ -227,10 +230,10 @@ class Link:
                     self._box[(header.kind, header.step, header.microbatch, header.vstage)] = msg
                     self.cond.notify_all()
 
-    def _recv(self, into: torch.Tensor) -> bool:
-        """Receive the next message into ``into``; False once the peer is gone (handed over)."""
+    def _recv(self, receive: Callable[[], None]) -> bool:
+        """Run one blocking receive; False once the peer is gone (the error handed over)."""
         try:
-            dist.recv(into, self.peer, group=self.group)
+            receive()
         except BaseException as exc:  # the peer died or the group went away
             self._hand_over(exc)
             return False
@@ -268,29 +271,21 @@ class Link:
         if self._send_error is not None:  # the link already failed: flush says so
             return
         try:
-            self._send_now(values, payload.detach())
+            self._send_now(values, payload.detach(), header.kind == MessageKind.CONTROL)
         except Exception as exc:
             self._send_error = exc
 
-    def _send_now(self, values: list[int], payload: torch.Tensor) -> None:
-        data = payload.contiguous().reshape(-1).view(torch.uint8)
-        separate = _separate(data.numel())
-        # Filled through numpy views: a few microseconds less per message than torch indexing.
-        frame = torch.empty(
-            HEADER_BYTES if separate else HEADER_BYTES + data.numel(), dtype=torch.uint8
-        )
-        raw = frame.numpy()
-        raw[:HEADER_BYTES].view(np.int64)[:] = values
-        if not separate:
-            raw[HEADER_BYTES:] = data.numpy()
-        self._post(frame)
-        if separate:
-            self._post(data)
-
-    def _post(self, frame: torch.Tensor) -> None:
-        work = dist.isend(frame, self.peer, group=self.group)
+    def _send_now(self, values: list[int], payload: torch.Tensor, control: bool) -> None:
+        # Filled through a numpy view: a few microseconds less per message than torch indexing.
+        frame = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        frame.numpy().view(np.int64)[:] = values
+        work = self.transport.send_header(frame, self.peer)
         if work is not None:
             self._pending.append((work, frame))
+        if payload.numel():
+            data = self.transport.wire(payload, control)
+            works = self.transport.send_data(data, self.peer, control)
+            self._pending += [(w, data) for w in works]
 
     def flush(self) -> None:
         """Wait until every posted send has completed."""

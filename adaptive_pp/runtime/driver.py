@@ -3,8 +3,8 @@
 A rank holds one chunk per virtual stage it runs (one, or V under an interleaved schedule).
 The schedule orders the rank's actions across its chunks (``Action.chunk``); this loop keeps
 that order, dispatches each action to its chunk's worker and measures it into one StageLog
-for the rank: per-action start and end, compute, time waiting for inputs, and the stash peaks
-summed over the chunks (what the rank holds at once).
+for the rank: per-action start and end (CUDA events on a GPU, see ``stagelog``), compute, time
+waiting for inputs, and the stash peaks summed over the chunks (what the rank holds at once).
 """
 
 from __future__ import annotations
@@ -36,24 +36,17 @@ def run_actions(
     ``version`` is the weights' version (stamped on what is sent, checked on what arrives);
     times are relative to ``t0``. ``prepared``: the caller prepared the workers itself.
     """
-    log = StageLog()
+    log = StageLog.on(workers[0].device)
     for w in workers:
         if not prepared:
             w.prepare(actions, version)
     m_count = sum(a.kind == "F" and a.chunk == 0 for a in actions)  # each chunk runs M forwards
-    sync = workers[0].device if workers[0].device.type == "cuda" else None
     for action in actions:
         worker = workers[action.chunk]
         t_req = time.perf_counter()
         t_start = worker.act(action, inputs, targets, m_count, step, log)
         log.peak_stash = max(log.peak_stash, sum(w.stashed for w in workers))
         log.peak_stash_bytes = max(log.peak_stash_bytes, sum(w.live_bytes for w in workers))
-        if sync is not None:
-            torch.cuda.synchronize(sync)
-        t_end = time.perf_counter()
-        log.actions.append(action)
-        log.start.append(t_start - t0)
-        log.end.append(t_end - t0)
-        log.compute += t_end - t_start
-        log.wait += t_start - t_req
+        log.action_done(action, t_req, t_start, t0)
+    log.resolve(t0)
     return log

@@ -34,6 +34,7 @@ from .config import PipelineConfig, check_schedule
 from .control import Control
 from .layerstate import OptimizerFactory, named_params, optimizer_state, rebuild_optimizer
 from .stage import LossFn, StageWorker
+from .transport import links_of, make_transport
 from .undo import StepMark
 from .versions import AsyncState, WeightVersions
 
@@ -96,6 +97,14 @@ class LocalStage:
         self.chunks = [
             Chunk(stage, self._segments(self.partition, v), c, v) for c, v in enumerate(vstages)
         ]
+        #: Where this rank's links send headers and tensors (made before the control plane
+        #: starts: it agrees the data backend in one collective over every rank).
+        self.transport = make_transport(
+            stage,
+            links_of([self.rank_of(v) for v in range(self.schedule.num_virtual_stages)]),
+            device,
+            config.init_timeout,
+        )
         self.control = control = Control(
             stage,
             num_stages,
@@ -109,7 +118,7 @@ class LocalStage:
         downs = [self.rank_of(v + 1) if v < last else None for v in vstages]
         peers = sorted({p for p in ups + downs if p is not None})
         #: One link per peer rank, shared by the chunks (messages name their virtual stage).
-        self._links = {p: Link(stage, p, fault=fault) for p in peers}
+        self._links = {p: Link(stage, p, self.transport, fault) for p in peers}
         #: The links to ranks stage - 1 and stage + 1 (None at the ends).
         self.up, self.down = self._links.get(stage - 1), self._links.get(stage + 1)
         for ln in self.links():

@@ -262,7 +262,7 @@ def _send_layers(local: LocalStage, link: Link, modules: dict[str, torch.nn.Modu
                 t.dtype,
                 tuple(t.shape),
             ),
-            t.cpu(),
+            t,
         )
     link.flush()
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -157,7 +157,7 @@ class StageWorker:
             x = self._input(action.microbatch, inputs)
         elif action.kind != "W":
             g = self._output_grad(action.microbatch)
-        t_start = time.perf_counter()
+        t_start = log.action_started()
         if action.kind == "F":
             self._forward(action.microbatch, x, targets, m_count, step, log)
             self.forwards_done += 1
@@ -283,7 +283,7 @@ class StageWorker:
                 )
             assert self.down is not None
             # Sent before the bookkeeping below: the next stage may be waiting for it.
-            self.down.send(self._header(MessageKind.ACT, m, step, h), h.detach().cpu())
+            self.down.send(self._header(MessageKind.ACT, m, step, h), h.detach())
             top = h
         for b in boundaries:
             meter.add(b)
@@ -381,7 +381,7 @@ class StageWorker:
             ahead = m in self.grads_for_next_step
             sent = m - self.microbatches_of_step if ahead else m
             header = self._header(MessageKind.GRAD, sent, step + ahead, x_grad, version)
-            self.up.send(header, x_grad.cpu())
+            self.up.send(header, x_grad)
         layer_backward_times(self.segments, boundaries, marks, (t0, t_end), self.is_last, log)
 
     def _backward_weight(self, m: int, log: StageLog) -> None:

@@ -3,10 +3,16 @@
 Forward time per layer is timed around each segment; backward time per layer comes from
 gradient hooks on the segment boundaries (``hooked``): segment i's backward ran from its
 output's gradient to its input's. The same marks name the segment a failed backward was in.
+
+Per-action start and end: the host clock on a CPU. On a GPU the host only queues kernels, so
+each action's start and end are CUDA events on the compute stream, read once at the end of the
+step (``StageLog.resolve``): no host synchronization per action, one at the step's start to
+tie the GPU's clock to the host's. Waits for inputs are host time on both.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +35,63 @@ class StageLog:
     layer_forward: dict[int, float] = field(default_factory=dict)
     layer_backward: dict[int, float] = field(default_factory=dict)
     loss_sum: float = 0.0
+    #: The CUDA device whose actions are timed by events (None: by the host clock).
+    cuda: torch.device | None = None
+    _anchor: tuple[float, torch.cuda.Event] | None = field(default=None, repr=False)
+    _started: torch.cuda.Event | None = field(default=None, repr=False)
+    _events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(
+        default_factory=list, repr=False
+    )
+
+    @classmethod
+    def on(cls, device: torch.device) -> StageLog:
+        """An empty log for actions run on ``device`` (on CUDA: the GPU clock is anchored now,
+        the step's one synchronization)."""
+        log = cls(cuda=device if device.type == "cuda" else None)
+        if log.cuda is not None:
+            torch.cuda.synchronize(log.cuda)
+            log._anchor = (time.perf_counter(), _event())
+        return log
+
+    def action_started(self) -> float:
+        """An action's compute starts now (its inputs are in): the host time, and on CUDA an
+        event on the compute stream."""
+        if self.cuda is not None:
+            self._started = _event()
+        return time.perf_counter()
+
+    def action_done(self, action: Action, t_req: float, t_start: float, t0: float) -> None:
+        """``action`` ended: it asked for its inputs at ``t_req`` and started at ``t_start``
+        (host times; the log's times are relative to ``t0``)."""
+        t_end = time.perf_counter()
+        self.actions.append(action)
+        self.start.append(t_start - t0)
+        self.end.append(t_end - t0)
+        self.compute += t_end - t_start
+        self.wait += t_start - t_req
+        if self._started is not None:
+            self._events.append((self._started, _event()))
+            self._started = None
+
+    def resolve(self, t0: float) -> None:
+        """On CUDA: replace the actions' host start/end and compute by their events' times
+        (waits for the last event, once). Nothing to do on a CPU."""
+        if self._anchor is None or not self._events:
+            return
+        self._events[-1][1].synchronize()
+        host, anchor = self._anchor
+        base = host - t0
+        self.start = [base + anchor.elapsed_time(a) / 1e3 for a, _ in self._events]
+        self.end = [base + anchor.elapsed_time(b) / 1e3 for _, b in self._events]
+        self.compute = sum(e - s for s, e in zip(self.start, self.end, strict=True))
+        self._events = []
+
+
+def _event() -> torch.cuda.Event:
+    """A CUDA event that records time, recorded on the current stream."""
+    event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    event.record()
+    return event
 
 
 def layer_backward_times(
