@@ -41,5 +41,9 @@ experiments: $(STAMP)
 experiments-quick: $(STAMP)
 	$(BIN)/python -m experiments.run_all --quick
 
+.PHONY: gpu-check
+gpu-check: $(STAMP)  # what this machine has of the GPU paths -> results/gpu_check/gpu_check.json
+	$(BIN)/python -m experiments.gpu_check
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
