@@ -16,6 +16,7 @@ from conftest import PoolFor
 
 from adaptive_pp.core.decisions import MoveLayers
 from adaptive_pp.core.schedules import Action
+from adaptive_pp.runtime import stagelog
 from adaptive_pp.runtime.comm import HEADER_BYTES
 from adaptive_pp.runtime.stagelog import StageLog
 from adaptive_pp.runtime.transport import links_of
@@ -38,6 +39,38 @@ def test_stage_log_times_actions_on_the_host_clock_on_cpu() -> None:
     log.action_done(Action(0, "F", 0), t - 0.5, t, t - 1.0)
     log.resolve(0.0)  # nothing to resolve on a CPU
     assert log.start == [1.0] and log.wait == 0.5 and log.end[0] >= 1.0
+
+
+class FakeEvent:
+    """Stands in for a CUDA event: recorded at a GPU time given by the test (ms)."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def elapsed_time(self, later: FakeEvent) -> float:
+        return later.ms - self.ms
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_stage_log_times_actions_by_events_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU times of the events, from the anchor at the step's start, replace the host
+    times; waits stay host times (no GPU here: fake events)."""
+    gpu_ms = iter([0.0, 2.0, 5.0, 6.0, 9.5])  # anchor, then start/end of two actions
+    monkeypatch.setattr(stagelog, "_event", lambda device: FakeEvent(next(gpu_ms)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    log = StageLog.on(torch.device("cuda", 0))
+    t0 = 100.0
+    anchor = log._anchor[0] if log._anchor else 0.0
+    for m in range(2):
+        t = log.action_started()
+        log.action_done(Action(0, "F", m), t, t, t0)
+    log.resolve(t0)
+    base = anchor - t0
+    assert log.start == pytest.approx([base + 0.002, base + 0.006])
+    assert log.end == pytest.approx([base + 0.005, base + 0.0095])
+    assert log.compute == pytest.approx(0.0065) and log.wait == 0.0
 
 
 def counted_job(case: rc.Case) -> dict[str, Any]:

@@ -50,14 +50,14 @@ class StageLog:
         log = cls(cuda=device if device.type == "cuda" else None)
         if log.cuda is not None:
             torch.cuda.synchronize(log.cuda)
-            log._anchor = (time.perf_counter(), _event())
+            log._anchor = (time.perf_counter(), _event(log.cuda))
         return log
 
     def action_started(self) -> float:
         """An action's compute starts now (its inputs are in): the host time, and on CUDA an
         event on the compute stream."""
         if self.cuda is not None:
-            self._started = _event()
+            self._started = _event(self.cuda)
         return time.perf_counter()
 
     def action_done(self, action: Action, t_req: float, t_start: float, t0: float) -> None:
@@ -69,14 +69,14 @@ class StageLog:
         self.end.append(t_end - t0)
         self.compute += t_end - t_start
         self.wait += t_start - t_req
-        if self._started is not None:
-            self._events.append((self._started, _event()))
+        if self._started is not None and self.cuda is not None:
+            self._events.append((self._started, _event(self.cuda)))
             self._started = None
 
     def resolve(self, t0: float) -> None:
         """On CUDA: replace the actions' host start/end and compute by their events' times
         (waits for the last event, once). Nothing to do on a CPU."""
-        if self._anchor is None or not self._events:
+        if self._anchor is None or not self._events or len(self._events) != len(self.actions):
             return
         self._events[-1][1].synchronize()
         host, anchor = self._anchor
@@ -87,10 +87,10 @@ class StageLog:
         self._events = []
 
 
-def _event() -> torch.cuda.Event:
-    """A CUDA event that records time, recorded on the current stream."""
+def _event(device: torch.device) -> torch.cuda.Event:
+    """A CUDA event that records time, recorded on ``device``'s current stream."""
     event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 
