@@ -96,9 +96,10 @@ class PipelineClient:
         while True:
             try:
                 return self.health()
-            except StageError:
+            except StageError as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    msg = f"{exc} (still after {timeout:g} s of retries)"
+                    raise StageError(msg, exc.stage, exc.address, exc.code) from None
                 time.sleep(0.1)
 
     def infer(

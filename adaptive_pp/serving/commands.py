@@ -201,7 +201,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
     try:
         with PipelineClient(addresses, partition=man.partition, timeout=args.timeout) as client:
-            client.wait_ready(30)
+            client.wait_ready(10)
             x, y = load_reference(args.export_dir)
             got = client.infer(x, min(len(x), 2)).output
             err = float(np.max(np.abs(got.astype(np.float64) - y)))
