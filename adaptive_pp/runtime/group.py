@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store
 from torch.distributed.rendezvous import rendezvous
 
+from . import network
+
 
 def init_distributed(timeout_s: float) -> bool:
     """Join the process group from torchrun-style env vars; True if this call created it."""
@@ -27,21 +29,31 @@ def init_distributed(timeout_s: float) -> bool:
             "`torchrun --nproc-per-node S script.py` or through adaptive_pp.launch(fn, nprocs=S)"
         )
     timeout = datetime.timedelta(seconds=timeout_s)
+    network.prepare()  # GLOO_SOCKET_IFNAME: checked, or set on a job that spans hosts
+    network.probe_store(timeout_s)  # under torchrun: a refused store address fails now
     if not _RENDEZVOUS:
-        store, _, _ = next(rendezvous("env://", timeout=timeout))
+        try:
+            store, _, _ = next(rendezvous("env://", timeout=timeout))
+        except RuntimeError as exc:  # DistNetworkError, DistStoreError: raw store words
+            raise network.explain(exc, "store", timeout_s) from exc
         _RENDEZVOUS.append(store)
     # A group made after one was destroyed gets the same store keys ("default_pg/0/...");
     # a rank quicker than rank 0 would read the old group's addresses, or the old store,
-    # and hang. One store per process (rank 0 keeps serving it) and a fresh prefix per group.
+    # and hang. One store per process (rank 0 keeps serving it) and a fresh prefix per group;
+    # torchrun's restarts reuse its store, so the attempt is in the prefix too.
     generation = len(_RENDEZVOUS)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     _RENDEZVOUS.append(store := _RENDEZVOUS[0])
-    dist.init_process_group(
-        "gloo",
-        store=PrefixStore(f"adaptive_pp/{generation}/", store),
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timeout,
-    )
+    try:
+        dist.init_process_group(
+            "gloo",
+            store=PrefixStore(f"adaptive_pp/{attempt}/{generation}/", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timeout,
+        )
+    except RuntimeError as exc:  # gloo's pairs did not connect
+        raise network.explain(exc, "group", timeout_s) from exc
     return True
 
 

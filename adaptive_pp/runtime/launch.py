@@ -17,6 +17,9 @@ import torch
 import torch.multiprocessing as mp
 
 GRACE_S = 10.0
+# torchrun's variables besides those _serve sets: a spawned rank of one host must not inherit
+# its parent's node count, agent store or restart count (it would wait on that store).
+_INHERITED_PREFIXES = ("GROUP_", "ROLE_", "TORCHELASTIC_")
 # gloo's words for a peer that went away: such an error follows from another rank's failure.
 _PEER_GONE_MARKS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
@@ -86,6 +89,8 @@ def _serve(
     init_group: bool,
 ) -> None:
     """A spawned rank: set torchrun's env vars, then run jobs until told to stop."""
+    for key in [k for k in os.environ if k.startswith(_INHERITED_PREFIXES)]:
+        del os.environ[key]  # a parent under torchrun: its nodes, store and restarts are not ours
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -229,8 +234,10 @@ def launch(
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``nprocs`` spawned ranks; return their results in rank order.
 
-    ``fn`` must be importable (defined at module level). Each rank gets RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR and MASTER_PORT as under torchrun and ``threads`` torch threads;
+    ``fn`` must be importable (defined at module level). The ranks run on this host: each gets
+    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (127.0.0.1) and MASTER_PORT as under a one-node
+    torchrun (none of a parent torchrun's GROUP_*, ROLE_*, TORCHELASTIC_* variables) and
+    ``threads`` torch threads; several hosts are torchrun's job (docs/MULTIHOST.md).
     ``fn`` creates the process group (Pipeline does). If a rank fails, the others get
     ``GRACE_S`` seconds to exit, then are killed, and a LaunchError leads with the root cause
     (a peer's "stage N is gone" comes after it).
