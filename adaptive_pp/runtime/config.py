@@ -43,6 +43,14 @@ class PipelineConfig:
     """Kill (SIGKILL) a stage named frozen when it runs on the same host as the rank that
     noticed, so that torchrun or launch ends the job at once (a stopped process cannot act on
     SIGTERM; torchrun waits 30 s for it). Turn off to attach a debugger that stops a rank."""
+    checkpoint_dir: str | None = None
+    """If set, the pipeline resumes on start-up from the latest complete checkpoint in this
+    folder (``Pipeline.resumed_from``, ``step_count`` say where it is), and with
+    ``checkpoint_every`` saves CHECKPOINT_DIR/step-NNNNNNNN there (see runtime/resume.py)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint into checkpoint_dir after every this many steps (0: never)."""
+    checkpoint_keep: int = 2
+    """Complete checkpoints kept in checkpoint_dir: older ones are deleted after each save."""
     run_dir: str | None = None
     """If set, every step's report is appended to RUN_DIR/reports.jsonl (rank 0 writes)."""
     device: str = "auto"
@@ -70,6 +78,12 @@ class PipelineConfig:
             )
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"chunks must be an int >= 1, got {self.chunks!r}")
+        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every} needs a checkpoint_dir and must be >= 0"
+            )
+        if self.checkpoint_keep < 1:
+            raise ValueError(f"checkpoint_keep must be >= 1, got {self.checkpoint_keep}")
         if self.stages and self.chunks_per_rank() > 1:  # M % S, checked now if S is known
             make_schedule(self.schedule, self.stages, self.microbatches, self.chunks)
 

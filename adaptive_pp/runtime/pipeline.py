@@ -29,7 +29,7 @@ from ..core.partition import Partition
 from ..core.report import StepReport
 from ..core.schedules import Schedule
 from ..observability.telemetry import Telemetry
-from . import checkpoint
+from . import checkpoint, resume
 from . import step as steps
 from .config import PipelineConfig
 from .group import device_of, init_distributed
@@ -113,6 +113,13 @@ class Pipeline:
             timeout=cfg.init_timeout,
         )
         self._trace_steps = all(r["telemetry"] for r in shared)
+        self.resumed_from: Path | None = None
+        """The newest complete checkpoint of config.checkpoint_dir, loaded on start-up."""
+        if cfg.checkpoint_dir is not None and (
+            found := resume.find(self._local, cfg.checkpoint_dir)
+        ):
+            self.load_checkpoint(found)
+            self.resumed_from = found
 
     # --- what this rank holds (read-only views of the LocalStage) ---------------------------
 
@@ -312,6 +319,7 @@ class Pipeline:
             except BaseException as exc:
                 steps.fail(local, exc, undoable=steps.undoable(local))
                 raise
+        resume.after_step(local, self.config, self.save_checkpoint)  # checkpoint_every
         return out
 
     def _trace_parent(self) -> dict[str, str] | None:
