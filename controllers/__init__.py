@@ -10,12 +10,21 @@ Built in:
 
 - ``Rebalancer``: moves boundary layers between neighbours when stage times are uneven; its
   ``CostModel`` tells a slow device (cost stays with the stage) from costlier layers (cost
-  travels with the layer).
-- ``MicrobatchTuner``: raises M while the bubble is large and keeps only changes that help.
+  travels with the layer). A move's cost counts each layer's bytes as the step reports
+  measure them (``StageStats.layer_bytes``) unless ``RebalancerConfig.bytes_per_layer`` is set.
+- ``MicrobatchTuner``: raises M while the bubble is large and keeps only changes that help; M
+  divides the batch size: ``TunerConfig.global_batch``, or else the reports' ``StepReport.batch``.
 - ``ScheduleSwitcher``: switches to a schedule the simulator predicts faster (1F1B <-> ZB-H1 by
   default; ``SwitchConfig``) if its activation stash fits, and keeps it only if steps got faster.
-- ``AdaptivePolicy``: all three, at most one decision a step (what the runtime uses when
-  adaptivity is on); ``Hold``: never changes anything (adaptivity off).
+- ``AdaptivePolicy``: the three together (the tuner only if given a ``TunerConfig``), at most
+  one decision a step; ``Hold``: never changes anything (adaptivity off).
+- ``default_policy()``: what ``PipelineConfig(adaptive=True)`` runs: ``AdaptivePolicy`` with the
+  rebalancer, the tuner and the switcher all on, each with its default config. It takes no
+  arguments: what is model-specific (layer bytes, batch size, layer times, device speeds) comes
+  from the step reports. After a skew (a device 1.1-3x slower, layers 1.1-3x costlier, MoE-like
+  skew) it reaches a plan within 5% of the best split within 5 steps of the first report that
+  shows it, and 5% noise alone never moves a layer: ``tests/test_controllers_loop.py`` holds
+  it to that in the closed-loop harness (``controllers.harness``).
 
 Plugging in your own controller: pass any object with these three methods (``Controller`` is
 a ``typing.Protocol``, so no subclassing is needed)::

@@ -8,30 +8,30 @@ per layer by ``LayerEstimator`` on the measured times divided by their stage's s
 
 Which kind a change is, is read from the data, deterministically:
 
-1. Stage-wide shift. When some layer's cost changes (``LayerEstimator`` confirms a shift), the
-   latest sample of every layer on its stage is compared with that layer's estimate from before.
-   If they all moved by the same factor R (each within ``max(min_shift, z x noise)`` of R in
-   log terms, ``|R - 1| >= min_shift``), each of those estimates rested on ``settle`` samples or
-   more, and no layer on another stage moved by about R, the device changed: ``speed[s] *= R``
-   and the layers keep their old bases. The new speed is averaged over ``settle`` steps (stage
-   time over the sum of its bases) before it counts as measured; meanwhile the bases wait, and
-   only the layers' noise levels keep learning. Otherwise the change is per
-   layer: those layers' bases restart from the new samples.
-2. Moves. A layer that moves is predicted to cost ``base x speed[new stage]``; its first two
-   samples there are compared with that. If the layers that moved together are off by a factor
-   Q beyond the noise, the speed ratio of the two stages was wrong by Q and one speed is
-   corrected: the reading that leaves more stages at speed 1 wins (a speed within the noise of
-   1 becomes 1), then the one calling a stage slower rather than faster. Layers whose base
-   rested on the corrected speed are rescaled (their time where they were measured stays) and
-   count as measured twice, so the rebalancer measures them again before its next plan.
+1. Stage-wide shift: every layer of a stage changed alike, so its device did
+   (``controllers.readings``): the speed takes the factor, the layers keep their bases.
+   Otherwise the change is per layer: those layers' bases restart from the new samples.
+2. Moves. A layer that moves is predicted to cost ``base x speed[new stage]``; its first sample
+   there is compared with that. If one of the two speeds is an unchecked stage-wide reading,
+   the nearer of the two readings wins at once: undoing it (the layers got costlier, not the
+   device) if that predicts the miss better, else it stands. Otherwise (a second sample too if
+   the first is off by between one and two times the noise allowance), if the layers that
+   moved together are off by a factor Q beyond the noise, the speed ratio of the two stages was
+   wrong by Q and one speed is corrected: the reading that leaves more stages at speed 1 wins
+   (a speed within the noise of 1, or within 10%, becomes 1), then the one calling a stage
+   slower rather than faster. Layers whose base rested on the corrected
+   speed are rescaled (their time where they were measured stays) and count as measured
+   twice, so their next samples weigh in quickly.
 
 A shift of every layer on one stage by one factor (say MoE skew hitting that stage's layers
-alike) looks like a slow device until a layer moves: the first move tells, the model is
-corrected, and the rebalancer plans again (``corrected``).
+alike) looks like a slow device until a layer moves: ``folded`` gives the other reading for
+planning, the first move tells, the model is corrected, and the rebalancer plans again
+(``corrected``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,16 +39,23 @@ from typing import Any
 from adaptive_pp.core.partition import Partition
 
 from .estimates import LayerEstimator, LayerTimes, predict_step_time
+from .readings import StageReadings
 from .search import near_balanced
 
-_PROBE = 2  # samples of a moved layer on its new stage before it is judged
+_PROBE = 1  # samples of a moved layer on its new stage before it is judged
+SNAP = math.log(1.1)  # a corrected speed within 10% of 1 is 1
+_READ = 2  # samples behind a new speed before moves are judged against it
 
 
-class CostModel:
+class CostModel(StageReadings):
     """Per-layer base costs x per-stage speeds (see the module docstring)."""
 
     def __init__(
-        self, window: int = 20, min_shift: float = 0.05, z: float = 4.0, settle: int = 5
+        self,
+        window: int = 20,
+        min_shift: float = 0.05,
+        z: float = 4.0,
+        settle: int = 5,
     ) -> None:
         """``window``, ``min_shift``, ``z``: see LayerEstimator; ``settle``: samples per speed."""
         self.layers = LayerEstimator(window, min_shift, z)
@@ -59,6 +66,11 @@ class CostModel:
         self.probe_from: list[int] = []  # stage a layer on probation came from, else -1
         self.probe_n: list[int] = []
         self.probe_log: list[float] = []  # sum of log(sample / prediction) on probation
+        self.serr: list[float] = []  # per stage: standard error of a speed a probe set (log)
+        self.guess: list[float] = []  # per stage: its speed before a stage-wide shift no move
+        # has checked yet (0: none)
+        self.prev: list[float | None] = []  # each layer's raw time in the last update
+        self.jump: list[float] = []  # per stage: if off last step, its limit (signed as the offset)
         self.note = ""  # what the last update concluded, for decision reasons
         self.corrected = False  # whether the last update found a speed reading wrong
 
@@ -68,9 +80,9 @@ class CostModel:
         return self.layers.num_layers
 
     @property
-    def base(self) -> list[float]:
-        """Per layer, the estimated step time (forward + backward) at speed 1."""
-        return [f + b for f, b in zip(self.layers.f, self.layers.b, strict=True)]
+    def read(self) -> int:
+        """Samples behind a new speed before layers that moved to or from it are judged."""
+        return min(_READ, self.settle)
 
     @property
     def probing(self) -> bool:
@@ -85,6 +97,10 @@ class CostModel:
     def _reset(self, part: Partition) -> None:
         self.speed = [1.0] * part.num_stages
         self.nspeed = [self.settle] * part.num_stages
+        self.guess = [0.0] * part.num_stages
+        self.serr = [0.0] * part.num_stages
+        self.jump = [0.0] * part.num_stages
+        self.prev = [None] * part.num_layers
         self.where = [part.stage_of(i) for i in range(part.num_layers)]
         self._clear_probes()
 
@@ -100,6 +116,7 @@ class CostModel:
         elif microbatches != self.layers.microbatches:  # new M: bases restart, speeds stay
             self._clear_probes()
             self.nspeed = [max(n, self.settle) for n in self.nspeed]
+            self.prev, self.jump = [None] * len(self.where), [0.0] * len(self.speed)
         est = self.layers
         where = [part.stage_of(i) for i in range(part.num_layers)]
         known = est.num_layers == len(times) and microbatches == est.microbatches
@@ -111,76 +128,28 @@ class CostModel:
                 if old != new and est.n[i] > 0:
                     self.probe_from[i], self.probe_n[i], self.probe_log[i] = old, 0, 0.0
             self.where = where  # before settling and probation, which read it
-            skip = {i for i, src in enumerate(self.probe_from) if src >= 0}
+            probing = {i for i, src in enumerate(self.probe_from) if src >= 0}
+            skip = set(probing)
             for s in range(part.num_stages):
                 if self.nspeed[s] < self.settle:
                     self._settle(s, self._steady(s, raw), raw)
                     skip.update(part.layers(s))
             changed = self._probation(raw)
+            # A probe judged this step is data like any other: its sample joins the estimate.
+            skip -= {i for i, src in enumerate(self.probe_from) if src < 0 and i in probing}
         self.where = where
         feed: LayerTimes = [
             None if x is None or i in skip else (x[0] / self.speed[w], x[1] / self.speed[w])
             for i, (x, w) in enumerate(zip(times, where, strict=True))
         ]
+        jumps = self._stage_jumps(raw, feed) if known else set()
         est.update(feed, microbatches)
-        for s in sorted({where[i] for i in est.shifted}):
+        for s in sorted({where[i] for i in est.shifted} | jumps):
             self._stage_shift(s, raw, feed)
+        self.prev = raw
         if est.shifted and not self.note:
             self.note = f"cost of layer(s) {est.shifted} changed"
-        return changed or bool(est.shifted)
-
-    def _steady(self, s: int, raw: Sequence[float | None]) -> list[int]:
-        """Layers on stage ``s`` with a sample and an estimate, not on probation."""
-        est = self.layers
-        return [
-            i
-            for i, w in enumerate(self.where)
-            if w == s and raw[i] is not None and est.n[i] > 0 and self.probe_from[i] < 0
-        ]
-
-    def _settle(self, s: int, ids: Sequence[int], raw: Sequence[float | None]) -> None:
-        """One more sample of a new speed: stage time over the sum of its layers' bases."""
-        base = self.base
-        total = math.fsum(base[i] for i in ids)
-        if total > 0:
-            r = math.fsum(raw[i] or 0.0 for i in ids) / total
-            self.speed[s] += (r - self.speed[s]) / (self.nspeed[s] + 1)
-        self.nspeed[s] += 1
-        for i in ids:  # the bases wait, but their noise levels keep learning
-            self.layers.observe_noise(i, (raw[i] or 0.0) / self.speed[s])
-
-    def _stage_shift(self, s: int, raw: Sequence[float | None], feed: LayerTimes) -> None:
-        """A layer on stage ``s`` changed: if the whole stage moved alike, it is the device."""
-        est = self.layers
-        ids = [i for i in self._steady(s, raw) if feed[i] is not None]
-        ref = [est.ref_f[i] + est.ref_b[i] for i in ids]
-        sample = [raw[i] or 0.0 for i in ids]
-        if not ids or min(sample) <= 0 or min(ref) <= 0:
-            return
-        if min(est.ref_n[i] for i in ids) < self.settle:
-            return  # estimates too young to tell (their noise level is not known yet)
-        logs = [math.log(x / self.speed[s] / r) for x, r in zip(sample, ref, strict=True)]
-        big = math.log1p(self.min_shift)
-        mean = math.fsum(logs) / len(logs)
-        tol = max(big, self.z * max(est.layer_noise(i) for i in ids))
-        if abs(mean) < big or any(abs(x - mean) > tol for x in logs):
-            return
-        for j, w in enumerate(self.where):
-            x, r = feed[j], est.ref_f[j] + est.ref_b[j]
-            if w == s or x is None or est.ref_n[j] == 0 or r <= 0 or x[0] + x[1] <= 0:
-                continue
-            q = math.log((x[0] + x[1]) / r)
-            if abs(q) > tol and abs(q - mean) < abs(q):
-                return  # a neighbour moved with it: the layers changed, not the device
-        for i in ids:
-            est.restore(i)
-        self.speed[s] = math.fsum(sample) / math.fsum(ref)
-        self.nspeed[s] = 1
-        for i, w in enumerate(self.where):
-            if w == s and self.probe_from[i] >= 0:
-                self.probe_from[i] = -1
-                est.calm(i)
-        self.note = f"stage {s} device x{math.exp(mean):.2f} (speed {self.speed[s]:.2f})"
+        return changed or bool(est.shifted) or self.note.startswith("stage")
 
     def _probation(self, raw: Sequence[float | None]) -> bool:
         """Check moved layers against their prediction; correct speeds if they are off."""
@@ -189,7 +158,7 @@ class CostModel:
         for i, src in enumerate(self.probe_from):
             x, w = raw[i], self.where[i]
             base = est.f[i] + est.b[i]
-            if src < 0 or x is None or base <= 0 or x <= 0 or self.nspeed[w] < self.settle:
+            if src < 0 or x is None or base <= 0 or x <= 0 or self.nspeed[w] < self.read:
                 continue
             self.probe_log[i] += math.log(x / self.speed[w] / base)
             self.probe_n[i] += 1
@@ -202,38 +171,77 @@ class CostModel:
             count = sum(self.probe_n[i] for i in ids)
             log_q = math.fsum(self.probe_log[i] for i in ids) / count
             var = math.fsum(est.layer_noise(i) ** 2 for i in ids) / len(ids) / count
+            if len(ids) > 1:  # the layers' spread tells a noise their history may not know yet
+                logs = [self.probe_log[i] / self.probe_n[i] for i in ids]
+                spread = math.fsum((x - log_q) ** 2 for x in logs) / (len(ids) - 1)
+                var = max(var, spread / len(ids))
             errs = est.errors()
             var += math.fsum(errs[i] ** 2 for i in ids) / len(ids)
             tol = max(math.log1p(self.min_shift), self.z * math.sqrt(var))
+            undo = self._undo(src, dst, log_q)
+            guessed = bool(self.guess[src] or self.guess[dst])
+            if not guessed and count < 2 * len(ids) and tol < abs(log_q) <= 2 * tol:
+                continue  # one sample each, neither clearly off nor clearly on: one more
             for i in ids:
                 self.probe_from[i] = -1
                 est.calm(i)
-            if abs(log_q) > tol:
+            if undo is not None:
+                self._set_speed(undo, self.guess[undo], src, dst, ids, log_q, tol / self.z)
+                changed = self.corrected = True
+            elif abs(log_q) > tol:
                 self._correct(src, dst, ids, log_q, tol)
                 changed = self.corrected = True
+            self.guess[src] = self.guess[dst] = 0.0  # checked, either way
         return changed
+
+    def _undo(self, src: int, dst: int, log_q: float) -> int | None:
+        """The stage whose unchecked stage-wide reading the probe of layers moved src -> dst
+        (off by exp(log_q)) says to undo: the one whose undoing predicts the miss better than
+        keeping it (whatever the noise: of two readings of the same data, the nearer wins)."""
+        for g, sign in ((src, 1.0), (dst, -1.0)):
+            undo = sign * math.log(self.speed[g] / self.guess[g]) if self.guess[g] else 0.0
+            if undo and abs(log_q - undo) < abs(log_q):
+                return g
+        return None
 
     def _correct(self, src: int, dst: int, moved: Sequence[int], log_q: float, tol: float) -> None:
         """Layers that moved src -> dst took exp(log_q) x their prediction: fix one speed."""
-        est, q = self.layers, math.exp(log_q)
+        q = math.exp(log_q)
         options = []
         for stage, k in ((dst, q), (src, 1.0 / q)):
             new = self.speed[stage] * k
-            new = 1.0 if abs(math.log(new)) <= tol else new  # within the noise of the default
+            new = 1.0 if abs(math.log(new)) <= max(tol, SNAP) else new  # within the noise of 1
             speeds = [new if t == stage else x for t, x in enumerate(self.speed)]
             spread = math.fsum(abs(math.log(x)) for x in speeds)
             options.append((round(spread, 9), -new, stage, new))
         _, _, stage, new = min(options)
+        self._set_speed(stage, new, src, dst, moved, log_q, tol / self.z)
+
+    def _set_speed(
+        self,
+        stage: int,
+        new: float,
+        src: int,
+        dst: int,
+        moved: Sequence[int],
+        log_q: float,
+        err: float,
+    ) -> None:
+        """Correct ``stage``'s speed to ``new`` after the probe of ``moved`` (src -> dst),
+        whose reading has standard error ``err`` (log): the speed is known no better than that,
+        so gains that rest on it must clear it (``speed_errors``)."""
+        est, q = self.layers, math.exp(log_q)
         k = new / self.speed[stage]
         # Set, not multiplied by k: a speed read as the default must be exactly 1.0 (x * (1 / x)
         # need not be), or speed_errors takes it for a learned one and gain_error grows.
         self.speed[stage] = new
+        self.serr[stage] = 0.0 if new == 1.0 else err
         self.nspeed[stage] = max(self.nspeed[stage], self.settle)
         for i, w in enumerate(self.where):
             came_from = self.probe_from[i] == stage or (stage == src and i in moved)
             if (w == stage and i not in moved) or came_from:
                 est.rescale(i, 1.0 / k)  # same time where it was measured
-                est.trust(i, _PROBE)  # but a base that rests on a few samples of the move
+                est.trust(i, _READ)  # but a base that rests on few samples of the move
             if (w == stage or came_from) and self.probe_from[i] >= 0:
                 self.probe_from[i] = -1
                 est.calm(i)
@@ -241,6 +249,19 @@ class CostModel:
             f"layers {list(moved)} took x{q:.2f} their predicted time on stage {dst}: "
             f"stage {stage} speed -> {self.speed[stage]:.2f}"
         )
+
+    def folded(self) -> CostModel | None:
+        """The other reading of the stage-wide shifts no move has checked yet: the stage's
+        layers got costlier, its device did not slow down (None if there is no such shift)."""
+        if not any(self.guess):
+            return None
+        alt = copy.deepcopy(self)
+        for s, prior in enumerate(self.guess):
+            if prior:
+                for i in (i for i, w in enumerate(self.where) if w == s):
+                    alt.layers.rescale(i, self.speed[s] / prior)
+                alt.speed[s], alt.guess[s] = prior, 0.0
+        return alt
 
     def stage_of(self, part: Partition) -> list[int]:
         """Each layer's stage under ``part``."""
@@ -263,7 +284,8 @@ class CostModel:
         for s, (k, n) in enumerate(zip(self.speed, self.nspeed, strict=True)):
             ids = [i for i, w in enumerate(self.where) if w == s]
             sigma = max((est.layer_noise(i) for i in ids), default=0.0)
-            out.append(0.0 if k == 1.0 else sigma / math.sqrt(max(1, n * len(ids))))
+            read = sigma / math.sqrt(max(1, n * len(ids)))
+            out.append(0.0 if k == 1.0 else max(read, self.serr[s]))
         return out
 
     def gain_error(self, now: Partition, dest: Partition, microbatches: int) -> float:
@@ -309,6 +331,10 @@ class CostModel:
             "nspeed": list(self.nspeed),
             "where": list(self.where),
             "probe": [list(self.probe_from), list(self.probe_n), list(self.probe_log)],
+            "guess": list(self.guess),
+            "serr": list(self.serr),
+            "prev": list(self.prev),
+            "jump": list(self.jump),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -320,6 +346,13 @@ class CostModel:
         probe_from, probe_n, probe_log = state["probe"]
         self.probe_from, self.probe_n = [int(x) for x in probe_from], [int(x) for x in probe_n]
         self.probe_log = [float(x) for x in probe_log]
-        if len(self.speed) != len(self.nspeed) or len(self.probe_from) != len(self.where):
+        self.guess = [float(x) for x in state.get("guess", [0.0] * len(self.speed))]
+        self.serr = [float(x) for x in state.get("serr", [0.0] * len(self.speed))]
+        prev = state.get("prev", [None] * len(self.where))  # absent before stage-wide jumps
+        self.prev = [None if x is None else float(x) for x in prev]
+        self.jump = [float(x) for x in state.get("jump", [0.0] * len(self.speed))]
+        if len({len(self.speed), len(self.nspeed), len(self.guess)}) > 1 or len(
+            self.probe_from
+        ) != len(self.where):
             raise ValueError("cost model state: lists differ in length")
         self.note, self.corrected = "", False

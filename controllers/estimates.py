@@ -2,8 +2,10 @@
 
 Layer times are per step (all micro-batches together). Each layer keeps a running mean (an EMA
 once it has ``window`` samples) plus a fast EMA; when the two drift apart by more than the
-measured noise allows on two steps in a row, the layer's costs have changed and its mean
-restarts from the newest sample. That keeps estimates quiet under noise and quick after a real
+measured noise allows, the sample is held out of the mean for a step (one step off may be
+noise); if the next step is off too, the layer's costs have changed and its mean restarts from
+those two samples (a one-step confirmation), else the held sample joins the mean late. That
+keeps estimates quiet under noise (a lone outlier never moves them) and quick after a real
 shift. The noise level is the mean |difference| of consecutive samples. Each layer also keeps a
 reference: its estimate from before its current run of off samples, so a shift that turns out
 to belong to the stage (``controllers.costmodel``) can be undone.
@@ -72,11 +74,13 @@ class LayerEstimator:
         if num_layers != len(self.dev):
             self.dev = [0.0] * num_layers
         self.n = [0] * num_layers
+        self.nd = [0] * num_layers  # samples of the noise level since its regime last changed
         self.f = [0.0] * num_layers
         self.b = [0.0] * num_layers
         self.fast = [0.0] * num_layers
         self.last = [0.0] * num_layers
         self.held = [-1.0] * num_layers  # noise level before a first off step, else -1
+        self.off_f, self.off_b = [0.0] * num_layers, [0.0] * num_layers  # that off step's sample
         self.ref_f, self.ref_b = [0.0] * num_layers, [0.0] * num_layers
         self.ref_n, self.ref_dev = [0] * num_layers, [0.0] * num_layers
         self.shifted: list[int] = []  # layers whose cost changed in the last update
@@ -89,6 +93,11 @@ class LayerEstimator:
     def ready(self, samples: int = 1) -> bool:
         """Whether every layer has at least ``samples`` samples since its last restart."""
         return bool(self.n) and min(self.n) >= samples
+
+    @property
+    def unconfirmed(self) -> list[int]:
+        """Layers whose last sample was off their estimate: a shift, or noise (next step tells)."""
+        return [i for i, h in enumerate(self.held) if h >= 0.0]
 
     def update(self, times: LayerTimes, microbatches: int) -> bool:
         """Add one step's measurements (None: no sample); True if some layer's cost changed."""
@@ -116,26 +125,39 @@ class LayerEstimator:
             if abs(self.fast[i] - old) > limit:
                 if self.held[i] >= 0.0:  # second step in a row: a real shift
                     self.dev[i] = self.held[i]  # the jump was not noise
-                    self._restart(i, xf, xb)
+                    self._restart(i, xf, xb, (self.off_f[i], self.off_b[i]))
+                    self._noise_sample(i, d)  # but the two off samples' difference is
                     self.shifted.append(i)
                     changed = True
                     continue
-                self.held[i] = self.dev[i]  # one step off could be noise: note it, go on
-            else:
+                # One step off could be noise: hold the sample out of the estimate until the
+                # next step tells (so a lone outlier never sways a decision), go on.
+                self.held[i] = self.dev[i]
+                self.off_f[i], self.off_b[i] = xf, xb
+                self._noise_sample(i, d)
+                self.last[i] = total
+                continue
+            if self.held[i] >= 0.0:  # the step before was off, this one is not: it was noise
                 self.held[i] = -1.0
+                self._fold(i, self.off_f[i], self.off_b[i])
             self._noise_sample(i, d)
-            a = max(1.0 / (self.n[i] + 1), 1.0 / self.window)
-            self.f[i] += a * (xf - self.f[i])
-            self.b[i] += a * (xb - self.b[i])
-            self.n[i] += 1
+            self._fold(i, xf, xb)
             self.last[i] = total
         return changed
+
+    def _fold(self, i: int, xf: float, xb: float) -> None:
+        """Add one sample to layer ``i``'s running mean (an EMA once it has ``window``)."""
+        a = max(1.0 / (self.n[i] + 1), 1.0 / self.window)
+        self.f[i] += a * (xf - self.f[i])
+        self.b[i] += a * (xb - self.b[i])
+        self.n[i] += 1
 
     def _noise_sample(self, i: int, d: float) -> None:
         # Running mean of |difference| since the last restart (with the old level as one
         # prior sample), then an EMA: the noise level follows a regime change quickly.
-        w = 1.0 if self.dev[i] == 0.0 else max(1.0 / (self.n[i] + 1), _NOISE)
+        w = 1.0 if self.dev[i] == 0.0 else max(1.0 / (self.nd[i] + 1), _NOISE)
         self.dev[i] += w * (d - self.dev[i])
+        self.nd[i] += 1
 
     def observe_noise(self, i: int, total: float) -> None:
         """Learn layer ``i``'s noise level from a sample without changing its estimate."""
@@ -143,16 +165,25 @@ class LayerEstimator:
             self._noise_sample(i, abs(total - self.last[i]) / self.last[i])
         self.last[i] = total
 
-    def _restart(self, i: int, xf: float, xb: float) -> None:
-        self.f[i], self.b[i] = xf, xb
-        self.fast[i] = self.last[i] = xf + xb
-        self.n[i] = 1
+    def _restart(
+        self, i: int, xf: float, xb: float, off: tuple[float, float] | None = None
+    ) -> None:
+        """Start layer ``i`` afresh from this sample (and ``off``, the step before it)."""
+        if off is None:
+            self.f[i], self.b[i], self.n[i] = xf, xb, 1
+        else:
+            self.f[i], self.b[i], self.n[i] = (xf + off[0]) / 2, (xb + off[1]) / 2, 2
+        self.fast[i] = self.f[i] + self.b[i]
+        self.last[i] = xf + xb
         self.held[i] = -1.0
+        self.nd[i] = min(self.nd[i], self.n[i])
 
     def restore(self, i: int) -> None:
-        """Undo layer ``i``'s current run of off samples: back to its reference estimate."""
+        """Undo layer ``i``'s current run of off samples: back to its reference estimate (the
+        noise level keeps what the samples since taught, but not a jump)."""
         self.f[i], self.b[i], self.n[i] = self.ref_f[i], self.ref_b[i], self.ref_n[i]
-        self.dev[i] = self.ref_dev[i]
+        self.dev[i] = self.held[i] if self.held[i] >= 0.0 else self.dev[i]
+        self.nd[i] = 1  # but the noise may have changed with the costs: learn it afresh
         self.calm(i)
 
     def calm(self, i: int) -> None:
@@ -195,12 +226,14 @@ class LayerEstimator:
         return {
             "microbatches": self.microbatches,
             "n": list(self.n),
+            "nd": list(self.nd),
             "f": list(self.f),
             "b": list(self.b),
             "fast": list(self.fast),
             "last": list(self.last),
             "dev": list(self.dev),
             "held": list(self.held),
+            "off": [list(self.off_f), list(self.off_b)],
             "ref": [list(self.ref_f), list(self.ref_b), list(self.ref_n), list(self.ref_dev)],
         }
 
@@ -208,17 +241,21 @@ class LayerEstimator:
         """Restore what state_dict returned."""
         self.microbatches = int(state["microbatches"])
         self.n = [int(x) for x in state["n"]]
+        self.nd = [int(x) for x in state.get("nd", self.n)]  # absent before: as n
         self.f, self.b = [float(x) for x in state["f"]], [float(x) for x in state["b"]]
         self.fast = [float(x) for x in state["fast"]]
         self.last = [float(x) for x in state["last"]]
         self.dev = [float(x) for x in state["dev"]]
         self.held = [float(x) for x in state["held"]]
+        off = state.get("off")  # absent from states saved before two-sample restarts
+        self.off_f = [float(x) for x in off[0]] if off else [0.0] * len(self.n)
+        self.off_b = [float(x) for x in off[1]] if off else [0.0] * len(self.n)
         ref_f, ref_b, ref_n, ref_dev = state["ref"]
         self.ref_f, self.ref_b = [float(x) for x in ref_f], [float(x) for x in ref_b]
         self.ref_n, self.ref_dev = [int(x) for x in ref_n], [float(x) for x in ref_dev]
         self.shifted = []
         lists = (self.f, self.b, self.fast, self.last, self.dev, self.held, self.ref_f, self.ref_n)
-        if any(len(x) != len(self.n) for x in lists):
+        if any(len(x) != len(self.n) for x in (*lists, self.off_f, self.off_b)):
             raise ValueError("estimator state: per-layer lists differ in length")
 
 

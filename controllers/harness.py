@@ -12,8 +12,9 @@ in a step is multiplied by a factor uniform in ``[1 - noise, 1 + noise]``. Rando
 
 Each step builds per-(stage, micro-batch) costs for the current plan from the layers it owns,
 simulates it under the plan's schedule (a split backward gives W the simulator's ``W_SHARE``),
-fills the per-layer fields of every StageStats with what was "measured", hands the report to
-the controller and applies its decision (any Decision, through ``decisions.apply``).
+fills the per-layer fields of every StageStats with what was "measured" (times, and each
+layer's move size: ``Scenario.layer_bytes``) and the batch size, as the runtime does, hands the
+report to the controller and applies its decision (any Decision, through ``decisions.apply``).
 """
 
 from __future__ import annotations
@@ -139,6 +140,15 @@ class Scenario:
     action_cost: float = 0.0
     """Seconds every action (F, B, I, W) takes besides its compute: a runtime's per-action host
     cost, which a split backward (I and W) pays 3M times per rank per step instead of 2M."""
+    bytes_per_layer: float = 0.7e9
+    """Bytes a move of a layer (of scale 1) ships, as the runtime reports them: a GPT-style
+    block of width 2048 (50M parameters) with bf16 weights, an fp32 master copy and Adam's two
+    moments, 14 bytes a parameter. A layer's ``layer_scale`` scales it like its cost."""
+
+    def layer_bytes(self, layer: int) -> int:
+        """Bytes a move of ``layer`` ships."""
+        scale = self.layer_scale[layer] if self.layer_scale else 1.0
+        return round(scale * self.bytes_per_layer)
 
     def base_forward(self, layer: int, microbatches: int) -> float:
         """Forward seconds of ``layer`` per micro-batch, before effects."""
@@ -228,10 +238,12 @@ def _report(scenario: Scenario, plan: Plan, fwd: list[list[float]], step: int) -
     for st in rep.stages:
         ids = tuple(part.layers(st.stage))
         lf = tuple(math.fsum(fwd[i]) for i in ids)
+        lb = tuple(x * ratio for x in lf)
+        size = tuple(scenario.layer_bytes(i) for i in ids)
         stages.append(
-            replace(st, layers=ids, layer_forward=lf, layer_backward=tuple(x * ratio for x in lf))
+            replace(st, layers=ids, layer_forward=lf, layer_backward=lb, layer_bytes=size)
         )
-    return replace(rep, stages=tuple(stages), partition=part.bounds)
+    return replace(rep, stages=tuple(stages), partition=part.bounds, batch=scenario.global_batch)
 
 
 def measure(scenario: Scenario, plan: Plan, step: int) -> StepReport:

@@ -3,8 +3,12 @@
 Order of precedence each step, one decision at most:
 
 1. a micro-batch or schedule trial under way finishes first (keep or roll back), so its
-   measurement is not confounded by another change;
+   measurement is not confounded by another change; but if the layer costs changed under it
+   (the rebalancer confirmed a shift this step) and a move is due, the trial is void: it is
+   rolled back unjudged (no ban) and the move follows on the next step;
 2. otherwise the rebalancer moves layers if stages are uneven and a move pays off;
+   while a layer's latest time is off its estimate but not yet confirmed (a skew may be
+   starting), no trial starts and none is judged: the next step tells;
 3. otherwise the tuner may raise M;
 4. otherwise, if the plan is steady (no move on its way or being checked), the switcher may
    try another schedule (``controllers.schedule``).
@@ -36,8 +40,8 @@ class AdaptivePolicy:
         tuner: TunerConfig | None = None,
         schedule: SwitchConfig | None = _SWITCH,
     ) -> None:
-        """``tuner=None`` keeps M fixed (the tuner needs the global batch size);
-        ``schedule=None`` keeps the schedule (default: switch between 1f1b and zb-h1)."""
+        """``tuner=None`` (the default here) keeps M fixed; ``schedule=None`` keeps the schedule
+        (default: switch between 1f1b and zb-h1). ``default_policy()`` turns all three on."""
         self.rebalancer = Rebalancer(rebalancer)
         self.tuner = MicrobatchTuner(tuner) if tuner is not None else None
         self.switcher = ScheduleSwitcher(schedule) if schedule is not None else None
@@ -49,16 +53,27 @@ class AdaptivePolicy:
             self.tuner.observe(report, plan)
         if self.switcher is not None:
             self.switcher.observe(report, plan)
+        r = self.rebalancer
+        jumped = r.estimator.layers.unconfirmed
         for trial in (self.tuner, self.switcher):
             if trial is not None and trial.busy:
-                proposal = trial.propose(plan)
+                if r.changed and r.propose(plan).note in ("move", "probe"):
+                    # The costs changed under the trial and a move is due: roll it back unjudged.
+                    proposal = trial.void("the costs changed and a move is due (trial void)")
+                else:
+                    proposal = trial.propose(plan)
+                    if jumped and proposal.note in ("accept", "rollback"):
+                        # Its last sample may show a skew, not the trial: judge a step later.
+                        return Keep(f"layer(s) {jumped} off their estimate: confirming first")
                 trial.commit(proposal)
                 return proposal.decision
         proposal = self.rebalancer.propose(plan)
         self.rebalancer.commit(proposal)
-        if proposal.note == "move":
+        if proposal.note in ("move", "probe"):
             return proposal.decision
         keep = proposal.decision
+        if jumped:  # a skew may be starting: no trial now (the next step tells)
+            return Keep(f"layer(s) {jumped} off their estimate: confirming next step")
         if self.tuner is not None:
             proposal = self.tuner.propose(plan)
             self.tuner.commit(proposal)
@@ -107,6 +122,8 @@ class AdaptivePolicy:
 
 
 def default_policy() -> AdaptivePolicy:
-    """What ``PipelineConfig(adaptive=True)`` runs: every controller with its defaults; layer
-    bytes and the batch size come from the step reports."""
-    return AdaptivePolicy()
+    """What ``PipelineConfig(adaptive=True)`` runs: the rebalancer, the micro-batch tuner and
+    the schedule switcher, each with its default config. Nothing is model-specific: each
+    layer's move size (``StageStats.layer_bytes``) and the batch size (``StepReport.batch``)
+    come from the step reports."""
+    return AdaptivePolicy(RebalancerConfig(), TunerConfig(), SwitchConfig())

@@ -14,7 +14,9 @@ zero-bubble steps pay more per action than the simulator knows is caught by the 
 
 A trial is void (no ban, no rollback) if the plan changes under it for another reason: the
 switch was refused, or M or the partition changed. ``AdaptivePolicy`` lets a trial finish
-before anything else changes, and switches only when no move or M trial is under way.
+before anything else changes (unless the layer costs change under it and a move is due: then
+``void`` rolls it back, no verdict, no ban), and switches only when no move or M trial is
+under way.
 
 Memory: rank s stashes the activations of up to ``peak[s]`` micro-batches (the validator's
 ``Compiled.peak``) for each layer it holds. A switch may raise the largest ``peak[s] x layers
@@ -195,10 +197,17 @@ class ScheduleSwitcher(Proposer):
                 return Proposal(SetSchedule(other, why), "try")
         return Proposal(Keep("; ".join(reasons)))
 
+    def void(self, why: str) -> Proposal:
+        """Roll the trial under way back without a verdict (no ban): ``why`` it is void."""
+        back = SetSchedule(self.trial_from, f"roll back to schedule {self.trial_from}: {why}")
+        return Proposal(back, "void")
+
     def commit(self, proposal: Proposal) -> None:
         """Note that ``proposal`` was applied (call once per proposal that is acted on)."""
         d = proposal.decision
-        if proposal.note == "try" and isinstance(d, SetSchedule):
+        if proposal.note == "void":
+            self.phase = "measure"
+        elif proposal.note == "try" and isinstance(d, SetSchedule):
             self.phase = "trial"
             self.baseline = math.fsum(self.samples) / len(self.samples)
             self.trial_from = self.last[0] if self.last else d.schedule

@@ -2,8 +2,10 @@
 
 Loop: measure ``window`` steps at the current M (after ``settle`` steps following any change).
 If the busiest stage's bubble is above ``target_bubble``, try the next M: the smallest divisor
-of ``global_batch`` that is at least ``growth`` x M (so doubling where the batch allows); if its
-estimated activation stash does not fit ``memory_cap``, the next larger divisor that fits.
+of the global batch that is at least ``growth`` x M (so doubling where the batch allows); if its
+estimated activation stash does not fit ``memory_cap``, the next larger divisor that fits. The
+global batch is ``global_batch`` if set, else the samples per step the latest step report
+carries (``StepReport.batch``, which the runtime fills); while neither is known, M stays.
 Then measure ``window`` steps at the new M: keep it if the mean step time fell by
 ``min_gain``, else roll back to the previous M and ban the rejected M for ``ban_steps`` steps
 (a while: 1000 by default; ``None`` bans it for good). While a larger M is banned the tuner
@@ -12,7 +14,9 @@ cost, so larger values would be slower still. The tuner only raises M; it never 
 
 A trial is void (no ban, no rollback) if the plan changes under it for another reason: the
 new M was refused, layers moved or the schedule changed. Measuring restarts after any change
-of M, partition or schedule. ``AdaptivePolicy`` lets a trial finish before anything else.
+of M, partition or schedule. ``AdaptivePolicy`` lets a trial finish before anything else,
+unless the layer costs change under it and a move is due: then ``void`` rolls it back to the
+previous M with no verdict and no ban.
 
 Stash estimate for M: peak stashed micro-batches on any stage (from the schedule) x
 ``activation_bytes_per_sample`` x global_batch / M.
@@ -42,9 +46,10 @@ from .estimates import compiled_schedule
 
 @dataclass(frozen=True)
 class TunerConfig:
-    """Knobs of the micro-batch tuner; ``global_batch`` (samples per step) is required."""
+    """Knobs of the micro-batch tuner; ``global_batch`` (samples per step): None takes it from
+    the step reports (``StepReport.batch``)."""
 
-    global_batch: int
+    global_batch: int | None = None
     target_bubble: float = 0.10
     memory_cap: float | None = None
     activation_bytes_per_sample: float = 0.0
@@ -56,7 +61,7 @@ class TunerConfig:
     ban_steps: int | None = 1000
 
     def __post_init__(self) -> None:
-        if self.global_batch < 1:
+        if self.global_batch is not None and self.global_batch < 1:
             raise ValueError(f"global_batch must be >= 1, got {self.global_batch}")
         if self.growth <= 1.0:
             raise ValueError(f"growth must be > 1, got {self.growth}")
@@ -69,9 +74,10 @@ class TunerConfig:
 class MicrobatchTuner(Proposer):
     """Raises M while the bubble is large; keeps a change only if measured steps got faster."""
 
-    def __init__(self, config: TunerConfig) -> None:
+    def __init__(self, config: TunerConfig | None = None) -> None:
         """Start measuring the current M."""
-        self.config = config
+        self.config = config or TunerConfig()
+        self.reported = 0  # samples per step, from the latest report that carried them
         self.phase = "measure"
         self.samples: list[float] = []
         self.bubbles: list[float] = []
@@ -92,6 +98,7 @@ class MicrobatchTuner(Proposer):
     def observe(self, report: StepReport, plan: Plan) -> None:
         """Record one step's time and bubble; restart measuring if the plan changed."""
         self.seen += 1
+        self.reported = report.batch if report.batch > 0 else self.reported
         key = (plan.microbatches, plan.partition.bounds)
         if self.phase == "trial" and plan.microbatches != self.trial_to:
             self.phase = "measure"  # the new M was refused or overridden: the trial is void
@@ -138,9 +145,12 @@ class MicrobatchTuner(Proposer):
         bubble = math.fsum(self.bubbles) / len(self.bubbles)
         if bubble <= c.target_bubble:
             return Proposal(Keep(f"bubble {bubble:.1%} <= target {c.target_bubble:.1%}"))
+        if not self.global_batch:
+            return Proposal(Keep(f"bubble {bubble:.1%} but the batch size is unknown: M kept"))
         nxt = self.next_microbatches(m)
         if nxt is None:
-            return Proposal(Keep(f"bubble {bubble:.1%} but no larger M divides {c.global_batch}"))
+            why = f"bubble {bubble:.1%} but no larger M divides {self.global_batch}"
+            return Proposal(Keep(why))
         while nxt is not None:
             if self.banned(nxt):
                 return Proposal(Keep(f"M={nxt} was slower; not retried yet"))
@@ -151,10 +161,18 @@ class MicrobatchTuner(Proposer):
             nxt = self.next_microbatches(nxt, 1.0)
         return Proposal(Keep(f"no larger M keeps the activation stash under {c.memory_cap:.3g} B"))
 
+    def void(self, why: str) -> Proposal:
+        """Roll the trial under way back without a verdict (no ban): ``why`` it is void."""
+        return Proposal(
+            SetMicrobatches(self.trial_from, f"roll back to M={self.trial_from}: {why}"), "void"
+        )
+
     def commit(self, proposal: Proposal) -> None:
         """Note that ``proposal`` was applied (call once per proposal that is acted on)."""
         d = proposal.decision
-        if proposal.note == "try" and isinstance(d, SetMicrobatches):
+        if proposal.note == "void":
+            self.phase = "measure"
+        elif proposal.note == "try" and isinstance(d, SetMicrobatches):
             self.phase = "trial"
             self.baseline = math.fsum(self.samples) / len(self.samples)
             self.trial_from = self.last[0] if self.last else d.microbatches
@@ -168,28 +186,29 @@ class MicrobatchTuner(Proposer):
             self.phase = "measure"
             self.bans[self.trial_to] = ban_end(self.seen, self.config.ban_steps)
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per step: the configured ones, else the latest report's (0: unknown)."""
+        return self.config.global_batch or self.reported
+
     def banned(self, m: int) -> bool:
         """Whether ``m`` was rejected and its ban has not run out."""
         return is_banned(self.bans, m, self.seen)
 
     def next_microbatches(self, m: int, growth: float | None = None) -> int | None:
         """Smallest divisor of the global batch > ``m`` and >= growth x ``m`` (within max)."""
-        c = self.config
+        c, batch = self.config, self.global_batch
         g = c.growth if growth is None else growth
-        top = (
-            c.global_batch
-            if c.max_microbatches is None
-            else min(c.global_batch, c.max_microbatches)
-        )
+        top = batch if c.max_microbatches is None else min(batch, c.max_microbatches)
         for d in range(max(m + 1, math.ceil(g * m)), top + 1):
-            if c.global_batch % d == 0:
+            if batch % d == 0:
                 return d
         return None
 
     def stash_bytes(self, plan: Plan, m: int) -> float:
         """Estimated peak activation bytes on one stage when running ``m`` micro-batches."""
         _, code = compiled_schedule(plan.schedule, plan.num_stages, m)
-        per_mb = self.config.activation_bytes_per_sample * self.config.global_batch / m
+        per_mb = self.config.activation_bytes_per_sample * self.global_batch / m
         return max(code.peak) * per_mb
 
     def state_dict(self) -> dict[str, Any]:
@@ -208,6 +227,7 @@ class MicrobatchTuner(Proposer):
             "seen": self.seen,
             "last": None if self.last is None else [self.last[0], list(self.last[1])],
             "schedule": self.schedule,
+            "reported": self.reported,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -227,3 +247,4 @@ class MicrobatchTuner(Proposer):
         self.last = None if last is None else (int(last[0]), tuple(int(x) for x in last[1]))
         schedule = state.get("schedule")  # absent from states saved before schedule switching
         self.schedule = None if schedule is None else str(schedule)
+        self.reported = int(state.get("reported", 0))  # absent before batches were reported

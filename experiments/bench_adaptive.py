@@ -2,11 +2,15 @@
 
 4 stages, 16-layer MLP (width 256), batch 64, M=16, each layer an emulated kernel of 1 ms
 forward / 2 ms backward. From step 5 on, stage 2 runs 2x slower (a slow device: whatever layers
-it holds). Printed from one run: adaptive steady step / torch.distributed.pipelining static step
-on the same initial partition (target <= 0.75), adaptive / our static run on the best partition
-found offline with the simulator (target <= 1.05), and the steps the adaptive run took to converge;
-then the same adaptive run with the controllers' schedule switch allowed (1F1B <-> ZB-H1, kept
-only if measured faster) against torch's static 1F1B, and the schedule it ended on.
+it holds). No setting is tuned for this: the adaptive 1F1B run is ``AdaptivePolicy(schedule=None)``
+(the rebalancer with its defaults; M and the schedule stay), the other ``PipelineConfig(adaptive=
+True)``, the default policy (rebalancer, micro-batch tuner and schedule switch 1F1B <-> ZB-H1, all
+defaults; each trial kept only if measured faster); layer bytes and the batch size come from the
+step reports. Printed from one run: adaptive 1F1B steady step / torch.distributed.pipelining static
+step on the same initial partition (target <= 0.75), adaptive 1F1B / our static run on the best
+partition found offline with the simulator (target <= 1.05), the default policy's steady step
+against torch's static 1F1B and the adaptive 1F1B run, the schedule and M it ended on, and for
+every adaptive run the steps from the slowdown until it converged (the issue's target: 5).
 """
 
 from __future__ import annotations
@@ -26,16 +30,12 @@ from adaptive_pp.core.schedules import make_schedule
 from adaptive_pp.core.simulator import Costs, simulate
 from adaptive_pp.emulation.kernels import EmulatedLayer, emulated_mlp
 from adaptive_pp.runtime.launch import WorkerPool
-from controllers import AdaptivePolicy, RebalancerConfig
+from controllers import AdaptivePolicy
 from experiments.common import timed_steps, write_json
 from experiments.peer import torch_pipeline_walls
 
 LAYERS, WIDTH, BATCH, STAGES = 16, 256, 64, 4
 SLOW_STAGE, SLOW_FROM, FACTOR = 2, 5, 2.0
-# Short runs: act after 3 steps of evidence (a new stage speed is averaged over as many), wait
-# 3 steps after a move, 1.5 standard errors. (Before 2026-11-23's cost model these were defined
-# but not passed: that run used the defaults, cooldown 10, confidence 3, min_samples 5.)
-REBALANCER: dict[str, Any] = {"cooldown": 3, "confidence": 1.5, "min_samples": 3}
 
 
 def _slow_device(modules: list[nn.Module], stage: int, step: int) -> None:
@@ -59,26 +59,22 @@ def run_ours(
     adaptive: bool,
     switch: bool = False,
 ) -> dict[str, Any]:
-    """Rank job: our runtime, static or with AdaptivePolicy (``switch``: its schedule switch
-    allowed too, default SwitchConfig); returns walls, events, partitions and schedules."""
+    """Rank job: our runtime, static, adaptive on 1F1B (the rebalancer alone, defaults) or, with
+    ``switch``, the default policy (``PipelineConfig(adaptive=True)``); returns walls, events,
+    partitions, schedules and micro-batch counts."""
     torch.manual_seed(0)
     model = emulated_mlp(LAYERS, WIDTH, fwd_ms * 1e-3, 2 * fwd_ms * 1e-3)
-    layer_bytes = 3 * sum(p.numel() * 4 for p in model[0].parameters())  # weights + Adam moments
-    rebalancer = RebalancerConfig(**REBALANCER, bytes_per_layer=layer_bytes, horizon=steps)
-    # Rebalancing alone (no schedule switching) for the 1F1B figures; ``switch`` adds it.
-    policy = (
-        (AdaptivePolicy(rebalancer) if switch else AdaptivePolicy(rebalancer, schedule=None))
-        if adaptive
-        else None
-    )
-    cfg = PipelineConfig(microbatches=m, partition=bounds)
+    policy = AdaptivePolicy(schedule=None) if adaptive and not switch else None
+    cfg = PipelineConfig(microbatches=m, partition=bounds, adaptive=adaptive and switch)
     x, y = _data()
     parts: list[list[int]] = []
     scheds: list[str] = []
+    ms: list[int] = []
 
     def record() -> None:
         parts.append(list(pipe.partition.bounds))
         scheds.append(pipe.plan.schedule)
+        ms.append(pipe.plan.microbatches)
 
     with Pipeline(
         model,
@@ -94,7 +90,13 @@ def run_ours(
             after_step=lambda k, _: record(),
         )
     events = [list(report.events) for report in timed.outputs]
-    return {"walls": timed.walls, "events": events, "partitions": parts, "schedules": scheds}
+    return {
+        "walls": timed.walls,
+        "events": events,
+        "partitions": parts,
+        "schedules": scheds,
+        "microbatches": ms,
+    }
 
 
 def run_torch(bounds: tuple[int, ...], steps: int, m: int, fwd_ms: float) -> dict[str, Any]:
@@ -142,6 +144,31 @@ def converged_after(walls: list[float], events: list[list[str]], steady: float) 
     return k - SLOW_FROM
 
 
+def moved_into_place(events: list[list[str]]) -> int:
+    """Steps from the slowdown to the first step on the final partition (later changes of M or
+    schedule aside: the rebalancing alone)."""
+    moves = [k for k, es in enumerate(events) if any(e.startswith("moved") for e in es)]
+    return max([k for k in moves if k >= SLOW_FROM], default=SLOW_FROM) - SLOW_FROM
+
+
+def _report_runs(name: str, runs: list[dict[str, Any]], steady: float) -> list[int]:
+    """Print each round's plan changes and convergence; return the steps to converge."""
+    converged = []
+    for r, run in enumerate(runs):
+        changes = [(k, e) for k, es in enumerate(run["events"]) for e in es]
+        converged.append(converged_after(run["walls"], run["events"], steady))
+        print(f"{name}, round {r + 1}:")
+        for k, e in changes:
+            print(f"  step {k}: {e}")
+        print(
+            f"  final partition {Partition(tuple(run['partitions'][-1]))}, "
+            f"{run['schedules'][-1]}, M={run['microbatches'][-1]}; converged {converged[-1]} "
+            f"steps after the slowdown (on the final partition from {moved_into_place(run['events'])}"
+            f" steps after), with {len(changes)} change(s)"
+        )
+    return converged
+
+
 def main() -> None:
     """Adaptive, torch static and best-static runs (ours and torch's) on one pool, in rounds."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -160,7 +187,7 @@ def main() -> None:
     static_steps = SLOW_FROM + 3 + tail
     jobs = {
         "adaptive": ("adaptive", initial, steps),
-        # The same with the controllers' schedule switch allowed (1F1B <-> ZB-H1).
+        # The default policy (PipelineConfig(adaptive=True)): moves, M and 1F1B <-> ZB-H1.
         "adaptive-switch": ("adaptive-switch", initial, steps),
         "torch": ("torch", initial, static_steps),
         "best": ("best", best.bounds, static_steps),
@@ -179,28 +206,22 @@ def main() -> None:
         k: statistics.median(w for run in v for w in run["walls"][-tail:]) for k, v in runs.items()
     }
     steady, t_torch, t_best = med["adaptive"], med["torch"], med["best"]
+    switched = med["adaptive-switch"]
     print(
         f"EMULATED kernels ({fwd} ms fwd, {2 * fwd} ms bwd per layer), {STAGES} stages, {LAYERS} layers, "
         f"M={m}; stage {SLOW_STAGE} {FACTOR}x slower from step {SLOW_FROM}; {rounds} round(s), "
-        f"medians of the last {tail} steps of every run"
+        f"medians of the last {tail} steps of every run; best offline partition {best}"
     )
-    converged = []
-    for r, run in enumerate(runs["adaptive"]):
-        moves = [(k, e) for k, es in enumerate(run["events"]) for e in es]
-        converged.append(converged_after(run["walls"], run["events"], steady))
-        print(f"round {r + 1}:")
-        for k, e in moves:
-            print(f"  step {k}: {e}")
-        print(
-            f"  final partition {Partition(tuple(run['partitions'][-1]))}; best offline {best}; "
-            f"converged {converged[-1]} steps after the slowdown, with {len(moves)} change(s)"
-        )
+    converged = _report_runs("adaptive 1F1B (rebalancer, defaults)", runs["adaptive"], steady)
+    converged_switch = _report_runs(
+        "default policy (PipelineConfig(adaptive=True))", runs["adaptive-switch"], switched
+    )
     print(
-        f"adaptive steady {steady * 1e3:.1f} ms / torch static {t_torch * 1e3:.1f} ms = "
+        f"adaptive 1F1B steady {steady * 1e3:.1f} ms / torch static {t_torch * 1e3:.1f} ms = "
         f"{steady / t_torch:.3f} (target <= 0.75)"
     )
     print(
-        f"adaptive steady {steady * 1e3:.1f} ms / best static {t_best * 1e3:.1f} ms = "
+        f"adaptive 1F1B steady {steady * 1e3:.1f} ms / best static {t_best * 1e3:.1f} ms = "
         f"{steady / t_best:.3f} (target <= 1.05)"
     )
     print(
@@ -208,19 +229,16 @@ def main() -> None:
         f"initial {t_torch * 1e3:.1f} ms = {med['torch-best'] / t_torch:.3f}; ours / torch, both "
         f"on the best partition: {t_best / med['torch-best']:.3f}"
     )
-    switched = med["adaptive-switch"]
     finals = [run["schedules"][-1] for run in runs["adaptive-switch"]]
     print(
-        f"adaptive with schedule switch steady {switched * 1e3:.1f} ms / torch static "
-        f"{t_torch * 1e3:.1f} ms = {switched / t_torch:.3f}; / adaptive 1F1B only "
-        f"{switched / steady:.3f}; final schedules {', '.join(finals)}"
+        f"default policy steady {switched * 1e3:.1f} ms / torch static {t_torch * 1e3:.1f} ms = "
+        f"{switched / t_torch:.3f}; / adaptive 1F1B {switched / steady:.3f}; / best static "
+        f"{switched / t_best:.3f}; final schedules {', '.join(finals)}"
     )
-    for r, run in enumerate(runs["adaptive-switch"]):
-        changes = [f"step {k}: {e}" for k, es in enumerate(run["events"]) for e in es]
-        print(f"  switch run, round {r + 1}: " + ("; ".join(changes) or "no change"))
     print(
-        f"steps to converge (first step on the final plan within 5% of steady): "
-        f"{', '.join(map(str, converged))}"
+        "steps to converge (first step on the final plan within 5% of its steady step), per "
+        f"round: adaptive 1F1B {', '.join(map(str, converged))}; default policy "
+        f"{', '.join(map(str, converged_switch))} (target <= 5)"
     )
     path = write_json(
         "bench_adaptive",
@@ -239,7 +257,12 @@ def main() -> None:
             "switch_events": [run["events"] for run in runs["adaptive-switch"]],
             "switch_final_schedules": finals,
             "switch_ratio_vs_torch": switched / t_torch,
+            "switch_ratio_vs_best": switched / t_best,
+            "switch_final_microbatches": [
+                run["microbatches"][-1] for run in runs["adaptive-switch"]
+            ],
             "steps_to_converge": converged,
+            "switch_steps_to_converge": converged_switch,
         },
     )
     print(f"wrote {path}")

@@ -4,21 +4,32 @@ Models are small (8-16 layers, 2-4 stages, M in 4..16, global batch 64). Skews: 
 slower (a step or a drift; their cost travels with them), MoE skew (likewise), and a slow device
 (``DeviceSlowdown``: whatever layers sit on that stage run slower). "Best" is the exact min-max
 split of the true mean costs (a stage's cost: its device factor x the sum of its layers' costs),
-simulated at the same M. Noise: each layer's time per step x uniform(0.95, 1.05), seeded per
-step.
+simulated at the M and under the schedule of the plan it is compared with. Noise: each layer's
+time per step x uniform(0.95, 1.05), seeded per step.
+
+Two controllers run every property: the ``Rebalancer`` alone with its defaults (M and schedule
+fixed) and ``default_policy()`` (what ``PipelineConfig(adaptive=True)`` runs: rebalancer, tuner
+and schedule switcher, all defaults; the harness reports the batch size and each layer's bytes
+as the runtime does, so the tuner raises M while the bubble is large and the switcher may try
+ZB-H1 before the skew, as in a real job).
+
+"First evidence" of a skew is the first step whose report shows it: the effect's ``at`` (AT).
+A step is "within 5%" if its plan's true step time is within 5% of the best's.
 """
 
 from __future__ import annotations
 
-import json
+import os
+from collections.abc import Callable
 from dataclasses import replace
 
+import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from adaptive_pp.core.decisions import Keep, Plan, SetMicrobatches, to_dict
+from adaptive_pp.core.decisions import Controller, Plan
 from adaptive_pp.core.partition import Partition
-from controllers import AdaptivePolicy, MicrobatchTuner, Rebalancer, RebalancerConfig, TunerConfig
+from controllers import Rebalancer, default_policy
 from controllers.harness import (
     DeviceSlowdown,
     Drift,
@@ -36,7 +47,24 @@ from controllers.harness import (
 )
 
 AT = 30  # step at which the skew appears (drift: starts, and ends 100 steps later)
+END = AT + 220  # steps each convergence run lasts
 BATCH = 64
+CLEAR = 1.12  # true imbalance "clearly over" the rebalancer's 10% threshold
+# Each property runs a third of its examples in the suite (about 3 minutes on 2 cores, with the
+# fixed examples of hypothesis's CI profile); ADAPTIVE_PP_WIDE=1 runs them all, random ones.
+WIDE = os.environ.get("ADAPTIVE_PP_WIDE") == "1"
+
+
+def examples(n: int) -> int:
+    """``n`` examples in a wide run, a third of them in the suite."""
+    return n if WIDE else max(8, n // 3)
+
+
+CONTROLLERS: dict[str, Callable[[], Controller]] = {
+    "rebalancer": Rebalancer,
+    "default_policy": default_policy,
+}
+each_controller = pytest.mark.parametrize("make", list(CONTROLLERS.values()), ids=list(CONTROLLERS))
 
 
 @st.composite
@@ -64,9 +92,12 @@ def scenarios(draw: st.DrawFn, kinds: tuple[str, ...] = ("slow", "moe")) -> tupl
     return replace(sc, effects=(effect,)), plan
 
 
-def settled(sc: Scenario, plan: Plan) -> tuple[Scenario, Plan]:
-    """Start from the fastest split for the pre-skew costs; aim the effect at one of its stages."""
-    plan = optimal_plan(sc, plan, 0)
+def settled(
+    sc: Scenario, plan: Plan, make: Callable[[], Controller] = Rebalancer
+) -> tuple[Scenario, Plan]:
+    """Start from the fastest split for the pre-skew costs (for the default policy: at the M and
+    schedule it settles on); aim the effect at one of its stages."""
+    plan = tuned(sc, plan) if make is default_policy else optimal_plan(sc, plan, 0)
     effects: list[Effect] = []
     for e in sc.effects:
         if isinstance(e, DeviceSlowdown):
@@ -76,39 +107,73 @@ def settled(sc: Scenario, plan: Plan) -> tuple[Scenario, Plan]:
     return replace(sc, effects=tuple(effects)), plan
 
 
+def tuned(sc: Scenario, plan: Plan) -> Plan:
+    """The fastest split for the M and schedule the default policy settles on for ``sc``
+    (found noise-free): where a job that adapts would be once it is steady."""
+    hist = run(replace(sc, noise=0.0), default_policy(), plan, 60)
+    assert hist.final is not None
+    return optimal_plan(sc, hist.final, 0)
+
+
 def moves_between(hist: History, start: int, end: int) -> list[int]:
     """Steps in ``[start, end)`` after which layers moved."""
     return [s for s in hist.migrations() if start <= s < end]
 
 
-def check_reaches_best(case: tuple[Scenario, Plan]) -> int:
-    """Run 220 steps past the skew; assert within 5% of best after <= 5 moves; return the moves."""
-    sc, plan = settled(*case)
-    end = AT + 220
-    assume(true_imbalance(sc, plan, end) > 1.12)
-    hist = run(sc, Rebalancer(), plan, end)
-    best = best_plan(sc, plan, end)[1]
-    reached = next(
-        (
-            s
-            for s in range(AT, end + 1)
-            if true_step_time(sc, hist.plans[s] if s < end else hist.final, s) <= 1.05 * best
-        ),
-        None,
-    )
+def ratio(sc: Scenario, plan: Plan, step: int) -> float:
+    """``plan``'s true step time at ``step`` over the best split's for its M and schedule."""
+    return true_step_time(sc, plan, step) / best_plan(sc, plan, step)[1]
+
+
+def plans(hist: History) -> list[Plan]:
+    """The plan each step ran, then the final one."""
+    assert hist.final is not None
+    return [*hist.plans, hist.final]
+
+
+def check_reaches_best(
+    case: tuple[Scenario, Plan], make: Callable[[], Controller], bound: int = 5
+) -> int:
+    """Run 220 steps past the skew (AT); assert: within 5% of the best at most ``bound`` steps
+    after AT, at most 5 moves on the way, and at the end; return the steps it took."""
+    sc, plan = settled(*case, make)
+    assume(true_imbalance(sc, plan, END) > CLEAR)
+    hist = run(sc, make(), plan, END)
+    ran = plans(hist)
+    assume(true_imbalance(sc, ran[AT], END) > CLEAR)  # on the plan the skew hits
+    reached = next((s for s in range(AT, END + 1) if ratio(sc, ran[s], s) <= 1.05), None)
     assert reached is not None, f"never within 5% of best; moved after steps {hist.migrations()}"
-    moves = len(moves_between(hist, AT, reached))
-    assert moves <= 5
-    assert hist.final is not None and true_step_time(sc, hist.final, end) <= 1.05 * best
-    return moves
+    assert reached - AT <= bound, (ratio(sc, ran[AT], AT), hist.migrations())
+    assert len(moves_between(hist, AT, reached)) <= 5
+    assert ratio(sc, ran[END], END) <= 1.05
+    return reached - AT
 
 
-@settings(max_examples=80)
-@given(scenarios())
+@each_controller
+@settings(max_examples=examples(80))
+@given(case=scenarios(kinds=("slow",)))
+def test_reaches_the_best_split_within_five_steps_after_a_skew(
+    make: Callable[[], Controller], case: tuple[Scenario, Plan]
+) -> None:
+    """The layers of one stage 1.1x-3x slower: within 5% of the best at most 5 steps after the
+    first report that shows it (AT), at most 5 moves on the way, and at the end.
+
+    Only skews that push the true imbalance clearly over the rebalancer's 10% threshold (to
+    over 1.12, on the plan they hit) count: below it, the rebalancer tolerates the imbalance by
+    design (see the trigger tests). Steps: the jump is confirmed by the report of AT + 1 (one
+    step off may be noise), read as the device until a layer moves, whose one step on its new
+    stage tells; so a move after AT + 1, corrections and the rest of the route after AT + 2..4.
+    """
+    check_reaches_best(case, make)
+
+
+@each_controller
+@settings(max_examples=examples(60))
+@given(case=scenarios(kinds=("moe",)))
 @example(  # MoE on all of stage 0, read as a slow device: the move overshoots by a layer, and
     # the correction back to speed 1 left it 0.9999999999999999, which gain_error counted as a
     # learned speed, so the follow-up gain (6%) stayed "within the noise" for good.
-    (
+    case=(
         Scenario(
             num_layers=9,
             global_batch=64,
@@ -120,28 +185,60 @@ def check_reaches_best(case: tuple[Scenario, Plan]) -> int:
         Plan(Partition((0, 4, 9)), 8, "1f1b"),
     )
 )
-def test_reaches_the_best_split_within_five_decisions_after_a_skew(
-    case: tuple[Scenario, Plan],
+def test_reaches_the_best_split_soon_after_an_moe_skew(
+    make: Callable[[], Controller], case: tuple[Scenario, Plan]
 ) -> None:
-    """A slow stage (1.1x-3x) or an MoE stage: within 5% of best after at most 5 moves.
+    """MoE skew on the layers of one stage (each micro-batch waits for its busiest expert):
+    within 5% of the best at most 20 steps after AT, at most 5 moves on the way, and at the
+    end (same filter).
 
-    Only skews that push the true imbalance clearly over the 10% threshold count: below it,
-    the rebalancer tolerates the imbalance by design (see the trigger tests).
+    Not 5: the busiest expert is drawn per micro-batch, so an MoE layer's time is off by 5-15%
+    from step to step at these M, and the two samples a change is first planned on (and the
+    one a probe is judged on) can be off by as much: the first plan can land a little over 5%
+    from the best, and what is left can stay within the noise for a while. Measured over 1800
+    sampled cases per controller: 5 steps or fewer in 99% (default policy: 9 cases over 5,
+    at most 11; the rebalancer alone: 10, at most 17, one run of unsure looks).
     """
-    check_reaches_best(case)
+    check_reaches_best(case, make, bound=20)
 
 
-@settings(max_examples=80)
-@given(scenarios(kinds=("device",)))
-def test_slow_device_reaches_the_best_split_within_five_decisions(
-    case: tuple[Scenario, Plan],
+@each_controller
+@settings(max_examples=examples(80))
+@given(case=scenarios(kinds=("device",)))
+def test_slow_device_reaches_the_best_split_within_five_steps(
+    make: Callable[[], Controller], case: tuple[Scenario, Plan]
 ) -> None:
     """A device 1.1x-3x slower (layers moved onto it slow down, layers leaving it speed up):
-    within 5% of the best split for the slow device after at most 5 moves (same filter)."""
-    check_reaches_best(case)
+    within 5% of the best split for the slow device at most 5 steps after the first report that
+    shows it, at most 5 moves on the way, and at the end (same filter)."""
+    check_reaches_best(case, make)
 
 
-@settings(max_examples=50)
+@each_controller
+@settings(max_examples=examples(30))
+@given(case=scenarios(kinds=("drift",)))
+def test_follows_a_drift(make: Callable[[], Controller], case: tuple[Scenario, Plan]) -> None:
+    """Layers of one stage slowing down linearly to 1.1x-3x over 100 steps (same filter on the
+    final imbalance): no run of more than 10 steps whose plan is over 5% slower than the best
+    while the true imbalance is clearly over the threshold (the first evidence there is).
+
+    Not 5: a drift shows in the estimates only once it exceeds their noise band (a fast average
+    off the estimate by max(5%, 4 sigma) on two steps in a row), by when the plan can already be
+    a few steps into the run; a step skew shows on its first step.
+    """
+    sc, plan = settled(*case, make)
+    assume(true_imbalance(sc, plan, END) > CLEAR)
+    hist = run(sc, make(), plan, END)
+    ran, longest, run_ = plans(hist), 0, 0
+    for s in range(AT, END + 1):
+        off = ratio(sc, ran[s], s) > 1.05 and true_imbalance(sc, ran[s], s) > CLEAR
+        run_ = run_ + 1 if off else 0
+        longest = max(longest, run_)
+    assert longest <= 10, hist.migrations()
+    assert ratio(sc, ran[END], END) <= 1.05
+
+
+@settings(max_examples=examples(50))
 @given(scenarios(), st.integers(0, 2**32 - 1))
 def test_noise_alone_moves_nothing(case: tuple[Scenario, Plan], seed: int) -> None:
     """5% noise on the fastest split (found by trying all) with steady costs: no migration in
@@ -152,29 +249,49 @@ def test_noise_alone_moves_nothing(case: tuple[Scenario, Plan], seed: int) -> No
     assert run(sc, Rebalancer(), plan, 300).migrations() == []
 
 
-@settings(max_examples=50)
-@given(scenarios(kinds=("device",)), st.integers(0, 2**32 - 1))
-def test_a_device_slow_from_the_start_costs_at_most_one_probe(
+@settings(max_examples=examples(30))
+@given(scenarios(), st.integers(0, 2**32 - 1))
+def test_noise_alone_moves_nothing_under_the_default_policy(
     case: tuple[Scenario, Plan], seed: int
 ) -> None:
-    """A device slow from the first step, on the fastest split for it (found by trying all),
-    5% noise: with no history its slowness looks like costlier layers, so one move may probe
-    it, and one more undo that; no others in 300 steps, and the end within 5% of the best."""
+    """The same for ``default_policy()``, from the fastest split for the M and schedule it
+    settles on: its tuner and switcher may try again (new M: the layer estimates restart), but
+    no layer moves in 300 steps."""
+    sc, plan = case
+    sc = replace(sc, effects=(), seed=seed)
+    assert run(sc, default_policy(), tuned(sc, plan), 300).migrations() == []
+
+
+@each_controller
+@settings(max_examples=examples(40))
+@given(case=scenarios(kinds=("device",)), seed=st.integers(0, 2**32 - 1))
+def test_a_device_slow_from_the_start_costs_at_most_one_probe(
+    make: Callable[[], Controller], case: tuple[Scenario, Plan], seed: int
+) -> None:
+    """A device slow from the first step, on the fastest split for it (found by trying all, for
+    the M and schedule the controller settles on), 5% noise: with no history its slowness looks
+    like costlier layers, so one move may probe it, and one more undo that; no others in 300
+    steps, and the end within 5% of the best.
+
+    The default policy may spend one move more (3): it starts at the M it settles on (16-32,
+    bubble 2-5%), where the same imbalance promises more, so its first plan can be a route of
+    several moves whose first does not touch the slow device; the probe is then its second move
+    (measured: 2 cases in 300 sampled need the third move; none needs a fourth)."""
     sc, plan = case
     sc = replace(sc, effects=tuple(replace(e, at=0) for e in sc.effects), seed=seed)
-    plan = optimal_plan(sc, plan, 0)
-    hist = run(sc, Rebalancer(), plan, 300)
-    assert len(hist.migrations()) <= 2, hist.migrations()
+    plan = optimal_plan(sc, plan, 0) if make is Rebalancer else tuned(sc, plan)
+    hist = run(sc, make(), plan, 300)
+    assert len(hist.migrations()) <= (2 if make is Rebalancer else 3), hist.migrations()
     best = true_step_time(sc, plan, 0)
     assert hist.final is not None and true_step_time(sc, hist.final, 300) <= 1.05 * best
 
 
-def check_calm(case: tuple[Scenario, Plan]) -> None:
+def check_calm(case: tuple[Scenario, Plan], make: Callable[[], Controller]) -> None:
     """150 steps after the costs stop changing: <= 3 moves in 300 steps, none back to a split
     it left in that time."""
-    sc, plan = settled(*case)
+    sc, plan = settled(*case, make)
     calm = AT + 100 + 150
-    hist = run(sc, Rebalancer(), plan, calm + 300)
+    hist = run(sc, make(), plan, calm + 300)
     late = moves_between(hist, calm, calm + 300)
     assert len(late) <= 3
     left = set()
@@ -184,19 +301,25 @@ def check_calm(case: tuple[Scenario, Plan]) -> None:
         assert after is not None and after.partition not in left
 
 
-@settings(max_examples=40)
-@given(scenarios(kinds=("slow", "moe", "drift")))
-def test_no_oscillation_after_convergence(case: tuple[Scenario, Plan]) -> None:
+@each_controller
+@settings(max_examples=examples(30))
+@given(case=scenarios(kinds=("slow", "moe", "drift")))
+def test_no_oscillation_after_convergence(
+    make: Callable[[], Controller], case: tuple[Scenario, Plan]
+) -> None:
     """150 steps after the costs stop changing: <= 3 moves in 300 steps, none back to a split
     it left in that time (one migration per 100 steps at most, on average)."""
-    check_calm(case)
+    check_calm(case, make)
 
 
-@settings(max_examples=30)
-@given(scenarios(kinds=("device",)))
-def test_no_oscillation_on_a_slow_device(case: tuple[Scenario, Plan]) -> None:
+@each_controller
+@settings(max_examples=examples(25))
+@given(case=scenarios(kinds=("device",)))
+def test_no_oscillation_on_a_slow_device(
+    make: Callable[[], Controller], case: tuple[Scenario, Plan]
+) -> None:
     """The same for a slow device: <= 3 moves in the 300 steps after 250 calm ones, no return."""
-    check_calm(case)
+    check_calm(case, make)
 
 
 @st.composite
@@ -226,92 +349,3 @@ def wild(draw: st.DrawFn) -> tuple[Scenario, Plan]:
     model = LayerCostModel(launch=draw(st.sampled_from([0.04e-3, 1e-3, 4e-3])))
     sc = Scenario(layers, BATCH, tuple(effects), model=model, noise=noise, seed=draw(st.integers()))
     return sc, Plan(Partition.from_sizes(sizes), m, draw(st.sampled_from(["1f1b", "gpipe"])))
-
-
-@settings(max_examples=50)
-@given(wild())
-def test_policy_never_emits_an_invalid_plan(case: tuple[Scenario, Plan]) -> None:
-    """The combined policy under anything: every decision applies (run raises otherwise)."""
-    sc, plan = case
-    policy = AdaptivePolicy(RebalancerConfig(cooldown=3), TunerConfig(global_batch=BATCH))
-    hist = run(sc, policy, plan, 150)
-    for p, d in zip(hist.plans, hist.decisions, strict=True):
-        assert BATCH % p.microbatches == 0 or p.microbatches == plan.microbatches
-        assert not (isinstance(d, SetMicrobatches) and BATCH % d.microbatches)
-
-
-def trials(hist: History) -> list[tuple[int, int, bool]]:
-    """Each M the tuner tried: (from, to, kept)."""
-    out = []
-    trial: tuple[int, int] | None = None
-    for p, d in zip(hist.plans, hist.decisions, strict=True):
-        if isinstance(d, SetMicrobatches) and trial is None:
-            trial = (p.microbatches, d.microbatches)
-        elif trial is not None and isinstance(d, SetMicrobatches):
-            assert d.microbatches == trial[0]  # a rollback returns to where the trial began
-            out.append((*trial, False))
-            trial = None
-        elif trial is not None and isinstance(d, Keep) and "kept" in d.reason:
-            out.append((*trial, True))
-            trial = None
-    return out
-
-
-@settings(max_examples=50)
-@given(
-    st.sampled_from([0.2e-3, 1e-3, 2e-3, 4e-3]),
-    st.integers(2, 4),
-    st.sampled_from([1, 2, 4]),
-    st.sampled_from([0.0, 0.05]),
-    st.integers(0, 2**32 - 1),
-)
-def test_tuner_keeps_only_improvements_and_rolls_back(
-    launch: float, stages: int, m: int, noise: float, seed: int
-) -> None:
-    """Kept M values were faster, rejected ones were not (within noise); never retried."""
-    sc = Scenario(4 * stages, BATCH, model=LayerCostModel(launch=launch), noise=noise, seed=seed)
-    plan = Plan(Partition.even(4 * stages, stages), m)
-    hist = run(sc, MicrobatchTuner(TunerConfig(global_batch=BATCH)), plan, 80)
-    tried = trials(hist)
-    assert tried
-    slack = 0.04 if noise else 0.0
-    for old, new, kept in tried:
-        t_old = true_step_time(sc, replace(plan, microbatches=old), 0)
-        t_new = true_step_time(sc, replace(plan, microbatches=new), 0)
-        if kept:
-            assert t_new < t_old * (1 + slack)
-        else:
-            assert t_new > t_old * (1 - 0.01 - slack)
-    rejected = [new for _, new, kept in tried if not kept]
-    assert len(rejected) == len(set(rejected))  # banned for the rest of the run (1000 steps)
-
-
-@settings(max_examples=30)
-@given(scenarios(kinds=("slow", "moe", "drift", "device")), st.integers(5, 120))
-def test_state_dict_round_trip_gives_identical_decisions(
-    case: tuple[Scenario, Plan], split: int
-) -> None:
-    """Checkpoint the policy mid-run (through JSON), restore into a fresh one: same future."""
-    sc, plan = settled(*case)
-
-    def make() -> AdaptivePolicy:
-        return AdaptivePolicy(None, TunerConfig(global_batch=BATCH))
-
-    policy = make()
-    first = run(sc, policy, plan, split)
-    assert first.final is not None
-    restored = make()
-    restored.load_state_dict(json.loads(json.dumps(policy.state_dict())))
-    a = run(sc, policy, first.final, 100, start=split)
-    b = run(sc, restored, first.final, 100, start=split)
-    assert [to_dict(d) for d in a.decisions] == [to_dict(d) for d in b.decisions]
-
-
-@settings(max_examples=15)
-@given(scenarios(kinds=("slow", "moe", "drift", "device")))
-def test_same_inputs_same_decisions(case: tuple[Scenario, Plan]) -> None:
-    """Two runs of the same scenario and seed decide identically."""
-    sc, plan = settled(*case)
-    runs = [run(sc, AdaptivePolicy(None, TunerConfig(global_batch=BATCH)), plan, 150) for _ in "ab"]
-    assert [to_dict(d) for d in runs[0].decisions] == [to_dict(d) for d in runs[1].decisions]
-    assert runs[0].plans == runs[1].plans
