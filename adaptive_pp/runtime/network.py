@@ -25,7 +25,7 @@ class NetworkSetupError(RuntimeError):
 
 
 def who(env: MutableMapping[str, str] = os.environ) -> str:
-    """ "rank 1 (node 1 of 2) on host h2": this process, as error messages name it."""
+    """This process as error messages name it: 'rank 1 (node 1 of 2) on host h2'."""
     node = ""
     if int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
         node = f" (node {env.get('GROUP_RANK', '?')} of {env['GROUP_WORLD_SIZE']})"
