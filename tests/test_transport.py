@@ -19,7 +19,7 @@ from adaptive_pp.core.schedules import Action
 from adaptive_pp.runtime import stagelog
 from adaptive_pp.runtime.comm import HEADER_BYTES
 from adaptive_pp.runtime.stagelog import StageLog
-from adaptive_pp.runtime.transport import links_of
+from adaptive_pp.runtime.transport import AHEAD, links_of
 
 CASE = rc.Case(5, (3, 4, 5, 4, 2), (0, 2, 4), 4, "1f1b", "adam", 3)
 MOVE = MoveLayers(src=1, dst=0, count=1)  # before step 1: layer 2's state travels 1 -> 0
@@ -74,31 +74,31 @@ def test_stage_log_times_actions_by_events_on_cuda(monkeypatch: pytest.MonkeyPat
 
 
 def counted_job(case: rc.Case) -> dict[str, Any]:
-    """Rank job: train ``case`` (a move before step 1) with every batched P2P op and every
-    blocking receive recorded: the group each used, the peer and the bytes."""
+    """Rank job: train ``case`` (a move before step 1) with every point-to-point operation
+    recorded: which, the group it used, the peer and the bytes."""
     ops: list[dict[str, Any]] = []
-    recvs: list[dict[str, Any]] = []
-    batch, recv = dist.batch_isend_irecv, dist.recv
+    real = {name: getattr(dist, name) for name in ("isend", "irecv", "recv", "batch_isend_irecv")}
+
+    def note(op: str, tensor: torch.Tensor, peer: int | None, group: Any) -> None:
+        bytes_ = tensor.numel() * tensor.element_size()
+        group = dist.group.WORLD if group is None else group  # the default group: the control
+        ops.append({"op": op, "peer": peer, "group": id(group), "bytes": bytes_})
+
+    def counted(name: str) -> Any:
+        def call(tensor: torch.Tensor, peer: int | None = None, *a: Any, **kw: Any) -> Any:
+            note(name, tensor, peer, kw.get("group", a[0] if a else None))
+            return real[name](tensor, peer, *a, **kw)
+
+        return call
 
     def counted_batch(p2p: list[dist.P2POp]) -> list[dist.Work]:
         for op in p2p:
-            ops.append(
-                {
-                    "op": op.op.__name__,
-                    "peer": op.peer,
-                    "group": id(op.group),
-                    "ranks": dist.get_process_group_ranks(op.group),
-                    "bytes": op.tensor.numel() * op.tensor.element_size(),
-                }
-            )
-        return batch(p2p)
+            note(op.op.__name__, op.tensor, op.peer, op.group)
+        return real["batch_isend_irecv"](p2p)  # type: ignore[no-any-return]
 
-    def counted_recv(tensor: torch.Tensor, src: int | None = None, *a: Any, **kw: Any) -> Any:
-        group = kw.get("group", a[0] if a else None)
-        recvs.append({"src": src, "group": id(group), "bytes": tensor.numel()})
-        return recv(tensor, src, *a, **kw)
-
-    dist.batch_isend_irecv, dist.recv = counted_batch, counted_recv  # type: ignore[assignment]
+    for name in ("isend", "irecv", "recv"):
+        setattr(dist, name, counted(name))
+    dist.batch_isend_irecv = counted_batch  # type: ignore[assignment]
     try:
         pipe = rc.case_pipeline(case)
         transport = pipe.local.transport
@@ -110,18 +110,19 @@ def counted_job(case: rc.Case) -> dict[str, Any]:
         snap = rc.snapshot(pipe)
         pipe.close()
     finally:
-        dist.batch_isend_irecv, dist.recv = batch, recv  # type: ignore[assignment]
+        for name, fn in real.items():
+            setattr(dist, name, fn)
     me = dist.get_rank()
     return {
         "losses": losses,
         **snap,
-        "ops": ops,
-        "recvs": [r for r in recvs if r["src"] is not None],  # the control plane's: any source
+        "ops": [o for o in ops if o["peer"] is not None],  # the control plane's: any source
         "control": id(transport.control),
         "world": id(dist.group.WORLD),
         "data": {f"{s}->{d}": id(g) for (s, d), g in transport.data.items() if me in (s, d) and g},
         "backend": transport.backend,
         "device": str(transport.device),
+        "ahead": transport.ahead,
     }
 
 
@@ -133,33 +134,36 @@ def test_tensors_travel_on_the_data_groups_and_headers_on_the_control_group(
     rc.assert_matches_reference(CASE, ranks)  # bit for bit, a move included
     for me, r in enumerate(ranks):
         peer = 1 - me
-        assert r["backend"] == "gloo" and r["device"] == "cpu"
+        assert r["backend"] == "gloo" and r["device"] == "cpu" and r["ahead"] == AHEAD
         assert r["control"] == r["world"]  # init_distributed's gloo group
         assert set(r["data"]) == {f"{me}->{peer}", f"{peer}->{me}"}
         assert r["control"] not in r["data"].values()
         assert r["data"][f"{me}->{peer}"] != r["data"][f"{peer}->{me}"]
-        sends = [o for o in r["ops"] if o["op"] == "isend"]
-        takes = [o for o in r["ops"] if o["op"] == "irecv"]
+        mine, theirs = r["data"][f"{me}->{peer}"], r["data"][f"{peer}->{me}"]
+        assert all(o["peer"] == peer for o in r["ops"])
+        sends = [o for o in r["ops"] if o["op"] == "isend" and o["group"] != r["control"]]
+        takes = [o for o in r["ops"] if o["op"] in ("irecv", "recv") and o["group"] != r["control"]]
         # Every tensor went on the two ranks' group of its direction, none on the control group.
-        assert all(o["peer"] == peer and sorted(o["ranks"]) == [0, 1] for o in r["ops"])
-        assert {o["group"] for o in sends} == {r["data"][f"{me}->{peer}"]}
-        assert {o["group"] for o in takes} == {r["data"][f"{peer}->{me}"]}
+        assert {o["group"] for o in sends} == {mine}
+        assert {o["group"] for o in takes} == {theirs}
         # Activations (rank 0) and gradients (rank 1), float32: M per step across the cut,
-        # 2 x 5 values before the move (layer 2 moves to stage 0 before step 1), 2 x 4 after.
-        boundary = [40] * CASE.microbatches + [32] * 2 * CASE.microbatches
+        # 2 x 5 values before the move (layer 2 moves to stage 0 before step 1), 2 x 4 after;
+        # last the goodbye's byte, which fills the receive the peer keeps posted.
+        boundary = [40] * CASE.microbatches + [32] * 2 * CASE.microbatches + [1]
         if me == 0:
             assert [o["bytes"] for o in sends] == boundary
         else:  # and between them the moving layer: weight, bias and Adam's state of each
-            middle = [o["bytes"] for o in sends][CASE.microbatches : -2 * CASE.microbatches]
+            middle = [o["bytes"] for o in sends][CASE.microbatches : -2 * CASE.microbatches - 1]
             assert sorted(middle) == sorted([80, 16, 4, 80, 80, 4, 16, 16])
-        assert [o["bytes"] for o in takes] == [
-            o["bytes"] for o in ranks[peer]["ops"] if o["op"] == "isend"
+        # Each payload lands in a receive posted ahead of its header (AHEAD bytes: all fit).
+        theirs_there = ranks[peer]["data"][f"{peer}->{me}"]  # ids are per process
+        peer_sends = [
+            o for o in ranks[peer]["ops"] if o["op"] == "isend" and o["group"] == theirs_there
         ]
+        assert [o["bytes"] for o in takes] == [AHEAD] * len(peer_sends)
         # Headers, and the move's JSON (the manifest to rank 0, the acknowledgement to rank
-        # 1): from the peer, on the control group only. One header per tensor, one per JSON
-        # message and the peer's goodbye.
-        on_control = r["recvs"]
-        assert on_control and all(h["src"] == peer for h in on_control)
-        assert {h["group"] for h in on_control} == {r["control"]}
+        # 1): on the control group only. One header per tensor, one per JSON message and the
+        # goodbye.
+        on_control = [o for o in r["ops"] if o["op"] == "recv" and o["group"] == r["control"]]
         headers = [h for h in on_control if h["bytes"] == HEADER_BYTES]
-        assert len(headers) == len(takes) + 2 and len(on_control) == len(headers) + 1
+        assert len(headers) == len(peer_sends) + 1 and len(on_control) == len(headers) + 1

@@ -27,14 +27,15 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import PeerGone, PipelineError, PipelineTimeout
-from .transport import Transport, links_of, make_transport
+from .transport import AHEAD, Transport, links_of, make_transport
 
 MAGIC = 0x41505030  # "APP0"
 HEADER_LEN = 16
 HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = HEADER_LEN - 10  # the last value is the virtual stage
-#: Bytes around which the wire tests probe (payloads up to it once shared their header's frame).
-FRAME_CAPACITY = 1 << 20
+#: Bytes of a payload received into the buffer posted ahead of its header (gloo); a larger one
+#: travels in two parts (runtime/transport.py).
+FRAME_CAPACITY = AHEAD
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -202,22 +203,50 @@ class Link:
             return
         buf = torch.empty(HEADER_BYTES, dtype=torch.uint8)
         raw = buf.numpy()
-        while self._recv(lambda: wire.recv_header(buf, self.peer)):
+        ahead: tuple[torch.Tensor, list[dist.Work]] | None = None  # the next payload's receive
+        while True:
+            if wire.ahead and ahead is None:
+                try:
+                    ahead = wire.post_ahead(self.peer)
+                except BaseException as exc:
+                    self._hand_over(exc)
+                    return
+            if not self._recv(lambda: wire.recv_header(buf, self.peer)):
+                return
             try:
                 header = Header.from_values(raw.view(np.int64).tolist())
-                if header.kind == MessageKind.STOP:
-                    with self.cond:
-                        self._closed_by_peer = True
-                        self.cond.notify_all()
-                    return
                 nbytes = _nbytes(header.shape, header.dtype)
                 control = header.kind == MessageKind.CONTROL  # JSON: on the control group
-                data = wire.empty(nbytes, control)
             except BaseException as exc:
                 self._unreadable(exc)
                 return
-            receive = functools.partial(wire.recv_data, data, self.peer, stream, control)
-            if nbytes and not self._recv(receive):
+            if header.kind == MessageKind.STOP:
+                if ahead is not None:  # the goodbye byte fills it
+                    self._recv(functools.partial(_wait, ahead[1]))
+                with self.cond:
+                    self._closed_by_peer = True
+                    self.cond.notify_all()
+                return
+            first = None
+            if nbytes and not control and ahead is not None:
+                first, works = ahead
+                ahead = None
+                if not self._recv(functools.partial(_wait, works)):
+                    return
+            try:
+                data = (
+                    first[:nbytes]
+                    if first is not None and nbytes <= first.numel()
+                    else wire.empty(nbytes, control)
+                )
+            except BaseException as exc:
+                self._unreadable(exc)
+                return
+            rest = data if first is None else data[first.numel() :]
+            if first is not None and rest.numel():
+                data[: first.numel()].copy_(first)
+            receive = functools.partial(wire.recv_data, rest, self.peer, stream, control)
+            if rest.numel() and not self._recv(receive):
                 return
             try:
                 payload = data.view(header.dtype).reshape(header.shape)
@@ -282,6 +311,8 @@ class Link:
         work = self.transport.send_header(frame, self.peer)
         if work is not None:
             self._pending.append((work, frame))
+        if values[1] == MessageKind.STOP and self.transport.ahead:
+            payload = torch.zeros(1, dtype=torch.uint8)  # fills the peer's receive posted ahead
         if payload.numel():
             data = self.transport.wire(payload, control)
             works = self.transport.send_data(data, self.peer, control)
@@ -362,6 +393,11 @@ class Link:
             self.send(Header(MessageKind.STOP, -1, -1, -1, 0, 0, torch.float32, ()), torch.empty(0))
             self.flush()
         self._thread.join(timeout)
+
+
+def _wait(works: list[dist.Work]) -> None:
+    for work in works:
+        work.wait()
 
 
 def json_tensor(obj: Any) -> torch.Tensor:

@@ -7,8 +7,16 @@ data group of two ranks per (sender, receiver) pair (runtime/group.py): NCCL whe
 has a CUDA device of its own, so activations, gradients and migrating layer tensors stay in GPU
 memory (sent from the stage's tensors, received into its device); gloo otherwise, on CPU too,
 so the CPU tests run the same split. One code path: only the groups and the wire device
-differ. Payloads travel as batched P2P (``batch_isend_irecv``) on both sides: on NCCL a batch
-and a lone send or receive use different communicators, so both ends must use the same.
+differ. On NCCL payloads travel as batched P2P (``batch_isend_irecv``) on both sides: a batch
+and a lone send or receive use different communicators there, so both ends must use the same;
+on gloo as plain ``isend``/``irecv`` (a batch of one costs more on the host).
+
+On gloo the receiver keeps a receive of ``AHEAD`` bytes posted on the data group before the
+header arrives (gloo fills a larger buffer with a smaller message): a payload whose receive is
+not yet posted when it arrives costs gloo a round trip (the sender waits for the receiver to
+ask for it), about 0.3-0.5 ms a message on CPU, more than the 4 KB activations of the
+benchmarks take to travel. A larger payload travels as its first ``AHEAD`` bytes and the rest.
+NCCL needs the sizes to match: there the payload's receive is posted once its header is in.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from .group import control_group, data_backend, pair_groups
+
+AHEAD = 1 << 20  # bytes of the data receive kept posted ahead of the header (gloo)
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,8 @@ class Transport:
     data: Mapping[tuple[int, int], dist.ProcessGroup | None]
     #: Where payloads travel: the stage's CUDA device on NCCL, else the CPU.
     device: torch.device
+    #: Bytes of the data receive kept posted ahead of each header (0: none, NCCL).
+    ahead: int = 0
 
     @property
     def backend(self) -> str:
@@ -77,8 +89,18 @@ class Transport:
         if control:
             work = dist.isend(data, peer, group=self.control)
             return [] if work is None else [work]
-        op = dist.P2POp(dist.isend, data, peer, self.data_group(self.me, peer))
-        return dist.batch_isend_irecv([op])
+        group = self.data_group(self.me, peer)
+        if not self.ahead:
+            return dist.batch_isend_irecv([dist.P2POp(dist.isend, data, peer, group)])
+        parts = [data] if data.numel() <= self.ahead else [data[: self.ahead], data[self.ahead :]]
+        return [w for w in (dist.isend(x, peer, group=group) for x in parts) if w is not None]
+
+    def post_ahead(self, peer: int) -> tuple[torch.Tensor, list[dist.Work]]:
+        """Post the receive of ``peer``'s next payload before its header (gloo; ``ahead``
+        bytes, the first part of a larger payload): the buffer and its works."""
+        buf = torch.empty(self.ahead, dtype=torch.uint8)
+        work = dist.irecv(buf, peer, group=self.data_group(peer, self.me))
+        return buf, [] if work is None else [work]
 
     def receiver_stream(self) -> torch.cuda.Stream | None:
         """Called first in a receiver thread: on CUDA, select the device in this thread and
@@ -104,8 +126,11 @@ class Transport:
         if control:
             dist.recv(into, peer, group=self.control)
             return
-        op = dist.P2POp(dist.irecv, into, peer, self.data_group(peer, self.me))
-        works = dist.batch_isend_irecv([op])
+        group = self.data_group(peer, self.me)
+        if self.ahead:  # gloo: a plain receive (a batch of one costs more)
+            dist.recv(into, peer, group=group)
+            return
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, into, peer, group)])
         if stream is None:
             for work in works:
                 work.wait()
@@ -133,4 +158,5 @@ def make_transport(
     if backend == "nccl":
         torch.cuda.set_device(device)  # batched P2P on NCCL needs the current device set
     wire = device if backend == "nccl" else torch.device("cpu")
-    return Transport(me, control, pair_groups(pairs, backend, timeout_s), wire)
+    ahead = 0 if backend == "nccl" else AHEAD
+    return Transport(me, control, pair_groups(pairs, backend, timeout_s), wire, ahead)
