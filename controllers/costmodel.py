@@ -23,6 +23,12 @@ Which kind a change is, is read from the data, deterministically:
    speed are rescaled (their time where they were measured stays) and count as measured
    twice, so their next samples weigh in quickly.
 
+3. A new M. Layer times per step depend on M (the per-call costs), so the bases of each M are
+   kept apart: the old M's are kept (the last four), the new M's taken up where they were
+   left (a tuner's trial rolled back has its bases at once) or else learned afresh; the speeds
+   stay. A layer's own cost change confirmed at one M (on an estimate of two samples or more)
+   is carried to the bases kept for the others.
+
 A shift of every layer on one stage by one factor (say MoE skew hitting that stage's layers
 alike) looks like a slow device until a layer moves: ``folded`` gives the other reading for
 planning, the first move tells, the model is corrected, and the rebalancer plans again
@@ -71,6 +77,8 @@ class CostModel(StageReadings):
         # has checked yet (0: none)
         self.prev: list[float | None] = []  # each layer's raw time in the last update
         self.jump: list[float] = []  # per stage: if off last step, its limit (signed as the offset)
+        self.bases: dict[int, dict[str, Any]] = {}  # per other M: its layer estimates
+        self.drift: list[float] = []  # per layer: its own cost changes since M last changed
         self.note = ""  # what the last update concluded, for decision reasons
         self.corrected = False  # whether the last update found a speed reading wrong
 
@@ -102,7 +110,27 @@ class CostModel(StageReadings):
         self.jump = [0.0] * part.num_stages
         self.prev = [None] * part.num_layers
         self.where = [part.stage_of(i) for i in range(part.num_layers)]
+        self.bases = {}
+        self.drift = [1.0] * part.num_layers
         self._clear_probes()
+
+    def _switch_bases(self, microbatches: int) -> None:
+        """A new M: keep the bases of the old one; take up those last learned at the new one
+        if any (a trial of M rolled back: no samples to wait for), else they restart. Costs
+        that changed meanwhile show as usual (a confirmed shift restarts those layers)."""
+        est = self.layers
+        if est.ready():
+            self.bases[est.microbatches] = est.state_dict()
+        saved = self.bases.pop(microbatches, None)
+        if saved is not None:
+            est.load_state_dict(saved)
+            est.held = [-1.0] * est.num_layers
+            for i, k in enumerate(self.drift):  # what changed at the other M changed here too
+                if k != 1.0 and i < est.num_layers:
+                    est.rescale(i, k)
+        self.drift = [1.0] * est.num_layers
+        while len(self.bases) > 4:  # the oldest go
+            del self.bases[next(iter(self.bases))]
 
     def _clear_probes(self) -> None:
         n = len(self.where)
@@ -113,7 +141,8 @@ class CostModel(StageReadings):
         self.note, self.corrected = "", False
         if part.num_stages != len(self.speed) or len(times) != len(self.where):
             self._reset(part)
-        elif microbatches != self.layers.microbatches:  # new M: bases restart, speeds stay
+        elif microbatches != self.layers.microbatches:  # new M: speeds stay
+            self._switch_bases(microbatches)
             self._clear_probes()
             self.nspeed = [max(n, self.settle) for n in self.nspeed]
             self.prev, self.jump = [None] * len(self.where), [0.0] * len(self.speed)
@@ -146,6 +175,12 @@ class CostModel(StageReadings):
         est.update(feed, microbatches)
         for s in sorted({where[i] for i in est.shifted} | jumps):
             self._stage_shift(s, raw, feed)
+        for i in est.shifted:  # a layer's own change (a device reading restored it: 1)
+            ref = est.ref_f[i] + est.ref_b[i]
+            # Not from an estimate of one sample: the first step at a new M can carry one-time
+            # costs, and a "shift" off it would be carried to the other M's bases.
+            if est.ref_n[i] > 1 and ref > 0 and len(self.drift) == est.num_layers:
+                self.drift[i] *= (est.f[i] + est.b[i]) / ref
         self.prev = raw
         if est.shifted and not self.note:
             self.note = f"cost of layer(s) {est.shifted} changed"
@@ -335,6 +370,8 @@ class CostModel(StageReadings):
             "serr": list(self.serr),
             "prev": list(self.prev),
             "jump": list(self.jump),
+            "bases": [[m, b] for m, b in self.bases.items()],
+            "drift": list(self.drift),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -351,6 +388,8 @@ class CostModel(StageReadings):
         prev = state.get("prev", [None] * len(self.where))  # absent before stage-wide jumps
         self.prev = [None if x is None else float(x) for x in prev]
         self.jump = [float(x) for x in state.get("jump", [0.0] * len(self.speed))]
+        self.bases = {int(m): dict(b) for m, b in state.get("bases", [])}
+        self.drift = [float(x) for x in state.get("drift", [1.0] * len(self.where))]
         if len({len(self.speed), len(self.nspeed), len(self.guess)}) > 1 or len(
             self.probe_from
         ) != len(self.where):

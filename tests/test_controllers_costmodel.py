@@ -175,3 +175,39 @@ def test_cost_model_state_round_trips_at_every_step() -> None:
         for m in (model, twin):
             m.update(measured_layers(measure(sc, Plan(part, 4), k), Plan(part, 4)), part, 4)
         assert twin.state_dict() == model.state_dict()
+
+
+# -- a new M: the other M's bases are kept, and a layer's own change carries over ------------
+
+
+def _feed(model: CostModel, sc: Scenario, part: Partition, m: int, steps: range) -> None:
+    plan = Plan(part, m)
+    for step in steps:
+        model.update(measured_layers(measure(sc, plan, step), plan), part, m)
+
+
+def test_a_rolled_back_m_takes_up_its_bases_again() -> None:
+    """M 8 -> 16 -> 8 (a tuner trial rolled back): back at 8, the bases learned there before
+    the trial are ready at once (no samples to wait for), as they were."""
+    sc, part = Scenario(6, 32, noise=0.0), Partition((0, 3, 6))
+    model = CostModel()
+    _feed(model, sc, part, 8, range(6))
+    before = list(model.base)
+    _feed(model, sc, part, 16, range(6, 9))
+    assert model.base != pytest.approx(before)  # other per-call costs at M = 16
+    model.update(measured_layers(measure(sc, Plan(part, 8), 9), Plan(part, 8)), part, 8)
+    assert model.ready(6) and model.base == pytest.approx(before)
+
+
+def test_a_layer_change_during_a_trial_of_m_carries_to_the_rolled_back_bases() -> None:
+    """Layers 3-5 2x costlier while M = 16 is on trial (from its third step): back at M = 8,
+    their bases are 2x those learned there before, without a step to confirm it first."""
+    sc = Scenario(6, 32, (Slowdown((3, 4, 5), 2.0, 9),), noise=0.0)
+    part, model = Partition((0, 3, 6)), CostModel()
+    _feed(model, sc, part, 8, range(7))
+    before = list(model.base)
+    _feed(model, sc, part, 16, range(7, 11))
+    _feed(model, sc, part, 8, range(11, 12))
+    assert model.base[:3] == pytest.approx(before[:3])
+    assert model.base[3:] == pytest.approx([2 * x for x in before[3:]])
+    assert model.layers.unconfirmed == []
