@@ -26,8 +26,9 @@ Which kind a change is, is read from the data, deterministically:
 3. A new M. Layer times per step depend on M (the per-call costs), so the bases of each M are
    kept apart: the old M's are kept (the last four), the new M's taken up where they were
    left (a tuner's trial rolled back has its bases at once) or else learned afresh; the speeds
-   stay. A layer's own cost change confirmed at one M (on an estimate of two samples or more)
-   is carried to the bases kept for the others.
+   stay (so does a device reading made at the other M). A layer's own cost change made at the
+   other M is not carried over: it shows in the first samples, as any change (tried: carrying
+   it let the one-time costs of a new M's first steps skew the restored bases by 10-15%).
 
 A shift of every layer on one stage by one factor (say MoE skew hitting that stage's layers
 alike) looks like a slow device until a layer moves: ``folded`` gives the other reading for
@@ -78,7 +79,6 @@ class CostModel(StageReadings):
         self.prev: list[float | None] = []  # each layer's raw time in the last update
         self.jump: list[float] = []  # per stage: if off last step, its limit (signed as the offset)
         self.bases: dict[int, dict[str, Any]] = {}  # per other M: its layer estimates
-        self.drift: list[float] = []  # per layer: its own cost changes since M last changed
         self.note = ""  # what the last update concluded, for decision reasons
         self.corrected = False  # whether the last update found a speed reading wrong
 
@@ -111,7 +111,6 @@ class CostModel(StageReadings):
         self.prev = [None] * part.num_layers
         self.where = [part.stage_of(i) for i in range(part.num_layers)]
         self.bases = {}
-        self.drift = [1.0] * part.num_layers
         self._clear_probes()
 
     def _switch_bases(self, microbatches: int) -> None:
@@ -125,10 +124,6 @@ class CostModel(StageReadings):
         if saved is not None:
             est.load_state_dict(saved)
             est.held = [-1.0] * est.num_layers
-            for i, k in enumerate(self.drift):  # what changed at the other M changed here too
-                if k != 1.0 and i < est.num_layers:
-                    est.rescale(i, k)
-        self.drift = [1.0] * est.num_layers
         while len(self.bases) > 4:  # the oldest go
             del self.bases[next(iter(self.bases))]
 
@@ -175,12 +170,6 @@ class CostModel(StageReadings):
         est.update(feed, microbatches)
         for s in sorted({where[i] for i in est.shifted} | jumps):
             self._stage_shift(s, raw, feed)
-        for i in est.shifted:  # a layer's own change (a device reading restored it: 1)
-            ref = est.ref_f[i] + est.ref_b[i]
-            # Not from an estimate of one sample: the first step at a new M can carry one-time
-            # costs, and a "shift" off it would be carried to the other M's bases.
-            if est.ref_n[i] > 1 and ref > 0 and len(self.drift) == est.num_layers:
-                self.drift[i] *= (est.f[i] + est.b[i]) / ref
         self.prev = raw
         if est.shifted and not self.note:
             self.note = f"cost of layer(s) {est.shifted} changed"
@@ -371,7 +360,6 @@ class CostModel(StageReadings):
             "prev": list(self.prev),
             "jump": list(self.jump),
             "bases": [[m, b] for m, b in self.bases.items()],
-            "drift": list(self.drift),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -389,7 +377,6 @@ class CostModel(StageReadings):
         self.prev = [None if x is None else float(x) for x in prev]
         self.jump = [float(x) for x in state.get("jump", [0.0] * len(self.speed))]
         self.bases = {int(m): dict(b) for m, b in state.get("bases", [])}
-        self.drift = [float(x) for x in state.get("drift", [1.0] * len(self.where))]
         if len({len(self.speed), len(self.nspeed), len(self.guess)}) > 1 or len(
             self.probe_from
         ) != len(self.where):

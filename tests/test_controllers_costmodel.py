@@ -197,17 +197,3 @@ def test_a_rolled_back_m_takes_up_its_bases_again() -> None:
     assert model.base != pytest.approx(before)  # other per-call costs at M = 16
     model.update(measured_layers(measure(sc, Plan(part, 8), 9), Plan(part, 8)), part, 8)
     assert model.ready(6) and model.base == pytest.approx(before)
-
-
-def test_a_layer_change_during_a_trial_of_m_carries_to_the_rolled_back_bases() -> None:
-    """Layers 3-5 2x costlier while M = 16 is on trial (from its third step): back at M = 8,
-    their bases are 2x those learned there before, without a step to confirm it first."""
-    sc = Scenario(6, 32, (Slowdown((3, 4, 5), 2.0, 9),), noise=0.0)
-    part, model = Partition((0, 3, 6)), CostModel()
-    _feed(model, sc, part, 8, range(7))
-    before = list(model.base)
-    _feed(model, sc, part, 16, range(7, 11))
-    _feed(model, sc, part, 8, range(11, 12))
-    assert model.base[:3] == pytest.approx(before[:3])
-    assert model.base[3:] == pytest.approx([2 * x for x in before[3:]])
-    assert model.layers.unconfirmed == []
