@@ -50,14 +50,14 @@ AT = 30  # step at which the skew appears (drift: starts, and ends 100 steps lat
 END = AT + 220  # steps each convergence run lasts
 BATCH = 64
 CLEAR = 1.12  # true imbalance "clearly over" the rebalancer's 10% threshold
-# Each property runs a third of its examples in the suite (about 3 minutes on 2 cores, with the
-# fixed examples of hypothesis's CI profile); ADAPTIVE_PP_WIDE=1 runs them all, random ones.
+# Each property runs a quarter of its examples in the suite (about 2 minutes on 2 cores, with
+# the fixed examples of hypothesis's CI profile); ADAPTIVE_PP_WIDE=1 runs them all.
 WIDE = os.environ.get("ADAPTIVE_PP_WIDE") == "1"
 
 
 def examples(n: int) -> int:
-    """``n`` examples in a wide run, a third of them in the suite."""
-    return n if WIDE else max(8, n // 3)
+    """``n`` examples in a wide run, a quarter of them in the suite."""
+    return n if WIDE else max(6, n // 4)
 
 
 CONTROLLERS: dict[str, Callable[[], Controller]] = {
