@@ -7,8 +7,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from adaptive_pp.runtime.comm import FRAME_CAPACITY, HEADER_BYTES, Header, Link, MessageKind
+from adaptive_pp.runtime.comm import Header, Link, MessageKind
 from adaptive_pp.runtime.control import BODY, FRAME, Control
+from adaptive_pp.runtime.transport import AHEAD
 
 # Around a control frame's body (the rest of the frame is its header) and well past it.
 SIZES = (0, 1, BODY - 30, BODY, BODY + 1, FRAME, 3 * FRAME)
@@ -32,18 +33,19 @@ def exchange_job() -> list[Any]:
 
 
 def tensors() -> list[torch.Tensor]:
-    """What rank 0 sends rank 1: small, empty, bfloat16, larger than a frame, both sides of it."""
+    """What rank 0 sends rank 1: small, empty, bfloat16, larger than the receive posted ahead
+    (two parts), both sides of it."""
     g = torch.Generator().manual_seed(3)
-    big = FRAME_CAPACITY // 4 + 1000  # float32 elements: over a frame, so sent on its own
+    big = AHEAD // 4 + 1000  # float32 elements: over the receive posted ahead, in two parts
     return [
         torch.randn(4, 5, generator=g),
         torch.empty(0, 3),
         torch.randn(2, 3, 4, generator=g).to(torch.bfloat16),
         torch.randn(big, generator=g),
         torch.arange(6, dtype=torch.int64).reshape(2, 3),
-        # the last payload that fits in a frame with its header, and the first that does not
-        torch.randint(0, 255, (FRAME_CAPACITY - HEADER_BYTES,), dtype=torch.uint8, generator=g),
-        torch.randint(0, 255, (FRAME_CAPACITY - HEADER_BYTES + 1,), dtype=torch.uint8, generator=g),
+        # the last payload that fits the receive posted ahead, and the first that does not
+        torch.randint(0, 255, (AHEAD,), dtype=torch.uint8, generator=g),
+        torch.randint(0, 255, (AHEAD + 1,), dtype=torch.uint8, generator=g),
     ]
 
 

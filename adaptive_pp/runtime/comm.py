@@ -27,15 +27,12 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import PeerGone, PipelineError, PipelineTimeout
-from .transport import AHEAD, Transport, links_of, make_transport
+from .transport import Transport, links_of, make_transport, wait_all
 
 MAGIC = 0x41505030  # "APP0"
 HEADER_LEN = 16
 HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = HEADER_LEN - 10  # the last value is the virtual stage
-#: Bytes of a payload received into the buffer posted ahead of its header (gloo); a larger one
-#: travels in two parts (runtime/transport.py).
-FRAME_CAPACITY = AHEAD
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -222,7 +219,7 @@ class Link:
                 return
             if header.kind == MessageKind.STOP:
                 if ahead is not None:  # the goodbye byte fills it
-                    self._recv(functools.partial(_wait, ahead[1]))
+                    self._recv(functools.partial(wait_all, ahead[1]))
                 with self.cond:
                     self._closed_by_peer = True
                     self.cond.notify_all()
@@ -231,7 +228,7 @@ class Link:
             if nbytes and not control and ahead is not None:
                 first, works = ahead
                 ahead = None
-                if not self._recv(functools.partial(_wait, works)):
+                if not self._recv(functools.partial(wait_all, works)):
                     return
             try:
                 data = (
@@ -393,11 +390,6 @@ class Link:
             self.send(Header(MessageKind.STOP, -1, -1, -1, 0, 0, torch.float32, ()), torch.empty(0))
             self.flush()
         self._thread.join(timeout)
-
-
-def _wait(works: list[dist.Work]) -> None:
-    for work in works:
-        work.wait()
 
 
 def json_tensor(obj: Any) -> torch.Tensor:

@@ -132,13 +132,17 @@ class Transport:
             return
         works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, into, peer, group)])
         if stream is None:
-            for work in works:
-                work.wait()
+            wait_all(works)
             return
         with torch.cuda.stream(stream):
-            for work in works:
-                work.wait()
+            wait_all(works)
         stream.synchronize()
+
+
+def wait_all(works: list[dist.Work]) -> None:
+    """Wait for each of ``works`` (posted sends or receives)."""
+    for work in works:
+        work.wait()
 
 
 def links_of(ranks_of_vstages: list[int]) -> list[tuple[int, int]]:
