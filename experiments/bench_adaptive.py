@@ -16,6 +16,7 @@ every adaptive run the steps from the slowdown until it converged (the issue's t
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 from typing import Any
@@ -120,6 +121,7 @@ def simulated(part: Partition, m: int, schedule: str = "1f1b") -> float:
     return simulate(make_schedule(schedule, STAGES, m), costs).step_time
 
 
+@functools.cache  # within_best_after asks for every recorded step's M and schedule
 def best_offline(m: int, schedule: str = "1f1b") -> Partition:
     """The partition the simulator rates fastest with stage 2 at FACTOR x (exhaustive)."""
     return min(

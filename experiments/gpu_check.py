@@ -215,6 +215,8 @@ def bench_job(kind: str, steps: int) -> dict[str, Any]:
     else:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
+        from experiments.peer import torch_step
+
         group = dist.new_group(backend="nccl")
         sub = model[rank * per : (rank + 1) * per].to(device)
         stage = PipelineStage(sub, rank, stages, device, group=group)
@@ -223,14 +225,7 @@ def bench_job(kind: str, steps: int) -> dict[str, Any]:
         xd, yd = x.to(device), y.to(device)
 
         def step(_: int) -> Any:
-            if rank == 0:
-                sched.step(xd)
-            elif rank == stages - 1:
-                sched.step(target=yd, losses=[])
-            else:
-                sched.step()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            torch_step(sched, opt, xd, yd, rank, stages)
             torch.cuda.synchronize(device)
 
         def done() -> None:

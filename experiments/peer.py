@@ -83,6 +83,19 @@ def torch_pipeline_walls(
     return _timed_walls(sched, optimizer, x, y, steps, before_step, timeline, records)
 
 
+def torch_step(sched: Any, optimizer: Any, x: Any, y: Any, rank: int, stages: int) -> None:
+    """One step of a torch.distributed.pipelining schedule on this rank (the first stage feeds
+    ``x``, the last ``y``), then the optimizer."""
+    if rank == 0:
+        sched.step(x)
+    elif rank == stages - 1:
+        sched.step(target=y, losses=[])
+    else:
+        sched.step()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _timed_walls(
     sched: Any,
     optimizer: Any,
@@ -106,14 +119,7 @@ def _timed_walls(
         records.clear()
 
     def step(_: int) -> None:
-        if rank == 0:
-            sched.step(x)
-        elif rank == stages - 1:
-            sched.step(target=y, losses=[])
-        else:
-            sched.step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch_step(sched, optimizer, x, y, rank, stages)
 
     restore = _time_posts(records) if timeline is not None else None
     try:
