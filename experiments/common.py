@@ -1,6 +1,6 @@
 """Helpers shared by the experiments: arguments, result folders, run metadata, figures, pools,
-the timed-step loop of every rank job (``timed_steps``), a generic rank job for our runtime,
-and per-step statistics."""
+the timed-step loop of every rank job (``timed_steps``; ``back_to_back`` for steps that
+overlap), a generic rank job for our runtime, and per-step statistics."""
 
 from __future__ import annotations
 
@@ -189,6 +189,49 @@ def timed_steps(
         if after_step is not None:
             after_step(k, out)
     return timed
+
+
+@dataclass
+class BackToBack(Generic[T]):
+    """What ``back_to_back`` measured: one wall for all the steps, and their outputs."""
+
+    wall: float
+    """Seconds from the first barrier's release to the second's (every rank done)."""
+    steps: int
+    outputs: list[T] = field(default_factory=list)
+
+    @property
+    def per_step(self) -> float:
+        """``wall / steps``: the steady-state step time of a schedule whose steps overlap."""
+        return self.wall / self.steps
+
+
+def back_to_back(
+    step: Callable[[int], T],
+    steps: int,
+    *,
+    warmup: int = 0,
+    barrier: Callable[[], object] | None = None,
+) -> BackToBack[T]:
+    """``warmup`` untimed calls of ``step(k)``, then ``steps`` calls back to back between two
+    barriers (default ``torch.distributed.barrier``), timed as one wall.
+
+    ``timed_steps`` starts every step on a barrier, which forbids consecutive steps from
+    overlapping; a schedule without a flush (PipeDream-2BW) is measured honestly only this way,
+    and a flushed one the same way for a side-by-side ratio. The wall includes one pipeline
+    fill and, behind the closing barrier, the slowest rank's end of the last step.
+    """
+    if barrier is None:
+        import torch.distributed as dist
+
+        barrier = dist.barrier
+    for k in range(warmup):
+        step(k)
+    barrier()
+    t0 = time.perf_counter()
+    outputs = [step(warmup + k) for k in range(steps)]
+    barrier()
+    return BackToBack(time.perf_counter() - t0, steps, outputs)
 
 
 def train_job(

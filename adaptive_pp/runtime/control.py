@@ -12,6 +12,8 @@ checkpoint load) begins a new round on every rank alike, and frames of older rou
 dropped, so nothing of an aborted step can leak into the next one. A failure raised on one
 rank is sent to every other rank as a notice; they raise the same error (``remote=True``)
 wherever they wait: on a link, in an exchange, or at the start of their step.
+The exchanges themselves (and the step-scoped messages that PipeDream-2BW posts across
+rounds) are in ``exchange``.
 """
 
 from __future__ import annotations
@@ -25,30 +27,27 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.errors import PipelineError, PipelinePoisoned, PipelineTimeout, StageFrozen, rebuild
+from ..core.errors import (
+    PipelineError,
+    PipelinePoisoned,
+    PipelineTimeout,
+    StageFrozen,
+    rebuild,
+)
 from ..core.errors import describe as describe_error
+from .exchange import BODY as BODY
+from .exchange import FRAME as FRAME
+from .exchange import HEAD as HEAD
+from .exchange import Exchanges, Frame, Wait
 
 CONTROL_TAG = 2  # the stage links use tag 0
 MAGIC = 0x41505043  # "APPC"
-HEAD = 8  # int64 values in a frame header
-FRAME = 1 << 16  # bytes per frame; longer JSON travels in several
-BODY = FRAME - HEAD * 8
-
-
-class Frame(IntEnum):
-    """What a control frame carries."""
-
-    BEAT = 1
-    BYE = 2
-    NOTICE = 3
-    EXCHANGE = 4
 
 
 @dataclass(frozen=True)
@@ -61,15 +60,7 @@ class Notice:
     error: dict[str, Any]
 
 
-class Wait(NamedTuple):
-    """What an exchange waits for, how long, and the setting that says so."""
-
-    what: str
-    seconds: float
-    setting: str
-
-
-class Control:
+class Control(Exchanges):
     """Heartbeats, abort notices and exchanges of one rank (see the module docstring)."""
 
     def __init__(
@@ -90,6 +81,8 @@ class Control:
         self._watchers: list[threading.Condition] = [self._cond]
         self._chunks: dict[tuple[int, int, int], tuple[bytearray, list[int]]] = {}
         self._ready: dict[tuple[int, int], dict[int, bytes]] = {}
+        self._late_chunks: dict[tuple[int, int, int], tuple[bytearray, list[int]]] = {}
+        self._late: dict[tuple[int, int], dict[int, bytes]] = {}
         self._notices: dict[int, Notice] = {}
         self._poison: Notice | None = None
         self._seen = {p: time.monotonic() for p in self.peers}
@@ -194,6 +187,7 @@ class Control:
         with self._cond:
             self._poison = None
             self._floor = self.round
+        self.drop_late()
 
     @property
     def poisoned(self) -> bool:
@@ -225,58 +219,6 @@ class Control:
         for cond in self._watchers:
             with cond:
                 cond.notify_all()
-
-    # --- exchanges ---------------------------------------------------------------------
-
-    def all_gather(self, obj: Any, what: str | Wait = "the end-of-step exchange") -> list[Any]:
-        """Every rank's JSON-able ``obj`` in rank order; raises a peer's failure meanwhile."""
-        self._ident += 1
-        data = json.dumps(obj).encode()
-        for p in self.peers:
-            self._send(p, Frame.EXCHANGE, self.round, self._ident, data)
-        got = self._collect(self._ident, self.peers, what)
-        got[self.rank] = json.loads(data)
-        return [got[r] for r in range(self.world)]
-
-    def broadcast(self, obj: Any, src: int = 0, what: str = "a broadcast") -> Any:
-        """Rank ``src``'s JSON-able ``obj`` on every rank (``obj`` is ignored elsewhere)."""
-        self._ident += 1
-        if self.rank != src:
-            return self._collect(self._ident, [src], what)[src]
-        data = json.dumps(obj).encode()
-        for p in self.peers:
-            self._send(p, Frame.EXCHANGE, self.round, self._ident, data)
-        return json.loads(data)
-
-    def barrier(self, what: str) -> None:
-        """Wait until every rank got here (interruptible, unlike dist.barrier)."""
-        self.all_gather(None, what)
-
-    def _collect(self, ident: int, sources: list[int], what: str | Wait) -> dict[int, Any]:
-        key = (self.round, ident)
-        wait = what if isinstance(what, Wait) else Wait(what, self.wait_timeout, "recv_timeout")
-        deadline = time.monotonic() + wait.seconds
-        with self._cond:
-            while True:
-                box = self._ready.get(key, {})
-                if all(s in box for s in sources):
-                    break
-                exc = self.fault()
-                if exc is not None:
-                    raise exc
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = [s for s in sources if s not in box]
-                    raise PipelineTimeout(
-                        f"stage {self.rank} waited {wait.seconds:.0f} s for stage "
-                        f"{missing[0]} in {wait.what}; is it stuck? (raise "
-                        f"PipelineConfig.{wait.setting} if its work is that slow)",
-                        stage=self.rank,
-                        peer=missing[0],
-                    )
-                self._cond.wait(min(left, 1.0))
-            self._ready.pop(key, None)
-        return {s: json.loads(box[s]) for s in sources}
 
     # --- frames ------------------------------------------------------------------------
 
@@ -325,26 +267,14 @@ class Control:
                 if kind == Frame.BYE:
                     self._gone.add(src)
                 elif kind == Frame.EXCHANGE and rnd >= self.round:
-                    self._file_chunk(src, rnd, ident, total, off, raw)
+                    self._file_chunk(src, rnd, ident, total, off, raw, late=False)
+                elif kind == Frame.LATE and rnd >= self._floor:
+                    self._file_chunk(src, rnd, ident, total, off, raw, late=True)
                 elif kind == Frame.NOTICE:
                     body = json.loads(bytes(raw[HEAD * 8 : HEAD * 8 + total]))
                     notice = Notice(body["origin"], rnd, body["undone"], body["error"])
             if kind == Frame.NOTICE:
                 self._record(notice)
-
-    def _file_chunk(
-        self, src: int, rnd: int, ident: int, total: int, off: int, raw: np.ndarray
-    ) -> None:
-        """File one chunk of an exchange (caller holds the lock); notify when it is whole."""
-        n = min(BODY, total - off)
-        key = (rnd, ident, src)
-        data, got = self._chunks.setdefault(key, (bytearray(total), [0]))
-        data[off : off + n] = raw[HEAD * 8 : HEAD * 8 + n].tobytes()
-        got[0] += n
-        if got[0] >= total:
-            del self._chunks[key]
-            self._ready.setdefault((rnd, ident), {})[src] = bytes(data)
-            self._cond.notify_all()
 
     # --- heartbeats --------------------------------------------------------------------
 

@@ -18,16 +18,13 @@ from ..core.decisions import (
     Decision,
     Keep,
     MoveLayers,
-    Plan,
     SetSchedule,
     describe,
     from_dict,
     to_dict,
 )
 from ..core.errors import PipelineError
-from ..core.partition import Partition
 from ..core.report import StepReport
-from ..core.schedules import Schedule
 from ..observability.telemetry import Telemetry
 from . import checkpoint, resume
 from . import step as steps
@@ -36,6 +33,7 @@ from .group import device_of, init_distributed
 from .layerstate import OptimizerFactory
 from .local import LocalStage
 from .migration import MigrationAborted, apply_decision
+from .pipeview import PipelineView
 from .stage import LossFn
 from .step import StepOutput, split_batch
 from .twobw import run_drain
@@ -46,7 +44,7 @@ __all__ = ["Pipeline", "StepOutput", "init_distributed", "split_batch"]
 log = structlog.get_logger("adaptive_pp.pipeline")
 
 
-class Pipeline:
+class Pipeline(PipelineView):
     """One stage of a pipeline-parallel model in this process; ``step`` trains one mini-batch.
 
     A facade: this rank's state lives in one LocalStage (``local``); steps, decisions and
@@ -120,76 +118,6 @@ class Pipeline:
         ):
             self.load_checkpoint(found)
             self.resumed_from = found
-
-    # --- what this rank holds (read-only views of the LocalStage) ---------------------------
-
-    @property
-    def local(self) -> LocalStage:
-        """This rank's state (chunks, optimizer, version, links, plan); see runtime/local.py."""
-        return self._local
-
-    @property
-    def stage(self) -> int:
-        """This process's stage index (its rank in the process group)."""
-        return self._local.stage
-
-    @property
-    def num_stages(self) -> int:
-        """Number of pipeline stages (processes)."""
-        return self._local.num_stages
-
-    @property
-    def is_last(self) -> bool:
-        """True on the stage that computes the loss."""
-        return self._local.is_last
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        """The whole model's blocks (those held elsewhere are twins on the "meta" device)."""
-        return self._local.blocks
-
-    @property
-    def partition(self) -> Partition:
-        """The current partition of the blocks over the stages."""
-        return self._local.partition
-
-    @property
-    def microbatches(self) -> int:
-        """Micro-batches per step (M)."""
-        return self._local.microbatches
-
-    @property
-    def schedule(self) -> Schedule:
-        """The current schedule."""
-        return self._local.schedule
-
-    @property
-    def plan(self) -> Plan:
-        """The current partition, micro-batches and schedule."""
-        return self._local.plan
-
-    @property
-    def step_count(self) -> int:
-        """Steps completed (restored by load_checkpoint)."""
-        return self._local.step_count
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer over this rank's parameters (None if it holds none)."""
-        return self._local.optimizer
-
-    @property
-    def device(self) -> torch.device:
-        """Where this rank's layers live."""
-        return self._local.device
-
-    def local_modules(self) -> dict[str, nn.Module]:
-        """The modules this rank holds now, by global name ("pre", "layers.3", "post")."""
-        return self._local.modules()
-
-    def local_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """This stage's module state dicts keyed by global name ("layers.3", "pre", "post")."""
-        return self._local.state()
 
     # --- changing the plan ------------------------------------------------------------------
 
@@ -290,6 +218,13 @@ class Pipeline:
         a NaN loss), the step is undone everywhere (``error.undone``) and the next step is
         correct. Otherwise the pipeline is poisoned: later steps raise PipelinePoisoned until
         a checkpoint is loaded.
+
+        PipeDream-2BW without a controller: no rank waits for its peers' ends of window. The
+        loss comes from the last stage right after its last forward; the report is merged
+        when read (``StepOutput``; read right after the step, it waits for every rank's end
+        of window). A failure on a peer after it sent the loss surfaces at the next step.
+        With a controller, each step's report is gathered at its end and the decision
+        lands before the next step, on every rank alike (windows then do not overlap).
         """
         local = self._local
         local.begin()
@@ -307,7 +242,10 @@ class Pipeline:
             try:
                 if self._trace_steps and local.stage == 0:
                     local.control.broadcast(self.telemetry.carrier(), what="the trace context")
-                out = steps.run(local, inputs, targets, self.telemetry, span, self.config.run_dir)
+                late = self.controller is None  # 2BW: the report merged when read
+                out = steps.run(
+                    local, inputs, targets, self.telemetry, span, self.config.run_dir, late=late
+                )
                 if self.controller is not None:
                     self._consult(out.report)
             except PipelineError as exc:

@@ -2,16 +2,19 @@
 
 ``run`` checks the batch, runs the rank's actions (each on the StageWorker of its chunk, see
 ``driver``), applies the optimizer, bumps the weight version and merges every rank's share into
-the step report. ``undoable`` and ``fail`` decide, for a failure at any point, whether the step
-can be undone on every rank (no optimizer applied anywhere yet) or the pipeline is poisoned
-(see docs/DESIGN.md).
+the step report (PipeDream-2BW without a controller: posts its share and merges it later, see
+``StepOutput`` and ``stepreport``). ``undoable`` and ``fail`` decide, for a failure at any
+point, whether the step can be undone on every rank (no optimizer applied anywhere yet) or the
+pipeline is poisoned (see docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import structlog
 import torch
@@ -22,17 +25,44 @@ from ..core.report import StepReport, append_jsonl
 from ..observability.telemetry import Telemetry
 from .driver import run_actions
 from .local import LocalStage
-from .stepreport import local_part, merge_parts
-from .twobw import run_window
+from .stepreport import LOSS, PendingReport, ReportMeta, local_part, merge_parts
+from .twobw import run_window, settle
+from .versions import AsyncState
 
 log = structlog.get_logger("adaptive_pp.pipeline")
 
 
-class StepOutput(NamedTuple):
-    """What Pipeline.step returns: the mini-batch loss (same on every rank) and the report."""
+class StepOutput:
+    """What Pipeline.step returns: the mini-batch loss (same on every rank) and the report.
 
-    loss: float
-    report: StepReport
+    PipeDream-2BW without a controller: the report of step t is merged from shares its
+    ranks post without waiting; reading ``report`` merges it then, waiting for any share not
+    in yet (right after the step: for every rank's end of window t). The next step, a drain,
+    a change or a checkpoint collects the shares in any case, so reading it after the next
+    step waits for nothing; telemetry and ``run_dir``'s reports.jsonl get it then (one step
+    late, without the step's span). With a controller every step's report is gathered at its
+    end, as a flushed schedule's is, and the decision lands before the next step.
+    """
+
+    __slots__ = ("_report", "loss")
+
+    def __init__(self, loss: float, report: StepReport | PendingReport) -> None:
+        self.loss = loss
+        self._report = report
+
+    @property
+    def report(self) -> StepReport:
+        """The step's report (merged now if it is still pending)."""
+        if isinstance(self._report, PendingReport):
+            self._report = self._report.result()
+        return self._report
+
+    def __iter__(self) -> Iterator[float | StepReport]:
+        """``loss, report = out``, as when this was a named tuple."""
+        return iter((self.loss, self.report))
+
+    def __repr__(self) -> str:
+        return f"StepOutput(loss={self.loss!r}, report={self._report!r})"
 
 
 def split_batch(batch: torch.Tensor, microbatches: int, what: str) -> list[torch.Tensor]:
@@ -53,11 +83,15 @@ def run(
     telemetry: Telemetry,
     span: Span | None,
     run_dir: str | Path | None,
+    *,
+    late: bool = False,
 ) -> StepOutput:
     """Forward and backward over all micro-batches, then the optimizer, on this rank.
 
     The caller has begun the round and set ``local.phase = "check"``; a failure is handled
-    by ``fail`` (with ``undoable``'s verdict).
+    by ``fail`` (with ``undoable``'s verdict). ``late`` (PipeDream-2BW only): no gather at
+    the end; the loss comes from the last stage as soon as it has it, the report when read
+    (``StepOutput``).
     """
     stage, m_count = local.stage, local.microbatches
     t0 = time.perf_counter()
@@ -74,8 +108,9 @@ def run(
         local.last_batch_size = int(batch.shape[0])
     local.phase = "run"
     if local.stream is not None:  # PipeDream-2BW: a window; it makes its version itself
+        late = late and local.num_stages > 1
         stage_log, (t_opt, t_done) = run_window(
-            local, local.stream, ins, tgts if local.is_last else None, t0
+            local, local.stream, ins, tgts if local.is_last else None, t0, post_loss=late
         )
         local.phase = "done"
     else:
@@ -98,8 +133,6 @@ def run(
         local.version += 1
         t_done = time.perf_counter()
     part = local_part(local, stage_log, t0, t_done - t_opt)
-    report = merge_parts(local, local.control.all_gather(part), time.perf_counter() - t0)
-    telemetry.record(span, report)
     if telemetry.detail:
         telemetry.record_actions(
             span,
@@ -109,7 +142,55 @@ def run(
             t0,
             optimizer=(t_opt - t0, t_done - t0),
         )
+    meta = ReportMeta.of(local)
+    if local.stream is not None and late:
+        wanted = run_dir is not None or telemetry.enabled or structlog.is_configured()
+        publish = partial(_publish, stage, None, run_dir, telemetry) if wanted else None
+        return _posted(local, local.stream, meta, part, t0, publish)
+    if local.stream is not None:
+        settle(local.stream)  # reports posted before a controller was set
+    report = merge_parts(meta, local.control.all_gather(part), time.perf_counter() - t0)
     local.finish_step()
+    _publish(stage, span, run_dir, telemetry, report)
+    assert report.loss is not None
+    return StepOutput(report.loss, report)
+
+
+def _posted(
+    local: LocalStage,
+    state: AsyncState,
+    meta: ReportMeta,
+    part: dict[str, Any],
+    t0: float,
+    publish: Callable[[StepReport], None] | None,
+) -> StepOutput:
+    """End a 2BW step without a gather: post this rank's share, take the loss the last stage
+    posted (after its last forward), collect the previous step's shares (in by now).
+    ``publish`` gets the report when it is merged (telemetry, run log; None: nobody needs it
+    before it is read)."""
+    pending = PendingReport(local.control, meta, part, publish)
+    last = local.num_stages - 1
+    if local.is_last:
+        loss = part["loss"]
+    else:
+        what = f"the loss of step {meta.step}"
+        loss = local.control.take(pending.round, LOSS, [last], what)[last]
+    settle(state)
+    state.unsettled.append(pending)
+    local.finish_step()
+    pending.wall = time.perf_counter() - t0
+    return StepOutput(float(loss), pending)
+
+
+def _publish(
+    stage: int,
+    span: Span | None,
+    run_dir: str | Path | None,
+    telemetry: Telemetry,
+    report: StepReport,
+) -> None:
+    """Record a merged report: telemetry, ``run_dir``'s reports.jsonl (stage 0), a log event."""
+    telemetry.record(span, report)
     if run_dir is not None and stage == 0:
         append_jsonl(Path(run_dir) / "reports.jsonl", report)
     me = report.stages[stage]
@@ -125,8 +206,6 @@ def run(
             wait_ms=round(me.wait * 1e3, 3),
             events=list(report.events),
         )
-    assert report.loss is not None
-    return StepOutput(report.loss, report)
 
 
 def undoable(local: LocalStage) -> bool:

@@ -1,15 +1,50 @@
-"""The step report of a pipeline run: each rank's share, merged on every rank after a step."""
+"""The step report of a pipeline run: each rank's share, merged on every rank after a step.
+
+A flushed step gathers the shares at its end (every rank waits for the slowest). A
+PipeDream-2BW step does not: each rank posts its share to every peer without waiting
+(``PendingReport``) and the report is merged when it is read, or when the next step, a drain
+or a change settles it; the loss, which ``step`` returns at once, is posted by the last stage
+right after its last forward (slot ``LOSS``), so no rank waits for the end of its peers' windows.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from ..core.report import QueueTrace, StageStats, StepReport, Timeline
 from ..core.schedules import Action
 from .comm import Link, MessageKind
+from .control import Control
 from .layerstate import layer_name, named_params, state_bytes
 from .local import LocalStage
 from .stagelog import StageLog
+
+LOSS, PART = 0, 1  # the slots of a 2BW step's posted messages (Control.post)
+
+
+class ReportMeta(NamedTuple):
+    """What a step's report takes from the rank's state when the step ran (the same on every
+    rank): the state may have moved on by the time the shares are merged."""
+
+    step: int
+    schedule: str
+    microbatches: int
+    partition: tuple[int, ...]
+    events: tuple[str, ...]
+    change: float
+
+    @classmethod
+    def of(cls, local: LocalStage) -> ReportMeta:
+        """The current step's, from ``local`` (before ``finish_step``)."""
+        return cls(
+            local.step_count,
+            local.schedule.name,
+            local.microbatches,
+            tuple(local.partition.bounds),
+            tuple(local.pending_events),
+            local.change_s,
+        )
 
 
 def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) -> dict[str, Any]:
@@ -67,7 +102,7 @@ def _incoming(local: LocalStage) -> list[tuple[Link, MessageKind]]:
     return out
 
 
-def merge_parts(local: LocalStage, parts: list[dict[str, Any]], wall: float) -> StepReport:
+def merge_parts(meta: ReportMeta, parts: list[dict[str, Any]], wall: float) -> StepReport:
     """Every rank's share (rank order) as one StepReport on a common clock."""
     # perf_counter is one system-wide monotonic clock on a host: put every rank's times
     # on the earliest rank's step start, so cross-stage gaps (hop latency) are real.
@@ -108,22 +143,71 @@ def merge_parts(local: LocalStage, parts: list[dict[str, Any]], wall: float) -> 
         for q in p["queues"]
     )
     return StepReport(
-        step=local.step_count,
-        schedule=local.schedule.name,
-        microbatches=local.microbatches,
+        step=meta.step,
+        schedule=meta.schedule,
+        microbatches=meta.microbatches,
         step_time=step_time,
         stages=stages,
         queues=queues,
         timeline=timeline,
-        partition=local.partition.bounds,
+        partition=meta.partition,
         source="runtime",
         loss=parts[-1]["loss"],
-        events=tuple(local.pending_events),
+        events=meta.events,
         extra={
             "wall": wall,
             "optimizer": max(p["optimizer"] for p in parts),
-            "change": local.change_s,
+            "change": meta.change,
             "offset": min(p["since"] for p in parts),
         },
         batch=max(p["batch"] for p in parts),
     )
+
+
+class PendingReport:
+    """A PipeDream-2BW step's report, merged from the shares its ranks post without waiting.
+
+    Made at the end of the rank's window (its own share posted to every peer then); ``settle``
+    collects the peers' shares (waiting if one is not in yet: reading the report right after
+    the step waits for every rank's end of that window, the barrier 2BW steps avoid), and
+    ``result`` merges them once. ``on_merged`` (telemetry, the run log) runs at the merge.
+    """
+
+    def __init__(
+        self,
+        control: Control,
+        meta: ReportMeta,
+        part: dict[str, Any],
+        on_merged: Callable[[StepReport], None] | None = None,
+    ) -> None:
+        self.control, self.meta, self.round = control, meta, control.round
+        self.wall = 0.0
+        """This rank's wall of the step (start to return), set when the step returns."""
+        self.on_merged = on_merged
+        self._parts: dict[int, Any] = {control.rank: part}
+        self._report: StepReport | None = None
+        control.post(self.round, PART, part)
+
+    def settle(self) -> None:
+        """Take the peers' shares (at most once; waits for any not in yet), and merge them
+        now if ``on_merged`` wants the report."""
+        self._collect()
+        if self.on_merged is not None:
+            self.result()
+
+    def result(self) -> StepReport:
+        """The merged report (settled first)."""
+        if self._report is None:
+            self._collect()
+            parts = [self._parts[r] for r in range(self.control.world)]
+            self._report = merge_parts(self.meta, parts, self.wall)
+            self._parts = {}
+            hook, self.on_merged = self.on_merged, None
+            if hook is not None:
+                hook(self._report)
+        return self._report
+
+    def _collect(self) -> None:
+        if self._report is None and len(self._parts) < self.control.world:
+            what = f"the report shares of step {self.meta.step}"
+            self._parts.update(self.control.take(self.round, PART, self.control.peers, what))

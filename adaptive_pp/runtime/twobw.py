@@ -15,6 +15,11 @@ spills one more: that rank takes it in its next step, so it is filed under the n
 its id there (``StageWorker.grads_for_next_step``); every other message stays in its round.
 Between a window and anything but the next window or a drain no round may start: ``Pipeline``
 drains first (moves, M changes, checkpoints, close).
+
+End of a step (``post_loss``, see ``stepreport``): the last stage posts the step's loss to
+every rank right after its last forward, before its last backward; no rank waits for its
+peers' ends of window, so consecutive windows overlap as in the simulated stream. The drain
+settles the reports still on their way.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ..core.schedules import Action
 from .driver import run_actions
 from .local import LocalStage
 from .stagelog import StageLog
+from .stepreport import LOSS
 from .versions import AsyncState, swapped_in
 
 
@@ -39,9 +45,12 @@ def run_window(
     inputs: Sequence[torch.Tensor] | None,
     targets: Sequence[torch.Tensor] | None,
     t0: float,
+    *,
+    post_loss: bool = False,
 ) -> tuple[StageLog, tuple[float, float]]:
     """Step ``local.step_count``: its window, then the version its completed step makes (when
-    it started and ended, perf_counter seconds)."""
+    it started and ended, perf_counter seconds). ``post_loss``: the last stage posts the loss
+    to every peer (slot ``LOSS`` of this round) once its last forward has run."""
     s, num, m = local.stage, local.num_stages, local.microbatches
     t = local.step_count
     actions = twobw.window(num, m, s, spill=state.spill)
@@ -57,7 +66,13 @@ def run_window(
     params = state.versions.params
     on = {id(params[n]): leaf for n, leaf in leaves.items()}  # the modules run on W(t-1)
     with swapped_in((seg.module for seg in worker.segments), on):
-        log = _run(local, actions, inputs, targets, t0, t - 1)
+        if post_loss and local.is_last:  # the loss is known after the last forward
+            cut = max(i for i, a in enumerate(actions) if a.kind == "F") + 1
+            log = _run(local, actions[:cut], inputs, targets, t0, t - 1, flush=False)
+            local.control.post(local.control.round, LOSS, log.loss_sum / m)
+            log = _joined(log, _run(local, actions[cut:], inputs, targets, t0, t - 1))
+        else:
+            log = _run(local, actions, inputs, targets, t0, t - 1)
     t_opt = time.perf_counter()
     if local.is_last:  # nothing spills: step t is complete
         _update(local, state, t + 1, leaves)
@@ -70,8 +85,10 @@ def run_window(
 
 
 def run_drain(local: LocalStage, state: AsyncState, t0: float) -> StageLog | None:
-    """Run the backwards the last window left and make the version they complete."""
+    """Run the backwards the last window left and make the version they complete; then
+    settle the reports still on their way."""
     if not state.spill:
+        settle(state)
         return None
     s, num, m = local.stage, local.num_stages, local.microbatches
     t = local.step_count  # windows run so far
@@ -83,7 +100,15 @@ def run_drain(local: LocalStage, state: AsyncState, t0: float) -> StageLog | Non
     if not local.is_last:  # the last stage made its version after its window
         _update(local, state, t, state.pending)
     state.pending, state.spill = {}, False
+    settle(state)
     return log
+
+
+def settle(state: AsyncState) -> None:
+    """Collect the shares of every report still on its way (waiting for them if need be)."""
+    while state.unsettled:
+        state.unsettled[0].settle()
+        state.unsettled.pop(0)
 
 
 def _run(
@@ -93,8 +118,11 @@ def _run(
     targets: Sequence[torch.Tensor] | None,
     t0: float,
     version: int,
+    *,
+    flush: bool = True,
 ) -> StageLog:
-    """Run ``actions`` on the prepared workers, then wait for every send to complete."""
+    """Run ``actions`` on the prepared workers, then (``flush``) wait for every send to
+    complete."""
     log = run_actions(
         local.workers,
         actions,
@@ -105,8 +133,28 @@ def _run(
         version=version,
         prepared=True,
     )
-    for ln in local.links():
-        ln.flush()
+    if flush:
+        for ln in local.links():
+            ln.flush()
+    return log
+
+
+def _joined(log: StageLog, rest: StageLog) -> StageLog:
+    """``log`` extended by ``rest``, the same step's later actions (same origin)."""
+    log.actions += rest.actions
+    log.start += rest.start
+    log.end += rest.end
+    log.compute += rest.compute
+    log.wait += rest.wait
+    log.peak_stash = max(log.peak_stash, rest.peak_stash)
+    log.peak_stash_bytes = max(log.peak_stash_bytes, rest.peak_stash_bytes)
+    for mine, more in (
+        (log.layer_forward, rest.layer_forward),
+        (log.layer_backward, rest.layer_backward),
+    ):
+        for layer, seconds in more.items():
+            mine[layer] = mine.get(layer, 0.0) + seconds
+    log.loss_sum += rest.loss_sum
     return log
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -118,11 +119,20 @@ class WeightVersions:
 @dataclass
 class AsyncState:
     """Where a rank stands in the 2BW stream: its versions, whether the last window left
-    backwards for the next (no drain since), and the leaves of the step they belong to."""
+    backwards for the next (no drain since), the leaves of the step they belong to, and the
+    reports whose shares may still be on their way (settled by the next step or the drain)."""
 
     versions: WeightVersions
     spill: bool = False
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    unsettled: list[Settles] = field(default_factory=list)
+
+
+class Settles(Protocol):
+    """A report that collects its peers' shares when told (``stepreport.PendingReport``)."""
+
+    def settle(self) -> None:
+        """Collect (and wait for) what is still on its way."""
 
 
 @contextmanager
