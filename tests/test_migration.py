@@ -111,29 +111,34 @@ def test_invalid_move_is_refused_on_every_rank() -> None:
     assert all(f.kind == "ValueError" and "empty" in f.message for f in info.value.failures)
 
 
+SAVED = rc.Case(3, (4, 5, 6, 5, 4, 5, 6, 5, 4), (0, 2, 4, 6, 8), 2, "1f1b", "adam", 4)
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(pools: PoolFor, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SAVED trained 2 steps on 4 stages and checkpointed (once for the resume cases)."""
+    path = str(tmp_path_factory.mktemp("saved") / "ck")
+    pools(4).run(rc.job_checkpoint_then_resume, SAVED, 2, path, "save", timeout=90)
+    return path
+
+
 @pytest.mark.parametrize("resume_bounds", [(0, 3, 8), (0, 1, 5, 8), (0, 2, 4, 6, 8)])
-def test_checkpoint_resumes_on_other_stage_counts_exactly(tmp_path: Path, resume_bounds) -> None:
-    saved = rc.Case(3, (4, 5, 6, 5, 4, 5, 6, 5, 4), (0, 2, 4, 6, 8), 2, "1f1b", "adam", 4)
-    launch(rc.job_checkpoint_then_resume, 4, saved, 2, str(tmp_path / "ck"), "save", timeout=90)
-    resumed = rc.Case(**{**saved.__dict__, "bounds": resume_bounds})
-    ranks = launch(
-        rc.job_checkpoint_then_resume,
-        len(resume_bounds) - 1,
-        resumed,
-        2,
-        str(tmp_path / "ck"),
-        "resume",
-        timeout=90,
+def test_checkpoint_resumes_on_other_stage_counts_exactly(
+    pools: PoolFor, saved_checkpoint: str, resume_bounds: tuple[int, ...]
+) -> None:
+    resumed = rc.Case(**{**SAVED.__dict__, "bounds": resume_bounds})
+    ranks = pools(len(resume_bounds) - 1).run(
+        rc.job_checkpoint_then_resume, resumed, 2, saved_checkpoint, "resume", timeout=90
     )
-    ref_losses, ref_state, _ = rc.train_reference(saved)
+    ref_losses, ref_state, _ = rc.train_reference(SAVED)
     assert ranks[-1]["losses"] == ref_losses[2:]
     rc.assert_held_equal(ranks, ref_state)
 
 
-def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(pools: PoolFor, tmp_path: Path) -> None:
     case = rc.Case(3, (4, 4, 4, 4), (0, 1, 3), 2, "1f1b", "sgd", 2)
     ck = tmp_path / "ck"
-    launch(rc.job_checkpoint_then_resume, 2, case, 1, str(ck), "save", timeout=90)
+    pools(2).run(rc.job_checkpoint_then_resume, case, 1, str(ck), "save", timeout=90)
     shard = ck / "stage-1-of-2.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(LaunchError) as info:
@@ -146,7 +151,9 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
     assert "meta.json is corrupt" in info.value.root.message
 
 
-def test_receiver_killed_mid_migration_then_resume_has_every_layer(tmp_path: Path) -> None:
+def test_receiver_killed_mid_migration_then_resume_has_every_layer(
+    pools: PoolFor, tmp_path: Path
+) -> None:
     case = rc.Case(4, (4,) * 7, (0, 2, 4, 6), 2, "1f1b", "adam", 3)
     ck = str(tmp_path / "ck")
     with pytest.raises(LaunchError) as info:
@@ -154,7 +161,7 @@ def test_receiver_killed_mid_migration_then_resume_has_every_layer(tmp_path: Pat
     assert info.value.root.rank == 1 and "died (signal SIGKILL)" in info.value.root.message
     assert all(f.secondary for f in info.value.failures[1:])
     resumed = rc.Case(**{**case.__dict__, "bounds": (0, 3, 6)})
-    ranks = launch(rc.job_checkpoint_then_resume, 2, resumed, 1, ck, "resume", timeout=90)
+    ranks = pools(2).run(rc.job_checkpoint_then_resume, resumed, 1, ck, "resume", timeout=90)
     ref_losses, ref_state, _ = rc.train_reference(case)
     assert ranks[-1]["losses"] == ref_losses[1:]
     held = {
