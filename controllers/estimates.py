@@ -122,8 +122,9 @@ class LayerEstimator:
             noise = _MAD_TO_SIGMA * level * math.sqrt(_FAST / (2.0 - _FAST))
             limit = max(self.min_shift, self.z * noise) * max(old, 1e-300)
             d = abs(total - self.last[i]) / max(self.last[i], 1e-300)
-            if abs(self.fast[i] - old) > limit:
-                if self.held[i] >= 0.0:  # second step in a row: a real shift
+            held = self.held[i] >= 0.0
+            if abs(self.fast[i] - old) > limit and not (held and self._transient(i, total, old)):
+                if held:  # second step in a row, this sample off too: a real shift
                     self.dev[i] = self.held[i]  # the jump was not noise
                     self._restart(i, xf, xb, (self.off_f[i], self.off_b[i]))
                     self._noise_sample(i, d)  # but the two off samples' difference is
@@ -137,13 +138,35 @@ class LayerEstimator:
                 self._noise_sample(i, d)
                 self.last[i] = total
                 continue
-            if self.held[i] >= 0.0:  # the step before was off, this one is not: it was noise
-                self.held[i] = -1.0
-                self._fold(i, self.off_f[i], self.off_b[i])
+            if held:  # the step before was off, this one is not (or not alike): it was noise
+                self._revert(i, old, limit / max(old, 1e-300))
+                d = abs(total - old) / max(old, 1e-300)  # this sample against the estimate
+                d = min(d, limit / max(old, 1e-300))
             self._noise_sample(i, d)
             self._fold(i, xf, xb)
             self.last[i] = total
         return changed
+
+    def _transient(self, i: int, total: float, old: float) -> bool:
+        """Whether layer ``i``'s off sample of the step before (held) was a transient, seen
+        from this step's sample ``total``: a shift shows on both steps alike, a transient on
+        one only, so the shift is real only if this sample is nearer the held one than the
+        estimate ``old`` (in ratio), on the same side of it."""
+        off = self.off_f[i] + self.off_b[i]
+        if off <= 0 or total <= 0 or old <= 0 or (total - old) * (off - old) <= 0:
+            return True
+        return abs(math.log(total / old)) <= abs(math.log(total / off))
+
+    def _revert(self, i: int, old: float, clip: float) -> None:
+        """Layer ``i``'s held sample was noise: it joins the estimate clipped to ``clip`` (a
+        relative offset) of ``old``, the noise level forgets the jump it taught, and the fast
+        average restarts from the estimate (a transient leaves no trace to confirm later)."""
+        off = self.off_f[i] + self.off_b[i]
+        k = min(max(off, old * (1.0 - clip)), old * (1.0 + clip)) / off if off > 0 else 1.0
+        self.dev[i] = self.held[i]
+        self.held[i] = -1.0
+        self._fold(i, self.off_f[i] * k, self.off_b[i] * k)
+        self.fast[i] = self.f[i] + self.b[i]
 
     def _fold(self, i: int, xf: float, xb: float) -> None:
         """Add one sample to layer ``i``'s running mean (an EMA once it has ``window``)."""

@@ -109,15 +109,18 @@ class MoESkew:
 
 @dataclass(frozen=True)
 class DeviceSlowdown:
-    """Stage ``stage``'s device runs ``factor`` times slower from step ``at`` on, for any layer."""
+    """Stage ``stage``'s device runs ``factor`` times slower from step ``at`` on (until step
+    ``until``, excluded, if set: a transient, say OS noise on its host), for any layer."""
 
     stage: int
     factor: float
     at: int = 0
+    until: int | None = None
 
     def expected(self, step: int) -> float:
         """Factor at ``step``."""
-        return self.factor if step >= self.at else 1.0
+        on = step >= self.at and (self.until is None or step < self.until)
+        return self.factor if on else 1.0
 
 
 Effect = Slowdown | Drift | MoESkew | DeviceSlowdown

@@ -94,6 +94,14 @@ def run_ours(
     return {
         "walls": timed.walls,
         "events": events,
+        # Per step: each stage's compute and its layers' (forward, backward) times, as measured.
+        "layer_times": [
+            [
+                [st.compute, list(st.layers), list(st.layer_forward), list(st.layer_backward)]
+                for st in report.stages
+            ]
+            for report in timed.outputs
+        ],
         "partitions": parts,
         "schedules": scheds,
         "microbatches": ms,
@@ -282,6 +290,8 @@ def main() -> None:
             "switch_final_microbatches": [
                 run["microbatches"][-1] for run in runs["adaptive-switch"]
             ],
+            "layer_times": [run["layer_times"] for run in runs["adaptive"]],
+            "switch_layer_times": [run["layer_times"] for run in runs["adaptive-switch"]],
             "steps_to_converge": converged,
             "switch_steps_to_converge": converged_switch,
         },

@@ -280,7 +280,8 @@ def test_a_device_slow_from_the_start_costs_at_most_one_probe(
     17, two in 29, four in one: that case breaks this bound and is an open defect (issue #18's
     note), not covered by the suite's fixed examples."""
     sc, plan = case
-    sc = replace(sc, effects=tuple(replace(e, at=0) for e in sc.effects), seed=seed)
+    devices = [replace(e, at=0) for e in sc.effects if isinstance(e, DeviceSlowdown)]
+    sc = replace(sc, effects=tuple(devices), seed=seed)
     plan = optimal_plan(sc, plan, 0) if make is Rebalancer else tuned(sc, plan)
     hist = run(sc, make(), plan, 300)
     assert len(hist.migrations()) <= (2 if make is Rebalancer else 3), hist.migrations()
@@ -335,18 +336,13 @@ def wild(draw: st.DrawFn) -> tuple[Scenario, Plan]:
         ids = tuple(draw(st.lists(st.integers(0, layers - 1), min_size=1, max_size=layers)))
         at = draw(st.integers(0, 80))
         factor = draw(st.floats(0.3, 5.0))
-        effects.append(
-            draw(
-                st.sampled_from(
-                    [
-                        Slowdown(ids, factor, at),
-                        Drift(ids, factor, at, at + 50),
-                        MoESkew(ids, at),
-                        DeviceSlowdown(ids[0] % len(sizes), factor, at),
-                    ]
-                )
-            )
-        )
+        options: list[Effect] = [
+            Slowdown(ids, factor, at),
+            Drift(ids, factor, at, at + 50),
+            MoESkew(ids, at),
+            DeviceSlowdown(ids[0] % len(sizes), factor, at),
+        ]
+        effects.append(draw(st.sampled_from(options)))
     noise = draw(st.sampled_from([0.0, 0.05, 0.2]))
     model = LayerCostModel(launch=draw(st.sampled_from([0.04e-3, 1e-3, 4e-3])))
     sc = Scenario(layers, BATCH, tuple(effects), model=model, noise=noise, seed=draw(st.integers()))
