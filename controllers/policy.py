@@ -4,8 +4,10 @@ Order of precedence each step, one decision at most:
 
 1. a micro-batch or schedule trial under way finishes first (keep or roll back), so its
    measurement is not confounded by another change; but if the layer costs changed under it
-   (the rebalancer confirmed a shift this step) and a move is due, the trial is void: it is
-   rolled back unjudged (no ban) and the move follows on the next step;
+   (the rebalancer confirmed a shift this step) and a move is due, or the stages' imbalance
+   rose clearly over the rebalancer's threshold since the trial began (a skew the trial's
+   fresh estimates cannot show yet: a new M learns its layer costs afresh), the trial is
+   void: it is rolled back unjudged (no ban) and a move can follow on the old plan;
 2. otherwise the rebalancer moves layers if stages are uneven and a move pays off;
    while a layer's latest time is off its estimate but not yet confirmed (a skew may be
    starting), no trial starts and none is judged: the next step tells;
@@ -45,6 +47,7 @@ class AdaptivePolicy:
         self.rebalancer = Rebalancer(rebalancer)
         self.tuner = MicrobatchTuner(tuner) if tuner is not None else None
         self.switcher = ScheduleSwitcher(schedule) if schedule is not None else None
+        self.trial_imbalance = 1.0  # the rebalancer's imbalance when the last trial began
 
     def decide(self, report: StepReport, plan: Plan) -> Decision:
         """Every controller observes every step; at most one of them acts."""
@@ -60,6 +63,9 @@ class AdaptivePolicy:
                 if r.changed and r.propose(plan).note in ("move", "probe"):
                     # The costs changed under the trial and a move is due: roll it back unjudged.
                     proposal = trial.void("the costs changed and a move is due (trial void)")
+                elif self._skewed():
+                    why = f"stage imbalance rose to {r.last_imbalance:.3f} (trial void)"
+                    proposal = trial.void(why)
                 else:
                     proposal = trial.propose(plan)
                     if jumped and proposal.note in ("accept", "rollback"):
@@ -77,6 +83,7 @@ class AdaptivePolicy:
         if self.tuner is not None:
             proposal = self.tuner.propose(plan)
             self.tuner.commit(proposal)
+            self._began(proposal.decision)
             if self.switcher is None or not isinstance(proposal.decision, Keep):
                 return proposal.decision
             keep = proposal.decision
@@ -84,7 +91,21 @@ class AdaptivePolicy:
             return keep
         proposal = self.switcher.propose(plan)
         self.switcher.commit(proposal)
+        self._began(proposal.decision)
         return keep if isinstance(proposal.decision, Keep) else proposal.decision
+
+    def _began(self, decision: Decision) -> None:
+        """Note the imbalance a trial (any decision of the tuner or switcher) begins at."""
+        if not isinstance(decision, Keep):
+            self.trial_imbalance = self.rebalancer.last_imbalance
+
+    def _skewed(self) -> bool:
+        """Whether the stages' imbalance rose clearly over the rebalancer's threshold since
+        the trial under way began (M and the schedule change every stage alike; a skew does
+        not)."""
+        r = self.rebalancer
+        bar = 1.0 + r.config.threshold
+        return r.last_imbalance > max(bar, self.trial_imbalance * bar)
 
     def steady(self) -> bool:
         """Whether no move is on its way or being checked (the rebalancer's view)."""
@@ -99,6 +120,7 @@ class AdaptivePolicy:
             "rebalancer": self.rebalancer.state_dict(),
             "tuner": None if self.tuner is None else self.tuner.state_dict(),
             "schedule": None if self.switcher is None else self.switcher.state_dict(),
+            "trial_imbalance": self.trial_imbalance,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -113,6 +135,7 @@ class AdaptivePolicy:
         if "schedule" in state and (switcher is None) != (self.switcher is None):
             raise ValueError("state and policy disagree on whether schedule switching is on")
         self.rebalancer.load_state_dict(state["rebalancer"])
+        self.trial_imbalance = float(state.get("trial_imbalance", 1.0))  # absent before
         if self.tuner is not None:
             self.tuner.load_state_dict(state["tuner"])
         if self.switcher is not None and switcher is not None:
