@@ -7,9 +7,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from adaptive_pp.runtime import transport
 from adaptive_pp.runtime.comm import Header, Link, MessageKind
 from adaptive_pp.runtime.control import BODY, FRAME, Control
-from adaptive_pp.runtime.transport import AHEAD
+from adaptive_pp.runtime.transport import AHEAD, HEAD
 
 # Around a control frame's body (the rest of the frame is its header) and well past it.
 SIZES = (0, 1, BODY - 30, BODY, BODY + 1, FRAME, 3 * FRAME)
@@ -43,16 +44,24 @@ def tensors() -> list[torch.Tensor]:
         torch.randn(2, 3, 4, generator=g).to(torch.bfloat16),
         torch.randn(big, generator=g),
         torch.arange(6, dtype=torch.int64).reshape(2, 3),
-        # the last payload that fits the receive posted ahead, and the first that does not
+        # the last payload that fits the receive posted ahead with its header, the first that
+        # does not, and the same around AHEAD itself
+        torch.randint(0, 255, (AHEAD - HEAD,), dtype=torch.uint8, generator=g),
+        torch.randint(0, 255, (AHEAD - HEAD + 1,), dtype=torch.uint8, generator=g),
         torch.randint(0, 255, (AHEAD,), dtype=torch.uint8, generator=g),
         torch.randint(0, 255, (AHEAD + 1,), dtype=torch.uint8, generator=g),
     ]
 
 
-def link_job() -> dict[str, Any]:
-    """Rank 0 sends ``tensors()`` as ACT messages 0..n-1; rank 1 takes them in reverse order."""
+def link_job(ahead: int = AHEAD) -> dict[str, Any]:
+    """Rank 0 sends ``tensors()`` as ACT messages 0..n-1; rank 1 takes them in reverse order.
+    Messages framed with ``transport.AHEAD = ahead`` (0: the header apart, as on NCCL)."""
     me = dist.get_rank()
-    link = Link(me, 1 - me)
+    kept, transport.AHEAD = transport.AHEAD, ahead
+    try:
+        link = Link(me, 1 - me)
+    finally:
+        transport.AHEAD = kept
     sent = tensors()
     out: dict[str, Any] = {}
     if me == 0:
@@ -85,8 +94,9 @@ def corrupt_job() -> str:
     """Rank 0 sends a frame that is not ours; rank 1's take must fail naming both stages."""
     me = dist.get_rank()
     link = Link(me, 1 - me)
-    if me == 0:
-        dist.send(torch.full((64,), 7, dtype=torch.uint8), 1)
+    if me == 0:  # where a message starts: on the data group (gloo: the header comes with it)
+        group = link.transport.data_group(0, 1) if link.transport.ahead else None
+        dist.send(torch.full((HEAD,), 7, dtype=torch.uint8), 1, group=group)
         dist.barrier()
         return ""
     try:

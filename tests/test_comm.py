@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from adaptive_pp.core.errors import PipelineError
 from adaptive_pp.runtime.comm import _DTYPES, MAX_DIMS, Header, MessageKind
 from adaptive_pp.runtime.launch import WorkerPool
+from adaptive_pp.runtime.transport import AHEAD
 
 headers = st.builds(
     Header,
@@ -59,9 +60,11 @@ def test_json_exchanges_deliver_every_size(pools: PoolFor) -> None:
 
 
 @pytest.mark.multiprocess
-def test_link_delivers_any_order_dtype_and_size(pools: PoolFor) -> None:
-    """Frames arrive intact, payloads bigger than a frame sent on their own, in any order."""
-    sender, out = pools(2).run(link_job, timeout=120)
+@pytest.mark.parametrize("ahead", [AHEAD, 0], ids=["one-buffer", "header-apart"])
+def test_link_delivers_any_order_dtype_and_size(pools: PoolFor, ahead: int) -> None:
+    """Messages arrive intact, in any order, in both framings (gloo's one buffer, a payload
+    over the receive posted ahead in two parts; NCCL's header apart)."""
+    sender, out = pools(2).run(link_job, ahead, timeout=120)
     assert "complex64" in sender["refused"]
     assert out["equal"] == [True] * len(tensors())
     assert out["headers"] == [(i, 7, 3) for i in range(len(tensors()))]

@@ -1,7 +1,8 @@
-"""The transport split on CPU: tensors on the data groups, headers on the control group.
+"""The transport on CPU: every message on the data group of its direction, in one buffer.
 
-With CUDA the data groups are NCCL and the control group gloo; here both are gloo, so these
-tests check the same code path: which group each message takes is the same on both.
+With CUDA the data groups are NCCL and headers travel apart, on the control group (gloo); here
+every group is gloo, and ``transport.AHEAD = 0`` frames messages that way on gloo too, so
+these tests check both framings: which group each message takes and in how many pieces.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from conftest import PoolFor
 
 from adaptive_pp.core.decisions import MoveLayers
 from adaptive_pp.core.schedules import Action
-from adaptive_pp.runtime import stagelog
-from adaptive_pp.runtime.comm import HEADER_BYTES
+from adaptive_pp.runtime import stagelog, transport
 from adaptive_pp.runtime.stagelog import StageLog
-from adaptive_pp.runtime.transport import AHEAD, links_of
+from adaptive_pp.runtime.transport import AHEAD, HEAD, links_of
 
 CASE = rc.Case(5, (3, 4, 5, 4, 2), (0, 2, 4), 4, "1f1b", "adam", 3)
 MOVE = MoveLayers(src=1, dst=0, count=1)  # before step 1: layer 2's state travels 1 -> 0
@@ -73,35 +73,44 @@ def test_stage_log_times_actions_by_events_on_cuda(monkeypatch: pytest.MonkeyPat
     assert log.compute == pytest.approx(0.0065) and log.wait == 0.0
 
 
-def counted_job(case: rc.Case) -> dict[str, Any]:
+def counted_job(case: rc.Case, ahead: int = AHEAD) -> dict[str, Any]:
     """Rank job: train ``case`` (a move before step 1) with every point-to-point operation
-    recorded: which, the group it used, the peer and the bytes."""
+    recorded: which, the group it used, the peer, the bytes and the tag; messages framed with
+    ``transport.AHEAD = ahead`` (0: the header apart, as on NCCL)."""
     ops: list[dict[str, Any]] = []
     real = {name: getattr(dist, name) for name in ("isend", "irecv", "recv", "batch_isend_irecv")}
 
-    def note(op: str, tensor: torch.Tensor, peer: int | None, group: Any) -> None:
+    def note(op: str, tensor: torch.Tensor, peer: int | None, group: Any, tag: int) -> None:
         bytes_ = tensor.numel() * tensor.element_size()
         group = dist.group.WORLD if group is None else group  # the default group: the control
-        ops.append({"op": op, "peer": peer, "group": id(group), "bytes": bytes_})
+        ops.append({"op": op, "peer": peer, "group": id(group), "bytes": bytes_, "tag": tag})
 
     def counted(name: str) -> Any:
         def call(tensor: torch.Tensor, peer: int | None = None, *a: Any, **kw: Any) -> Any:
-            note(name, tensor, peer, kw.get("group", a[0] if a else None))
+            note(name, tensor, peer, kw.get("group", a[0] if a else None), kw.get("tag", 0))
             return real[name](tensor, peer, *a, **kw)
 
+        call.__name__ = name
         return call
 
     def counted_batch(p2p: list[dist.P2POp]) -> list[dist.Work]:
         for op in p2p:
-            note(op.op.__name__, op.tensor, op.peer, op.group)
+            note(op.op.__name__, op.tensor, op.peer, op.group, op.tag)
         return real["batch_isend_irecv"](p2p)  # type: ignore[no-any-return]
 
+    def own_op(op: Any, *args: Any) -> dist.P2POp:
+        """A P2POp of torch's own isend or irecv (it refuses the counting ones)."""
+        return real_op(real.get(op.__name__, op), *args)
+
+    real_op = dist.P2POp
     for name in ("isend", "irecv", "recv"):
         setattr(dist, name, counted(name))
     dist.batch_isend_irecv = counted_batch  # type: ignore[assignment]
+    dist.P2POp = own_op  # type: ignore[assignment,misc]
+    kept, transport.AHEAD = transport.AHEAD, ahead
     try:
         pipe = rc.case_pipeline(case)
-        transport = pipe.local.transport
+        wire = pipe.local.transport
         losses = []
         for k, (x, y) in enumerate(rc.batches(case)):
             if k == 1:
@@ -110,60 +119,96 @@ def counted_job(case: rc.Case) -> dict[str, Any]:
         snap = rc.snapshot(pipe)
         pipe.close()
     finally:
+        transport.AHEAD = kept
+        dist.P2POp = real_op  # type: ignore[misc]
         for name, fn in real.items():
             setattr(dist, name, fn)
     me = dist.get_rank()
     return {
         "losses": losses,
         **snap,
-        "ops": [o for o in ops if o["peer"] is not None],  # the control plane's: any source
-        "control": id(transport.control),
+        # The control plane's own frames (any source, or its tag) are not the links'.
+        "ops": [o for o in ops if o["peer"] is not None and o["tag"] == 0],
+        "control": id(wire.control),
         "world": id(dist.group.WORLD),
-        "data": {f"{s}->{d}": id(g) for (s, d), g in transport.data.items() if me in (s, d) and g},
-        "backend": transport.backend,
-        "device": str(transport.device),
-        "ahead": transport.ahead,
+        "data": {f"{s}->{d}": id(g) for (s, d), g in wire.data.items() if me in (s, d) and g},
+        "backend": wire.backend,
+        "device": str(wire.device),
+        "ahead": wire.ahead,
     }
 
 
+def groups_of(r: dict[str, Any], me: int) -> tuple[int, int]:
+    """A rank's data groups: to its peer, from its peer (checked: the pair's two, apart from
+    the control group)."""
+    peer = 1 - me
+    assert r["backend"] == "gloo" and r["device"] == "cpu"
+    assert r["control"] == r["world"]  # init_distributed's gloo group
+    assert set(r["data"]) == {f"{me}->{peer}", f"{peer}->{me}"}
+    assert r["control"] not in r["data"].values()
+    assert r["data"][f"{me}->{peer}"] != r["data"][f"{peer}->{me}"]
+    assert all(o["peer"] == peer for o in r["ops"])
+    return r["data"][f"{me}->{peer}"], r["data"][f"{peer}->{me}"]
+
+
+def tensor_bytes(me: int) -> tuple[list[int], list[int]]:
+    """The tensors rank ``me`` sends: across the cut (activations from rank 0, gradients from
+    rank 1, float32; M per step, 5 values before the move, which takes layer 2 to stage 0
+    before step 1, 4 after) and, from rank 1, the moving layer's weight, bias and Adam state."""
+    m = CASE.microbatches
+    boundary = [40] * m + [32] * 2 * m
+    return boundary, ([] if me == 0 else [80, 16, 4, 80, 80, 4, 16, 16])
+
+
 @pytest.mark.multiprocess
-def test_tensors_travel_on_the_data_groups_and_headers_on_the_control_group(
-    pools: PoolFor,
-) -> None:
+def test_each_message_travels_as_one_buffer_on_its_data_group(pools: PoolFor) -> None:
+    """gloo: header and payload in one send on the data group of the direction (tensors, the
+    move's JSON, the goodbye), each into a receive of AHEAD bytes posted ahead; nothing on the
+    control group."""
     ranks = pools(2).run(counted_job, CASE, timeout=120)
     rc.assert_matches_reference(CASE, ranks)  # bit for bit, a move included
+    m = CASE.microbatches
     for me, r in enumerate(ranks):
-        peer = 1 - me
-        assert r["backend"] == "gloo" and r["device"] == "cpu" and r["ahead"] == AHEAD
-        assert r["control"] == r["world"]  # init_distributed's gloo group
-        assert set(r["data"]) == {f"{me}->{peer}", f"{peer}->{me}"}
-        assert r["control"] not in r["data"].values()
-        assert r["data"][f"{me}->{peer}"] != r["data"][f"{peer}->{me}"]
-        mine, theirs = r["data"][f"{me}->{peer}"], r["data"][f"{peer}->{me}"]
-        assert all(o["peer"] == peer for o in r["ops"])
+        assert r["ahead"] == AHEAD
+        mine, theirs = groups_of(r, me)
+        assert not [o for o in r["ops"] if o["group"] == r["control"]]
+        sends = [o for o in r["ops"] if o["op"] == "isend"]
+        takes = [o for o in r["ops"] if o["op"] in ("irecv", "recv")]
+        assert {o["group"] for o in sends} == {mine} and {o["group"] for o in takes} == {theirs}
+        # Each message once, its header in front; last the goodbye, a header alone.
+        sizes = [o["bytes"] - HEAD for o in sends]
+        boundary, state = tensor_bytes(me)
+        assert sizes[:m] + sizes[-2 * m - 1 :] == [*boundary, 0]
+        middle = sorted(sizes[m : -2 * m - 1])  # the move: its JSON (one message) and state
+        for size in state:
+            middle.remove(size)
+        assert len(middle) == 1 and middle[0] > 0  # the manifest (to 0) or the ack (to 1)
+        # One receive of AHEAD bytes per message of the peer's (all fit), nothing else.
+        peer_sends = [o for o in ranks[1 - me]["ops"] if o["op"] == "isend"]
+        assert [o["bytes"] for o in takes] == [AHEAD] * len(peer_sends)
+
+
+@pytest.mark.multiprocess
+def test_headers_travel_apart_on_the_control_group_with_nccl_framing(pools: PoolFor) -> None:
+    """``AHEAD = 0`` (NCCL's framing, on gloo): tensors alone on the data groups, as batched
+    P2P of their exact size; headers and the move's JSON on the control group."""
+    ranks = pools(2).run(counted_job, CASE, 0, timeout=120)
+    rc.assert_matches_reference(CASE, ranks)
+    for me, r in enumerate(ranks):
+        assert r["ahead"] == 0
+        mine, theirs = groups_of(r, me)
         sends = [o for o in r["ops"] if o["op"] == "isend" and o["group"] != r["control"]]
         takes = [o for o in r["ops"] if o["op"] in ("irecv", "recv") and o["group"] != r["control"]]
-        # Every tensor went on the two ranks' group of its direction, none on the control group.
-        assert {o["group"] for o in sends} == {mine}
-        assert {o["group"] for o in takes} == {theirs}
-        # Activations (rank 0) and gradients (rank 1), float32: M per step across the cut,
-        # 2 x 5 values before the move (layer 2 moves to stage 0 before step 1), 2 x 4 after;
-        # last the goodbye's byte, which fills the receive the peer keeps posted.
-        boundary = [40] * CASE.microbatches + [32] * 2 * CASE.microbatches + [1]
-        if me == 0:
-            assert [o["bytes"] for o in sends] == boundary
-        else:  # and between them the moving layer: weight, bias and Adam's state of each
-            middle = [o["bytes"] for o in sends][CASE.microbatches : -2 * CASE.microbatches - 1]
-            assert sorted(middle) == sorted([80, 16, 4, 80, 80, 4, 16, 16])
-        # Each payload lands in a receive posted ahead of its header (AHEAD bytes: all fit).
-        theirs_there = ranks[peer]["data"][f"{peer}->{me}"]  # ids are per process
-        peer_sends = [
-            o for o in ranks[peer]["ops"] if o["op"] == "isend" and o["group"] == theirs_there
-        ]
-        assert [o["bytes"] for o in takes] == [AHEAD] * len(peer_sends)
-        # Headers, and the move's JSON (the manifest to rank 0, the acknowledgement to rank
-        # 1): on the control group only. One header per tensor, one per JSON message and the
-        # goodbye.
+        assert {o["group"] for o in sends} == {mine} and {o["group"] for o in takes} == {theirs}
+        boundary, state = tensor_bytes(me)
+        sizes = [o["bytes"] for o in sends]
+        m = CASE.microbatches
+        assert sizes[:m] + sizes[m + len(state) :] == boundary
+        assert sorted(sizes[m : m + len(state)]) == sorted(state)
+        peer_boundary, peer_state = tensor_bytes(1 - me)
+        peer_sends = peer_boundary + peer_state
+        assert sorted(o["bytes"] for o in takes) == sorted(peer_sends)
+        # On the control group: one header per tensor, JSON message and goodbye, and the JSON.
         on_control = [o for o in r["ops"] if o["op"] == "recv" and o["group"] == r["control"]]
-        headers = [h for h in on_control if h["bytes"] == HEADER_BYTES]
-        assert len(headers) == len(peer_sends) + 1 and len(on_control) == len(headers) + 1
+        headers = [h for h in on_control if h["bytes"] == HEAD]
+        assert len(headers) == len(peer_sends) + 2 and len(on_control) == len(headers) + 1

@@ -1,22 +1,28 @@
-"""Where a rank's messages travel: headers on a CPU gloo group, tensors on the accelerator's own.
+"""Where a rank's messages travel: one buffer per message on gloo, header and tensor apart on NCCL.
 
-A message between stages (runtime/comm.py) is a fixed header and, unless empty, a payload.
-Headers and control messages (JSON: a migration's manifest and acknowledgement) go over the
-control group (gloo, CPU memory). Payloads go over a
-data group of two ranks per (sender, receiver) pair (runtime/group.py): NCCL when every rank
-has a CUDA device of its own, so activations, gradients and migrating layer tensors stay in GPU
-memory (sent from the stage's tensors, received into its device); gloo otherwise, on CPU too,
-so the CPU tests run the same split. One code path: only the groups and the wire device
-differ. On NCCL payloads travel as batched P2P (``batch_isend_irecv``) on both sides: a batch
-and a lone send or receive use different communicators there, so both ends must use the same;
-on gloo as plain ``isend``/``irecv`` (a batch of one costs more on the host).
+A message between stages (runtime/comm.py) is a fixed header (``HEAD`` bytes) and, unless
+empty, a payload: the tensor's bytes. Payloads travel on a data group of two ranks per (sender,
+receiver) pair (runtime/group.py): NCCL when every rank has a CUDA device of its own, gloo
+otherwise (on CPU). How a message is framed depends on what the data group can do; the links
+see one interface either way (``post``, and ``Inbound`` on the receiving side):
 
-On gloo the receiver keeps a receive of ``AHEAD`` bytes posted on the data group before the
-header arrives (gloo fills a larger buffer with a smaller message): a payload whose receive is
-not yet posted when it arrives costs gloo a round trip (the sender waits for the receiver to
-ask for it), about 0.3-0.5 ms a message on CPU, more than the 4 KB activations of the
-benchmarks take to travel. A larger payload travels as its first ``AHEAD`` bytes and the rest.
-NCCL needs the sizes to match: there the payload's receive is posted once its header is in.
+* **gloo (CPU): one buffer.** The header and the payload travel together, as one message on the
+  data group: the receiver keeps a receive of ``AHEAD`` bytes posted (gloo fills a larger
+  buffer with a smaller message), so a message arrives into a receive already posted, in one
+  transfer and one wake-up of the receiving thread. A payload whose receive is not yet posted
+  when it arrives costs gloo a round trip (the sender waits for the receiver to ask for it),
+  about 0.3-0.5 ms on CPU; a header and payload sent apart cost a second transfer and wake-up
+  (docs/EXPERIMENTS.md, "one message per hop"). A message over ``AHEAD`` bytes travels as its
+  first ``AHEAD`` bytes and the rest. JSON control payloads travel the same way (CPU bytes).
+* **NCCL (GPUs): header apart.** NCCL needs the sizes of a send and its receive to match and
+  the payload never touches the host, so the header goes first on the control group (gloo,
+  CPU), and the payload's receive is posted once its header is in, sized by it; JSON control
+  payloads follow their header on the control group. Payloads travel as batched P2P
+  (``batch_isend_irecv``) on both sides: a batch and a lone send or receive use different
+  communicators there, so both ends must use the same.
+
+``AHEAD = 0`` (set before the transport is made) frames messages the NCCL way on gloo too:
+the CPU tests run both framings.
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from .group import control_group, data_backend, pair_groups
 
-AHEAD = 1 << 20  # bytes of the data receive kept posted ahead of the header (gloo)
+AHEAD = 1 << 20  # bytes of the data receive kept posted ahead of each message (gloo)
+HEAD = 128  # bytes of a message's header (16 x int64, see runtime/comm.py)
+
+#: A posted send and the tensor it reads from (kept alive until the send completes).
+Posted = tuple[dist.Work, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,13 +50,14 @@ class Transport:
 
     #: This rank.
     me: int
-    #: Headers (and the control plane's JSON): gloo, CPU tensors.
+    #: The control plane's group (gloo, CPU tensors); headers on NCCL.
     control: dist.ProcessGroup
     #: (sender, receiver) -> the two ranks' data group, for the pairs this rank is in.
     data: Mapping[tuple[int, int], dist.ProcessGroup | None]
     #: Where payloads travel: the stage's CUDA device on NCCL, else the CPU.
     device: torch.device
-    #: Bytes of the data receive kept posted ahead of each header (0: none, NCCL).
+    #: Bytes of the data receive kept posted ahead of each message (0: the header travels
+    #: apart, on the control group: NCCL).
     ahead: int = 0
 
     @property
@@ -60,14 +72,6 @@ class Transport:
             raise ValueError(f"rank {self.me} has no data group for messages {src} -> {dst}")
         return group
 
-    def send_header(self, frame: torch.Tensor, peer: int) -> dist.Work | None:
-        """Post a header frame (a CPU uint8 tensor) to ``peer``."""
-        return dist.isend(frame, peer, group=self.control)
-
-    def recv_header(self, into: torch.Tensor, peer: int) -> None:
-        """Receive the next header frame from ``peer`` into ``into`` (blocks)."""
-        dist.recv(into, peer, group=self.control)
-
     def lane(self, control: bool) -> torch.device:
         """Where a payload travels: the CPU for JSON control messages (``control``), else the
         wire device."""
@@ -78,65 +82,110 @@ class Transport:
         flat = payload.detach().to(self.lane(control)).contiguous().reshape(-1)
         return flat.view(torch.uint8)
 
-    def empty(self, nbytes: int, control: bool = False) -> torch.Tensor:
-        """A buffer for a payload of ``nbytes`` on its lane's device."""
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.lane(control))
+    def post(
+        self, values: list[int], payload: torch.Tensor, peer: int, control: bool = False
+    ) -> list[Posted]:
+        """Post one message to ``peer``: the header ``values`` (16 int64) and ``payload``'s
+        bytes (none if empty); JSON bytes if ``control``. Keep the returned tensors alive
+        until their works complete."""
+        data = self.wire(payload, control) if payload.numel() else None
+        size = 0 if data is None else data.numel()
+        if self.ahead:  # gloo: the header and the payload's first bytes in one buffer
+            first = min(size, self.ahead - HEAD)
+            frame = torch.empty(HEAD + first, dtype=torch.uint8)
+            frame.numpy()[:HEAD].view(np.int64)[:] = values
+            if data is not None:
+                frame[HEAD:].copy_(data[:first])
+            group = self.data_group(self.me, peer)
+            posted = [(dist.isend(frame, peer, group=group), frame)]
+            if data is not None and size > first:
+                posted.append((dist.isend(data[first:], peer, group=group), data))
+            return [(w, t) for w, t in posted if w is not None]
+        head = torch.empty(HEAD, dtype=torch.uint8)
+        head.numpy().view(np.int64)[:] = values
+        works = [(dist.isend(head, peer, group=self.control), head)]
+        if data is not None and control:
+            works.append((dist.isend(data, peer, group=self.control), data))
+        elif data is not None:
+            p2p = [dist.P2POp(dist.isend, data, peer, self.data_group(self.me, peer))]
+            works += [(w, data) for w in dist.batch_isend_irecv(p2p)]
+        return [(w, t) for w, t in works if w is not None]
 
-    def send_data(self, data: torch.Tensor, peer: int, control: bool = False) -> list[dist.Work]:
-        """Post the payload bytes ``data`` (from ``wire``) to ``peer``: tensors on the pair's
-        data group, JSON (``control``) on the control group after its header. Keep ``data``
-        alive until the returned works complete."""
-        if control:
-            work = dist.isend(data, peer, group=self.control)
-            return [] if work is None else [work]
-        group = self.data_group(self.me, peer)
-        if not self.ahead:
-            return dist.batch_isend_irecv([dist.P2POp(dist.isend, data, peer, group)])
-        parts = [data] if data.numel() <= self.ahead else [data[: self.ahead], data[self.ahead :]]
-        return [w for w in (dist.isend(x, peer, group=group) for x in parts) if w is not None]
 
-    def post_ahead(self, peer: int) -> tuple[torch.Tensor, list[dist.Work]]:
-        """Post the receive of ``peer``'s next payload before its header (gloo; ``ahead``
-        bytes, the first part of a larger payload): the buffer and its works."""
-        buf = torch.empty(self.ahead, dtype=torch.uint8)
-        work = dist.irecv(buf, peer, group=self.data_group(peer, self.me))
-        return buf, [] if work is None else [work]
+class Inbound:
+    """The receiving end of the messages from one peer, used by one thread (a link's
+    receiver): ``header`` blocks for the next message's header, ``buffer`` gives a place for
+    its payload, ``fill`` blocks until the payload is there. Errors from ``header`` and
+    ``fill`` are the peer's (gone, or the group broken); from ``buffer``, ours.
 
-    def receiver_stream(self) -> torch.cuda.Stream | None:
-        """Called first in a receiver thread: on CUDA, select the device in this thread and
-        return a stream of its own to wait for receives on (None on CPU)."""
-        if self.device.type != "cuda":
-            return None
-        torch.cuda.set_device(self.device)
-        return torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+    On gloo every message comes into one buffer of ``AHEAD`` bytes, kept and reused: its
+    payload is copied out (a payload is kept by the stage, in its stash, while the buffer
+    takes the next message), then the next receive is posted into it.
+    """
 
-    def recv_data(
-        self,
-        into: torch.Tensor,
-        peer: int,
-        stream: torch.cuda.Stream | None,
-        control: bool = False,
-    ) -> None:
-        """Receive a payload from ``peer`` into ``into``; return once its bytes are in place.
+    def __init__(self, transport: Transport, peer: int) -> None:
+        """Called in the receiving thread (on CUDA it selects the device there)."""
+        self.transport, self.peer = transport, peer
+        #: On CUDA, the receiver thread's own stream to wait for receives on (see ``fill``).
+        self.stream: torch.cuda.Stream | None = None
+        if transport.device.type == "cuda":
+            torch.cuda.set_device(transport.device)
+            self.stream = torch.cuda.Stream(transport.device)  # type: ignore[no-untyped-call]
+        self._head = torch.empty(HEAD, dtype=torch.uint8)  # NCCL: headers apart
+        self._frame = torch.empty(transport.ahead, dtype=torch.uint8)  # gloo: each message
+        self._values = self._frame[:HEAD].numpy().view(np.int64)
+        self._posted: list[dist.Work] | None = None
 
-        On CUDA the wait is on the receiver thread's own ``stream`` (then synchronized): the
-        stage's compute stream never waits for a receive, and the arrival time is when the bytes
-        landed.
-        """
-        if control:
-            dist.recv(into, peer, group=self.control)
+    def post(self) -> None:
+        """Post the receive of the next message ahead of it, unless posted (gloo; a no-op on
+        NCCL)."""
+        if self.transport.ahead and self._posted is None:
+            group = self.transport.data_group(self.peer, self.transport.me)
+            work = dist.irecv(self._frame, self.peer, group=group)
+            self._posted = [] if work is None else [work]
+
+    def header(self) -> np.ndarray:
+        """Block until the next message is in (gloo) or its header (NCCL): its 16 values."""
+        if not self.transport.ahead:
+            dist.recv(self._head, self.peer, group=self.transport.control)
+            return self._head.numpy().view(np.int64)
+        self.post()
+        assert self._posted is not None
+        wait_all(self._posted)
+        return self._values
+
+    def buffer(self, nbytes: int, control: bool) -> torch.Tensor:
+        """Where the payload of ``nbytes`` goes."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.transport.lane(control))
+
+    def fill(self, data: torch.Tensor, control: bool) -> None:
+        """Block until the payload's bytes are in ``data`` (from ``buffer``). On gloo, then
+        post the next message's receive: before this one is handed over, so the receiving
+        thread goes straight back to waiting once it has."""
+        if self.transport.ahead:  # gloo: its first bytes came with the header
+            first = min(data.numel(), self.transport.ahead - HEAD)
+            data[:first].copy_(self._frame[HEAD : HEAD + first])
+            self._posted = None
+            if data.numel() > first:
+                group = self.transport.data_group(self.peer, self.transport.me)
+                dist.recv(data[first:], self.peer, group=group)
+            self.post()
             return
-        group = self.data_group(peer, self.me)
-        if self.ahead:  # gloo: a plain receive (a batch of one costs more)
-            dist.recv(into, peer, group=group)
+        if not data.numel():
             return
-        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, into, peer, group)])
-        if stream is None:
+        if control:
+            dist.recv(data, self.peer, group=self.transport.control)
+            return
+        group = self.transport.data_group(self.peer, self.transport.me)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, data, self.peer, group)])
+        if self.stream is None:
             wait_all(works)
             return
-        with torch.cuda.stream(stream):
+        # On CUDA the wait is on the receiver's own stream (then synchronized): the stage's
+        # compute stream never waits for a receive, and the arrival time is when bytes landed.
+        with torch.cuda.stream(self.stream):
             wait_all(works)
-        stream.synchronize()
+        self.stream.synchronize()
 
 
 def wait_all(works: list[dist.Work]) -> None:
