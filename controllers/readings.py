@@ -12,7 +12,7 @@ factor; costlier layers change their own times only. ``CostModel`` asks two ques
    estimate from before the shift. If they agree on one factor R (the layers weighed by their
    precision, so the quiet ones count most; each within ``max(min_shift, z sigma)`` of R by its
    own noise, which is never taken below the typical layer's), R is beyond the noise of that
-   mean and ``min_shift``, every estimate rested on ``settle`` samples or more, and no layer on
+   mean and ``min_shift``, every estimate rested on 3 samples or more, and no layer on
    another stage moved by about R, the device changed: the speed becomes the stage's time over
    the sum of its bases and the layers keep their old bases. The new speed counts as read after
    two samples and is averaged over ``settle`` steps (the bases wait meanwhile; their noise
@@ -31,6 +31,12 @@ from collections.abc import Sequence
 from .estimates import LayerEstimator, LayerTimes
 
 _Z_STAGE = 3.0  # a stage-wide offset beyond this many sigmas of its mean, twice in a row, is real
+# Samples every estimate must rest on before a stage-wide shift can be read as the device: 3,
+# not ``settle`` (5), as a job's first step is often an outlier (one-time costs) that restarts
+# the estimates from steps 1-2, and a skew on step 5 then found 4 and was read as costlier
+# layers (a route of three moves instead of two, measured live in bench_adaptive); each
+# layer's noise is never taken below the typical layer's, which pools all their samples.
+_YOUNG = 3
 
 
 class StageReadings:
@@ -119,7 +125,7 @@ class StageReadings:
         ]
         if not ids or min(sample) <= 0 or min(ref) <= 0:
             return
-        if min(est.ref_n[i] for i in ids) < self.settle:
+        if min(est.ref_n[i] for i in ids) < min(self.settle, _YOUNG):
             return  # estimates too young to tell (their noise level is not known yet)
         logs = [math.log(x / self.speed[s] / r) for x, r in zip(sample, ref, strict=True)]
         big = math.log1p(self.min_shift)

@@ -48,6 +48,20 @@ def test_harness_device_slowdown_follows_the_stage_not_the_layer() -> None:
     assert best_plan(sc, a, 3)[0].partition.sizes[1] < 4
 
 
+def test_a_first_step_outlier_does_not_keep_a_device_from_being_read() -> None:
+    """A job's first step 1.8x slower everywhere (one-time costs): the estimates restart from
+    steps 1-2, so a device slowing down at step 5 finds them on 4 samples; that is enough to
+    read it as the device (stage speed 2) when it is confirmed (step 6), not as costlier
+    layers (bench_adaptive, measured live: a route of three moves instead of two)."""
+    warm = tuple(DeviceSlowdown(s, 1.8, 0, 1) for s in range(4))
+    sc = Scenario(16, 64, (*warm, DeviceSlowdown(2, 2.0, 5)), seed=1)
+    plan, model = Plan(Partition.even(16, 4), 4), CostModel()
+    notes = _learn(sc, plan, range(7), model)
+    assert any(n.startswith("cost of layer") for n in notes[1:3])  # the restart after step 0
+    assert notes[6].startswith("stage 2 device")
+    assert model.speed[2] == pytest.approx(2.0, rel=0.1) and model.speed[:2] == [1.0, 1.0]
+
+
 def test_cost_model_reads_a_stage_wide_shift_as_the_device() -> None:
     sc = Scenario(8, 16, (DeviceSlowdown(1, 2.0, 5),), noise=0.0)
     plan, model = Plan(Partition((0, 4, 8)), 4), CostModel(settle=3)
