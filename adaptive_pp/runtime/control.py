@@ -83,6 +83,8 @@ class Control(Exchanges):
         self._ready: dict[tuple[int, int], dict[int, bytes]] = {}
         self._late_chunks: dict[tuple[int, int, int], tuple[bytearray, list[int]]] = {}
         self._late: dict[tuple[int, int], dict[int, bytes]] = {}
+        self._poster: threading.Thread | None = None  # started by the first post(later=True)
+        self._outbox: queue.Queue[tuple[int, int, Any] | threading.Event | None] = queue.Queue()
         self._notices: dict[int, Notice] = {}
         self._poison: Notice | None = None
         self._seen = {p: time.monotonic() for p in self.peers}
@@ -339,6 +341,9 @@ class Control(Exchanges):
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout)
+        self.posted(timeout)  # what the posting thread holds goes before the goodbye
+        self._outbox.put(None)
+        self._poster = None
         for p in self.peers:
             self._send(p, Frame.BYE, 0, 0, b"")
         sent = threading.Event()

@@ -13,6 +13,7 @@ collectives between steps, and step-scoped messages that outlive their round.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from enum import IntEnum
@@ -61,6 +62,8 @@ class Exchanges:
     _ready: dict[Key, dict[int, bytes]]
     _late_chunks: dict[tuple[int, int, int], tuple[bytearray, list[int]]]
     _late: dict[Key, dict[int, bytes]]
+    _poster: threading.Thread | None
+    _outbox: queue.Queue[tuple[int, int, Any] | threading.Event | None]
 
     def fault(self) -> PipelineError | None:
         raise NotImplementedError
@@ -92,11 +95,40 @@ class Exchanges:
         """Wait until every rank got here (interruptible, unlike dist.barrier)."""
         self.all_gather(None, what)
 
-    def post(self, rnd: int, slot: int, obj: Any) -> None:
-        """Send JSON-able ``obj`` to every peer under (``rnd``, ``slot``) without waiting."""
+    def post(self, rnd: int, slot: int, obj: Any, *, later: bool = False) -> None:
+        """Send JSON-able ``obj`` to every peer under (``rnd``, ``slot``) without waiting.
+
+        ``later``: hand it to the posting thread, which encodes and frames it while the
+        caller goes on (``obj`` must not change meanwhile); ``posted`` waits for it.
+        """
+        if not later:
+            self._post_now(rnd, slot, obj)
+            return
+        if self._poster is None:
+            self._poster = threading.Thread(target=self._post_loop, name="adaptive_pp-post")
+            self._poster.daemon = True
+            self._poster.start()
+        self._outbox.put((rnd, slot, obj))
+
+    def posted(self, timeout: float | None = None) -> None:
+        """Wait until the posting thread has handed every message to the sender (no-op when
+        none was started, or after ``close``)."""
+        if self._poster is not None:
+            done = threading.Event()
+            self._outbox.put(done)
+            done.wait(timeout)
+
+    def _post_now(self, rnd: int, slot: int, obj: Any) -> None:
         data = json.dumps(obj).encode()
         for p in self.peers:
             self._send(p, Frame.LATE, rnd, slot, data)
+
+    def _post_loop(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            self._post_now(*item)
 
     def take(self, rnd: int, slot: int, sources: list[int], what: str) -> dict[int, Any]:
         """What ``sources`` posted under (``rnd``, ``slot``), waiting for it if need be (a

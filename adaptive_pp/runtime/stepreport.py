@@ -186,7 +186,7 @@ class PendingReport:
         self.on_merged = on_merged
         self._parts: dict[int, Any] = {control.rank: part}
         self._report: StepReport | None = None
-        control.post(self.round, PART, part)
+        control.post(self.round, PART, part, later=True)  # encoded while the next step runs
 
     def settle(self) -> None:
         """Take the peers' shares (at most once; waits for any not in yet), and merge them
@@ -199,6 +199,8 @@ class PendingReport:
         """The merged report (settled first)."""
         if self._report is None:
             self._collect()
+            # The merge below changes this rank's share in place: it must have been sent.
+            self.control.posted(self.control.wait_timeout)
             parts = [self._parts[r] for r in range(self.control.world)]
             self._report = merge_parts(self.meta, parts, self.wall)
             self._parts = {}
