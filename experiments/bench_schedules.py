@@ -16,6 +16,7 @@ import argparse
 import statistics
 from typing import Any
 
+from adaptive_pp.core.analysis import hop_latencies
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import make_schedule
 from adaptive_pp.core.simulator import W_SHARE, Costs, simulate
@@ -60,6 +61,13 @@ def _per_action(
                 over = ms + post - nominal[k] / scale
                 row[k] = {"ms": ms, "overhead_ms": over}
                 text.append(f"{k} {ms:5.2f} [{nominal[k] / scale:4.2f}] +{over:4.2f}")
+        if kind.endswith("-1f1b") and "interleaved" not in kind:  # one chunk per rank
+            # The delay a waiting consumer saw: its start minus the producer's end (ours post
+            # their sends inside the action, torch after it: its posting is in its hop).
+            row["hop_ms"] = 1e3 * statistics.median(
+                statistics.median(hop_latencies(r)) for r in reps
+            )
+            text.append(f"hop {row['hop_ms']:4.2f}")
         out[kind] = row
         extra = f" (overheads include {post:4.2f} posting)" if post else ""
         print(f"  {kind:22s} " + "  ".join(text) + extra)
