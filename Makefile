@@ -27,10 +27,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest -m "not multiprocess and not collector"
+	$(BIN)/python -m pytest -n 2 -m "not multiprocess and not collector"
 
+# Two pytest workers: the tests that spawn stage processes run one after another on one of
+# them (tests/conftest.py's scheduler), the pure-Python tests on the other.
 test: lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.bench_simulator
