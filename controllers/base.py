@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,17 @@ def judge_trial(mean: float, baseline: float, min_gain: float) -> tuple[bool, fl
     keep the change, else roll back), and the relative change (0.0 with no baseline)."""
     change = (mean - baseline) / baseline if baseline > 0 else 0.0
     return mean < baseline * (1.0 - min_gain), change
+
+
+def verdict_stands(samples: Sequence[float], window: int, baseline: float, min_gain: float) -> bool:
+    """Whether a trial's verdict on its first ``window`` samples is the same without the last
+    of them (a sample that may show a skew starting rather than the trial): then it can be
+    judged at once; else (or with one sample) the next step tells."""
+    if window < 2 or len(samples) < window:
+        return False
+    full = judge_trial(math.fsum(samples[:window]) / window, baseline, min_gain)[0]
+    less = judge_trial(math.fsum(samples[: window - 1]) / (window - 1), baseline, min_gain)[0]
+    return full == less
 
 
 def ban_end(seen: int, ban_steps: int | None) -> int | None:

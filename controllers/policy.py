@@ -10,7 +10,8 @@ Order of precedence each step, one decision at most:
    void: it is rolled back unjudged (no ban) and a move can follow on the old plan;
 2. otherwise the rebalancer moves layers if stages are uneven and a move pays off;
    while a layer's latest time is off its estimate but not yet confirmed (a skew may be
-   starting), no trial starts and none is judged: the next step tells;
+   starting), no trial starts, and none is judged whose verdict that last step decides: the
+   next step tells;
 3. otherwise the tuner may raise M;
 4. otherwise, if the plan is steady (no move on its way or being checked), the switcher may
    try another schedule (``controllers.schedule``).
@@ -68,8 +69,13 @@ class AdaptivePolicy:
                     proposal = trial.void(why)
                 else:
                     proposal = trial.propose(plan)
-                    if jumped and proposal.note in ("accept", "rollback"):
-                        # Its last sample may show a skew, not the trial: judge a step later.
+                    if (
+                        jumped
+                        and proposal.note in ("accept", "rollback")
+                        and not trial.verdict_stands()
+                    ):
+                        # Its last sample may show a skew, not the trial, and it decides the
+                        # verdict: judge a step later.
                         return Keep(f"layer(s) {jumped} off their estimate: confirming first")
                 trial.commit(proposal)
                 return proposal.decision

@@ -39,7 +39,15 @@ from adaptive_pp.core.decisions import Keep, Plan, SetSchedule
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import SCHEDULE_NAMES, make_schedule
 
-from .base import Proposal, Proposer, ban_end, check_state, is_banned, judge_trial
+from .base import (
+    Proposal,
+    Proposer,
+    ban_end,
+    check_state,
+    is_banned,
+    judge_trial,
+    verdict_stands,
+)
 from .estimates import compiled_schedule, measured_layers, predict_step_time
 
 
@@ -137,6 +145,11 @@ class ScheduleSwitcher(Proposer):
         if self.phase == "measure":
             del self.samples[: -self.config.window]
             del self.layers[: -self.config.window]
+
+    def verdict_stands(self) -> bool:
+        """Whether the trial's verdict is the same without its last sample (see base)."""
+        c = self.config
+        return verdict_stands(self.samples, c.window, self.baseline, c.min_gain)
 
     def propose(self, plan: Plan) -> Proposal:
         """The switch (or rollback) to make now, or Keep with the reason; changes no state."""

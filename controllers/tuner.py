@@ -40,6 +40,7 @@ from .base import (
     check_state,
     is_banned,
     judge_trial,
+    verdict_stands,
 )
 from .estimates import compiled_schedule
 
@@ -122,6 +123,11 @@ class MicrobatchTuner(Proposer):
         if self.phase == "measure":
             del self.samples[: -self.config.window]
             del self.bubbles[: -self.config.window]
+
+    def verdict_stands(self) -> bool:
+        """Whether the trial's verdict is the same without its last sample (see base)."""
+        c = self.config
+        return verdict_stands(self.samples, c.window, self.baseline, c.min_gain)
 
     def propose(self, plan: Plan) -> Proposal:
         """The change to make now, or Keep with the reason; changes no state."""

@@ -12,7 +12,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from test_controllers_loop import BATCH, wild
 
@@ -119,6 +119,9 @@ def test_never_switches_when_it_would_not_help(stages: int, m: int) -> None:
 
 @settings(max_examples=25)
 @given(even_pipelines(), st.floats(1.0, 3.0))
+# A layer's last trial sample is off its estimate (noise) but cannot change the verdict: the
+# rollback is not put off a step (it was, until the policy checked whether the verdict stands).
+@example(case=(Scenario(9, BATCH, seed=3), Plan(Partition((0, 3, 6, 9)), 8)), more=1.0)
 def test_a_switch_measured_slower_is_rolled_back_and_not_retried(
     case: tuple[Scenario, Plan], more: float
 ) -> None:
