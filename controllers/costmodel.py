@@ -23,12 +23,14 @@ Which kind a change is, is read from the data, deterministically:
    speed are rescaled (their time where they were measured stays) and count as measured
    twice, so their next samples weigh in quickly.
 
-3. A new M. Layer times per step depend on M (the per-call costs), so the bases of each M are
-   kept apart: the old M's are kept (the last four), the new M's taken up where they were
-   left (a tuner's trial rolled back has its bases at once) or else learned afresh; the speeds
-   stay (so does a device reading made at the other M). A layer's own cost change made at the
-   other M is not carried over: it shows in the first samples, as any change (tried: carrying
-   it let the one-time costs of a new M's first steps skew the restored bases by 10-15%).
+3. A new M or schedule. Layer times per step depend on M (the per-call costs) and on the
+   schedule (a split backward times I and W apart, with their own per-action costs), so the
+   bases of each (M, schedule) are kept apart: the old one's are kept (the last four), the new
+   one's taken up where they were left (a trial rolled back has its bases at once) or else
+   learned afresh; the speeds stay (so does a device reading made under the other). A layer's
+   own cost change made under the other is not carried over: it shows in the first samples,
+   as any change (tried: carrying it let the one-time costs of a new M's first steps skew the
+   restored bases by 10-15%).
 
 A shift of every layer on one stage by one factor (say MoE skew hitting that stage's layers
 alike) looks like a slow device until a layer moves: ``folded`` gives the other reading for
@@ -78,7 +80,8 @@ class CostModel(StageReadings):
         # has checked yet (0: none)
         self.prev: list[float | None] = []  # each layer's raw time in the last update
         self.jump: list[float] = []  # per stage: if off last step, its limit (signed as the offset)
-        self.bases: dict[int, dict[str, Any]] = {}  # per other M: its layer estimates
+        self.bases: dict[str, dict[str, Any]] = {}  # per other "M/schedule": layer estimates
+        self.schedule = ""  # the schedule the layer estimates were measured under
         self.note = ""  # what the last update concluded, for decision reasons
         self.corrected = False  # whether the last update found a speed reading wrong
 
@@ -113,17 +116,23 @@ class CostModel(StageReadings):
         self.bases = {}
         self._clear_probes()
 
-    def _switch_bases(self, microbatches: int) -> None:
-        """A new M: keep the bases of the old one; take up those last learned at the new one
-        if any (a trial of M rolled back: no samples to wait for), else they restart. Costs
-        that changed meanwhile show as usual (a confirmed shift restarts those layers)."""
+    def _switch_bases(self, microbatches: int, schedule: str) -> None:
+        """A new M or schedule: keep the bases of the old one; take up those last learned
+        under the new one if any (a trial rolled back: no samples to wait for), else they
+        restart. Costs that changed meanwhile show as usual (a confirmed shift restarts those
+        layers)."""
         est = self.layers
+        pending = est.pending()
         if est.ready():
-            self.bases[est.microbatches] = est.state_dict()
-        saved = self.bases.pop(microbatches, None)
+            self.bases[f"{est.microbatches}/{self.schedule}"] = est.state_dict()
+        saved = self.bases.pop(f"{microbatches}/{schedule}", None)
         if saved is not None:
             est.load_state_dict(saved)
             est.held = [-1.0] * est.num_layers
+            est.resume(pending)
+        else:
+            est.reset(est.num_layers, microbatches)
+        self.schedule = schedule
         while len(self.bases) > 4:  # the oldest go
             del self.bases[next(iter(self.bases))]
 
@@ -131,16 +140,27 @@ class CostModel(StageReadings):
         n = len(self.where)
         self.probe_from, self.probe_n, self.probe_log = [-1] * n, [0] * n, [0.0] * n
 
-    def update(self, times: LayerTimes, part: Partition, microbatches: int) -> bool:
-        """Add one step's per-layer (raw) times under ``part``; True if the model changed."""
+    def update(
+        self, times: LayerTimes, part: Partition, microbatches: int, schedule: str = "1f1b"
+    ) -> bool:
+        """Add one step's per-layer (raw) times under ``part``, measured at ``microbatches``
+        under ``schedule``; True if the model changed."""
         self.note, self.corrected = "", False
         if part.num_stages != len(self.speed) or len(times) != len(self.where):
             self._reset(part)
-        elif microbatches != self.layers.microbatches:  # new M: speeds stay
-            self._switch_bases(microbatches)
+            self.schedule = schedule
+        elif microbatches != self.layers.microbatches or schedule != self.schedule:
+            new_m, old_base = microbatches != self.layers.microbatches, self.base
+            self._switch_bases(microbatches, schedule)  # speeds stay
             self._clear_probes()
             self.nspeed = [max(n, self.settle) for n in self.nspeed]
-            self.prev, self.jump = [None] * len(self.where), [0.0] * len(self.speed)
+            if new_m:
+                self.prev, self.jump = [None] * len(self.where), [0.0] * len(self.speed)
+            else:  # a stage off last step stays off (relative); last samples in the new bases
+                self.prev = [
+                    p * b / a if p is not None and a > 0 and b > 0 else None
+                    for p, a, b in zip(self.prev, old_base, self.base, strict=True)
+                ]
         est = self.layers
         where = [part.stage_of(i) for i in range(part.num_layers)]
         known = est.num_layers == len(times) and microbatches == est.microbatches
@@ -359,7 +379,8 @@ class CostModel(StageReadings):
             "serr": list(self.serr),
             "prev": list(self.prev),
             "jump": list(self.jump),
-            "bases": [[m, b] for m, b in self.bases.items()],
+            "bases": [[k, b] for k, b in self.bases.items()],
+            "schedule": self.schedule,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -376,7 +397,12 @@ class CostModel(StageReadings):
         prev = state.get("prev", [None] * len(self.where))  # absent before stage-wide jumps
         self.prev = [None if x is None else float(x) for x in prev]
         self.jump = [float(x) for x in state.get("jump", [0.0] * len(self.speed))]
-        self.bases = {int(m): dict(b) for m, b in state.get("bases", [])}
+        # Keys "M/schedule"; states saved before schedules had bases of their own keyed by M.
+        self.schedule = str(state.get("schedule", "1f1b"))
+        self.bases = {
+            k if isinstance(k, str) else f"{int(k)}/{self.schedule}": dict(b)
+            for k, b in state.get("bases", [])
+        }
         if len({len(self.speed), len(self.nspeed), len(self.guess)}) > 1 or len(
             self.probe_from
         ) != len(self.where):

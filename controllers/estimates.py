@@ -99,6 +99,29 @@ class LayerEstimator:
         """Layers whose last sample was off their estimate: a shift, or noise (next step tells)."""
         return [i for i, h in enumerate(self.held) if h >= 0.0]
 
+    def pending(self) -> dict[int, tuple[float, float, float, float, float]]:
+        """Per layer held off its estimate: its noise level before the jump and its off
+        sample's forward, backward, fast average and last sample as ratios of its estimate
+        (to carry into other bases: ``resume``)."""
+        out = {}
+        for i in self.unconfirmed:
+            base = self.f[i] + self.b[i]
+            if self.n[i] > 0 and self.f[i] > 0 and self.b[i] > 0:
+                off = (self.off_f[i] / self.f[i], self.off_b[i] / self.b[i])
+                out[i] = (self.held[i], *off, self.fast[i] / base, self.last[i] / base)
+        return out
+
+    def resume(self, pending: Mapping[int, tuple[float, float, float, float, float]]) -> None:
+        """A layer off its estimate on the last step (``pending()`` of other bases) is off by
+        the same ratios here: the next step confirms or reverts it, as if no switch came
+        between."""
+        for i, (level, rf, rb, fast, last) in pending.items():
+            if self.n[i] > 0:
+                base = self.f[i] + self.b[i]
+                self.held[i] = level
+                self.off_f[i], self.off_b[i] = self.f[i] * rf, self.b[i] * rb
+                self.fast[i], self.last[i] = base * fast, base * last
+
     def update(self, times: LayerTimes, microbatches: int) -> bool:
         """Add one step's measurements (None: no sample); True if some layer's cost changed."""
         if len(times) != self.num_layers or microbatches != self.microbatches:

@@ -156,7 +156,9 @@ class Rebalancer(Proposer):
             return
         times = measured_layers(report, plan)
         self._note_bytes(report, plan.partition.num_layers)
-        self.changed = self.estimator.update(times, plan.partition, plan.microbatches)
+        self.changed = self.estimator.update(
+            times, plan.partition, plan.microbatches, plan.schedule
+        )
         self.fresh = max(0, self.fresh - 1)
         if self.changed:
             self.fresh = _FRESH

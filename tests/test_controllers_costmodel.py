@@ -200,6 +200,28 @@ def _feed(model: CostModel, sc: Scenario, part: Partition, m: int, steps: range)
         model.update(measured_layers(measure(sc, plan, step), plan), part, m)
 
 
+def test_a_schedule_keeps_bases_of_its_own() -> None:
+    """1F1B -> ZB-H1 -> 1F1B (a switch rolled back): the layer times ZB-H1 measures (I and W
+    timed apart, per-action costs of their own: here every layer 1.4x) are no cost change,
+    and back on 1F1B the bases learned there are ready at once, as they were."""
+    sc, part = Scenario(6, 32, noise=0.0), Partition((0, 3, 6))
+    model = CostModel()
+    _feed(model, sc, part, 8, range(6))
+    before = list(model.base)
+    zb = Plan(part, 8, "zb-h1")
+    for step in range(6, 9):
+        raw = measured_layers(measure(sc, zb, step), zb)
+        times = [None if x is None else (x[0] * 1.4, x[1] * 1.4) for x in raw]
+        assert not model.update(times, part, 8, "zb-h1"), step
+    assert model.base == pytest.approx([1.4 * x for x in before])
+    plan = Plan(part, 8)
+    assert not model.update(measured_layers(measure(sc, plan, 9), plan), part, 8, "1f1b")
+    assert model.ready(6) and model.base == pytest.approx(before)
+    twin = CostModel()
+    twin.load_state_dict(json.loads(json.dumps(model.state_dict())))
+    assert twin.state_dict() == model.state_dict()
+
+
 def test_a_rolled_back_m_takes_up_its_bases_again() -> None:
     """M 8 -> 16 -> 8 (a tuner trial rolled back): back at 8, the bases learned there before
     the trial are ready at once (no samples to wait for), as they were."""
