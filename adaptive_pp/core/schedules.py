@@ -50,6 +50,7 @@ from .flow import (
     replay,
     validate,
 )
+from .zbv import zb_v
 from .zerobubble import interleaved_1f1b, zb_h1
 
 __all__ = [
@@ -79,6 +80,7 @@ __all__ = [
     "validate",
     "virtual_stage",
     "zb_h1",
+    "zb_v",
 ]
 
 
@@ -154,7 +156,8 @@ def _turns(f0: int, b0: int, w: int, m: int) -> list[int]:
 
 
 def make_schedule(name: str, num_stages: int, microbatches: int, chunks: int = 2) -> Schedule:
-    """Build a schedule by name (see SIMULATED_SCHEDULE_NAMES); ``chunks`` is V of interleaved.
+    """Build a schedule by name (see SIMULATED_SCHEDULE_NAMES); ``chunks`` is V of interleaved
+    (zb-v always has 2 chunks per rank).
 
     Only SCHEDULE_NAMES run on the runtime today; the others are for validation and simulation.
     """
@@ -167,6 +170,8 @@ def make_schedule(name: str, num_stages: int, microbatches: int, chunks: int = 2
         return interleaved_1f1b(num_stages, microbatches, chunks)
     if key == "zbh1":
         return zb_h1(num_stages, microbatches)
+    if key == "zbv":  # always 2 chunks per rank, V placement (core.zbv)
+        return zb_v(num_stages, microbatches)
     if key == "2bw":  # one step's window of the unflushed stream (core.twobw)
         from .twobw import NAME, window
 
