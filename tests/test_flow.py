@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_pp.core import flow
+from adaptive_pp.core import compiled, flow, plans
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import (
     SCHEDULE_NAMES,
@@ -253,7 +253,7 @@ def test_replay_is_the_reference_to_the_bit(case: dict[str, Any]) -> None:
     assert compile_schedule(schedule).plan is not None  # the generator's run plan
     assert times(replay_case(schedule, case)) == want
     copy = copy_of(schedule)
-    assert flow._plan_of(compile_schedule(copy)) is not None  # the flat form's run plan
+    assert plans._plan_of(compile_schedule(copy)) is not None  # the flat form's run plan
     assert times(replay_case(copy, case)) == want
     assert times(event_replay(schedule, case)) == want
 
@@ -293,7 +293,7 @@ def test_simulate_reports_the_reference(case: dict[str, Any]) -> None:
 # --- a generator's plan is its flat form's ----------------------------------------------------
 
 
-def producers(plan: flow.Plan, num_stages: int) -> list[int | None]:
+def producers(plan: compiled.Plan, num_stages: int) -> list[int | None]:
     """Per run position, the run position of its input's producer (None: no input)."""
     out: list[int | None] = []
     for j, (b, h) in enumerate(zip(plan.back, plan.link)):
@@ -308,8 +308,8 @@ def test_generated_plan_is_the_flat_forms(case: dict[str, Any]) -> None:
     schedule = case["schedule"]
     num = schedule.num_stages
     built = compile_schedule(schedule)
-    flat = flow._compile(copy_of(schedule))
-    plan, derived = built.plan, flow._column_plan(flat)
+    flat = compiled._compile(copy_of(schedule))
+    plan, derived = built.plan, plans._column_plan(flat)
     assert plan is not None and derived is not None
     assert (built.peak, built.offsets, built.queues, built.split) == (
         flat.peak,

@@ -1,8 +1,9 @@
 """Pipeline schedules as plain data: actions per rank, generators, text form and validator.
 
-The types and their text form live in ``actions``, the validator and the replay in ``flow``,
-the chunked and split-backward generators in ``zerobubble``; this module gathers them and
-holds GPipe, 1F1B and ``make_schedule``. See ``actions`` for the rules.
+The types and their text form live in ``actions``, the checks in ``compiled``, the run plans in
+``plans``, the replay and validate in ``flow`` (the event replay and deadlocks in
+``eventreplay``), the chunked and split-backward generators in ``zerobubble``; this module
+gathers them and holds GPipe, 1F1B and ``make_schedule``. See ``actions`` for the rules.
 
 Clock table of 1F1B for S=3, M=4 (one column per unit of time, forward and backward one unit
 each)::
@@ -39,17 +40,9 @@ from .actions import (
     _gc_paused,
     virtual_stage,
 )
-from .flow import (
-    Compiled,
-    Replay,
-    _chained,
-    _planned,
-    compile_schedule,
-    hand_over,
-    peak_stash,
-    replay,
-    validate,
-)
+from .compiled import Compiled, compile_schedule, hand_over, peak_stash
+from .flow import Replay, replay, validate
+from .plans import _chained, _planned
 from .zerobubble import _steady, interleaved_1f1b, zb_h1
 
 __all__ = [
@@ -116,7 +109,7 @@ def one_f_one_b(num_stages: int, microbatches: int) -> Schedule:
 
 
 def _plan_1f1b(num_stages: int, m: int, warmups: list[int]) -> Compiled:
-    """The compiled form (a run plan, see flow) of ranks running ``warmups[s]`` forwards, then
+    """The compiled form (a run plan, see plans) of ranks running ``warmups[s]`` forwards, then
     F and B in turn, then the remaining B (1F1B; GPipe: warm-up M), built from ranges."""
     fpos, bpos, links, keys, peaks = [], [], [], [], []
     table = list(range(2 * m))  # a rank's costs: F then B, M each

@@ -3,7 +3,7 @@
 The runtime runs both: ZB-H1 (split backward, one chunk per rank) and interleaved 1F1B
 (``Schedule.chunks > 1``: one StageWorker per chunk, see runtime/local.py).
 
-Both generators hand their compiled form (a run plan, see ``flow``) to the validator, built
+Both generators hand their compiled form (a run plan, see ``plans``) to the validator, built
 from ranges: where each rank runs the F and the B or I of each virtual stage and micro-batch.
 """
 
@@ -13,7 +13,8 @@ from functools import partial
 from operator import itemgetter
 
 from .actions import Schedule, ScheduleError, _actions, _actions_of, _check_sizes, _gc_paused
-from .flow import Compiled, Queue, Stream, _chained, _link, _planned, hand_over
+from .compiled import Compiled, _link, hand_over
+from .plans import Queue, Stream, _chained, _planned
 
 
 @_gc_paused
