@@ -117,15 +117,24 @@ def test_an_interleaved_pipeline_refuses_to_switch_and_trains_on(pools: PoolFor)
 @pytest.mark.multiprocess
 def test_the_default_policy_tries_zb_h1_on_the_runtime(pools: PoolFor) -> None:
     """Emulated layers, 2 stages, M = 2 (ZB-H1 predicted ~20% faster): the policy switches
-    after its first window and keeps the switch or rolls it back once the trial is measured,
-    depending on what this machine's steps took."""
-    ranks = pools(2).run(sc.adaptive_emulated, 10, timeout=120)
+    after its first window (a step later if a step's time looked like a transient and was held
+    for the next to confirm), runs the trial, and keeps the switch or rolls it back once the
+    trial is measured, depending on what this machine's steps took."""
+    ranks = pools(2).run(sc.adaptive_emulated, 12, timeout=120)
     schedules = ranks[0]["schedules"]
-    events = [e for e in ranks[0]["events"] if e.startswith("set schedule")]  # not moves
-    assert all(e.endswith(")") for e in events)  # each says why, from the controller
-    events = [e.split(" (", 1)[0] for e in events]
-    assert schedules[:4] == ["1f1b"] * 4 and schedules[4:8] == ["zb-h1"] * 4
+    full = [e for e in ranks[0]["events"] if e.startswith("set schedule")]  # not moves
+    assert all(e.endswith(")") for e in full)  # each says why, from the controller
+    events = [e.split(" (", 1)[0] for e in full]
     assert events[0] == "set schedule 1f1b -> zb-h1"
+    first = schedules.index("zb-h1")
+    assert 4 <= first <= 6 and schedules[:first] == ["1f1b"] * first
+    tried = first
+    while tried < len(schedules) and schedules[tried] == "zb-h1":
+        tried += 1
     rolled_back = events[1:] == ["set schedule zb-h1 -> 1f1b"]
     assert rolled_back or events[1:] == []
-    assert schedules[8:] == ["1f1b" if rolled_back else "zb-h1"] * 2
+    if rolled_back:  # measured over settle + window = 4 steps, unless voided by a skew
+        assert tried - first == 4 or ("void" in full[1] and tried - first < 4)
+        assert schedules[tried:] == ["1f1b"] * (len(schedules) - tried)
+    else:
+        assert tried == len(schedules)
