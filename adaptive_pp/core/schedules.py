@@ -1,8 +1,9 @@
 """Pipeline schedules as plain data: actions per rank, generators, text form and validator.
 
-The types and their text form live in ``actions``, the validator and the replay in ``flow``,
-the chunked and split-backward generators in ``zerobubble``; this module gathers them and
-holds GPipe, 1F1B and ``make_schedule``. See ``actions`` for the rules.
+The types and their text form live in ``actions``, the checks in ``compiled``, the run plans in
+``plans``, the replay and validate in ``flow`` (the event replay and deadlocks in
+``eventreplay``), the chunked and split-backward generators in ``zerobubble``; this module
+gathers them and holds GPipe, 1F1B and ``make_schedule``. See ``actions`` for the rules.
 
 Clock table of 1F1B for S=3, M=4 (one column per unit of time, forward and backward one unit
 each)::
@@ -39,19 +40,11 @@ from .actions import (
     _gc_paused,
     virtual_stage,
 )
-from .flow import (
-    _NONE,
-    Compiled,
-    Flat,
-    Replay,
-    compile_schedule,
-    hand_over,
-    peak_stash,
-    replay,
-    validate,
-)
+from .compiled import Compiled, compile_schedule, hand_over, peak_stash
+from .flow import Replay, replay, validate
+from .plans import _chained, _planned
 from .zbv import zb_v
-from .zerobubble import interleaved_1f1b, zb_h1
+from .zerobubble import _steady, interleaved_1f1b, zb_h1
 
 __all__ = [
     "ALL_KINDS",
@@ -93,18 +86,15 @@ def gpipe(num_stages: int, microbatches: int) -> Schedule:
     stages = tuple(_actions(s, kinds, mbs) for s in range(num_stages))
     sched = Schedule(stages, microbatches, "gpipe")
     return hand_over(
-        sched, partial(_flat_1f1b, num_stages, microbatches, [microbatches] * num_stages)
+        sched, partial(_plan_1f1b, num_stages, microbatches, [microbatches] * num_stages)
     )
 
 
-def _one_f_one_b_order(warmup: int, microbatches: int) -> tuple[str, list[int]]:
-    """Kinds and micro-batch ids of 1F1B with ``warmup`` leading forwards."""
-    pairs = microbatches - warmup
-    body = [0] * (2 * pairs)
-    body[0::2] = range(warmup, microbatches)
-    body[1::2] = range(pairs)
-    kinds = "F" * warmup + "FB" * pairs + "B" * warmup
-    return kinds, [*range(warmup), *body, *range(pairs, microbatches)]
+def _one_f_one_b_order(warmup: int, mbs: list[int]) -> tuple[str, list[int]]:
+    """Kinds and micro-batch ids of 1F1B with ``warmup`` leading forwards (``mbs``: the M ids,
+    shared by every rank's list)."""
+    pairs = len(mbs) - warmup
+    return "F" * warmup + "FB" * pairs + "B" * warmup, _steady(mbs, mbs, warmup, pairs)
 
 
 @_gc_paused
@@ -112,47 +102,30 @@ def one_f_one_b(num_stages: int, microbatches: int) -> Schedule:
     """Non-interleaved 1F1B: min(S-s-1, M) warm-up forwards, then alternate F and B, then drain."""
     _check_sizes(num_stages, microbatches)
     stages, warmups = [], [min(num_stages - s - 1, microbatches) for s in range(num_stages)]
+    ids = list(range(microbatches))
     for s in range(num_stages):
-        kinds, mbs = _one_f_one_b_order(warmups[s], microbatches)
+        kinds, mbs = _one_f_one_b_order(warmups[s], ids)
         stages.append(_actions(s, kinds, mbs))
     sched = Schedule(tuple(stages), microbatches, "1f1b")
-    return hand_over(sched, partial(_flat_1f1b, num_stages, microbatches, warmups))
+    return hand_over(sched, partial(_plan_1f1b, num_stages, microbatches, warmups))
 
 
-def _flat_1f1b(num_stages: int, m: int, warmups: list[int]) -> Flat:
-    """compile_schedule's columns for ranks running ``warmups[s]`` forwards, then F and B in
-    turn, then the remaining B (1F1B; GPipe: warm-up M), built from ranges."""
-    need: list[int] = []
-    out: list[int] = []
-    link: list[int] = []
-    offsets, peaks, groups, grad0 = [0], [], {}, num_stages * m
+def _plan_1f1b(num_stages: int, m: int, warmups: list[int]) -> Compiled:
+    """The compiled form (a run plan, see plans) of ranks running ``warmups[s]`` forwards, then
+    F and B in turn, then the remaining B (1F1B; GPipe: warm-up M), built from ranges."""
+    fpos, bpos, links, keys, peaks = [], [], [], [], []
+    table = list(range(2 * m))  # a rank's costs: F then B, M each
     for s, w in enumerate(warmups):
-        first, last, base, p = s == 0, s == num_stages - 1, offsets[-1], m - w
-        need += _turns(
-            _NONE if first else (s - 1) * m, _NONE if last else grad0 + (s + 1) * m, w, m
-        )
-        out += _turns(s * m, grad0 + s * m, w, m)
-        link += [-1 if first else s - 1] * w + [-1 if first else s - 1, -1 if last else s] * p
-        link += [-1 if last else s] * w
-        if not first:
-            groups[s - 1, s, "act"] = [
-                *range(base, base + w),
-                *range(base + w, base + w + 2 * p, 2),
-            ]
-        if not last:
-            back = range(base + w + 1, base + w + 2 * p, 2)
-            groups[s + 1, s, "grad"] = [*back, *range(base + w + 2 * p, base + 2 * m)]
+        p = m - w
+        fpos.append((range(w), range(w, w + 2 * p, 2)))
+        bpos.append((range(w + 1, w + 2 * p, 2), range(w + 2 * p, 2 * m)))
+        fwd, back = s - 1 if s else num_stages, s if s < num_stages - 1 else num_stages  # S: none
+        links.append([fwd] * w + [fwd, back] * p + [back] * w)
+        keys.append(_steady(table[:m], table[m:], w, p))
         peaks.append(w + 1 if p else w)
-        offsets.append(base + 2 * m)
-    return need, out, list(out), link, offsets, peaks, groups  # one chunk, F and B: key = out
-
-
-def _turns(f0: int, b0: int, w: int, m: int) -> list[int]:
-    """``f0 + mb`` for the forwards and ``b0 + mb`` for the backwards, in 1F1B order."""
-    body = [0] * (2 * (m - w))
-    body[0::2] = range(f0 + w, f0 + m)
-    body[1::2] = range(b0, b0 + m - w)
-    return [*range(f0, f0 + w), *body, *range(b0 + m - w, b0 + m)]
+    split = warmups[0] + 1 if warmups[0] < m else m  # where rank 0 runs its first B
+    streams, queues = _chained(num_stages, fpos, bpos)
+    return _planned(num_stages, split, 2 * m, streams, queues, links, keys, peaks, False)
 
 
 def make_schedule(name: str, num_stages: int, microbatches: int, chunks: int = 2) -> Schedule:

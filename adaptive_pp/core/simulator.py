@@ -13,13 +13,15 @@ or gradient between two chunks of one rank is free. See ``schedules.replay``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
-from operator import itemgetter
+from itertools import repeat
+from operator import mul
 
+from .actions import _gc_paused
+from .flow import _replay
 from .report import QueueTrace, StageStats, StepReport, Timeline
-from .schedules import Compiled, Schedule, compile_schedule, replay
+from .schedules import Compiled, Schedule, compile_schedule
 
 CostSpec = float | Sequence[float | Sequence[float]]
 
@@ -60,7 +62,7 @@ class Costs:
         """W times per stage and micro-batch (``tau_w``, or ``W_SHARE`` of the backward)."""
         if self.tau_w is not None:
             return self.tau_w
-        return tuple(tuple([x * W_SHARE for x in row]) for row in self.tau_b)
+        return tuple(tuple(map(mul, row, repeat(W_SHARE))) for row in self.tau_b)
 
     @classmethod
     def build(
@@ -90,7 +92,7 @@ class Costs:
         if w_share is not None:
             if not 0.0 <= w_share <= 1.0:
                 raise ValueError(f"w_share must be in [0, 1], got {w_share}")
-            w = tuple(tuple([x * w_share for x in row]) for row in b)
+            w = tuple(tuple(map(mul, row, repeat(w_share))) for row in b)
         elif tau_w is not None:
             w = _table("tau_w", tau_w, num_stages, microbatches, factors)
             for s, (wr, br) in enumerate(zip(w, b, strict=True)):
@@ -157,6 +159,7 @@ def _table(
     return tuple(tuple(x * factors[s] for x in row) for s, row in enumerate(rows))
 
 
+@_gc_paused  # builds no reference cycles: a collection in the middle would only scan its lists
 def simulate(
     schedule: Schedule, costs: Costs, *, step: int = 0, compiled: Compiled | None = None
 ) -> StepReport:
@@ -175,14 +178,15 @@ def simulate(
 
         return simulate_window(schedule, costs, step=step)
     code = compiled if compiled is not None else compile_schedule(schedule)
-    run = replay(
+    run = _replay(
         schedule,
         costs.tau_f,
         costs.tau_b,
         costs.tau_c,
         code,
-        tau_w=costs.w_table() if code.split else None,
-        tau_wrap=costs.tau_wrap,
+        costs.w_table() if code.split else None,
+        costs.tau_wrap,
+        queues=True,
     )
     step_time = max((en[-1] for en in run.end if en), default=0.0)
     stages = tuple(
@@ -197,26 +201,22 @@ def simulate(
     )
     # One trace per directed link and kind: "act" feeds F, "grad" feeds B or I, messages in
     # (chunk, micro-batch) order; chunks on one rank exchange no messages.
-    start, arrived = list(chain.from_iterable(run.start)), run.arrived
-    queues = []
-    for src, dst, kind, consumers in code.queues:
-        pick = itemgetter(*consumers) if len(consumers) > 1 else _pick_one(consumers)
-        queues.append(QueueTrace(src, dst, kind, pick(arrived), pick(start)))
+    queues = tuple(
+        QueueTrace(src, dst, kind, arrived, consumed)
+        for (src, dst, kind), (arrived, consumed) in zip(
+            code.queues, run.queue_times(), strict=True
+        )
+    )
     return StepReport(
         step=step,
         schedule=schedule.name,
         microbatches=m_count,
         step_time=step_time,
         stages=stages,
-        queues=tuple(queues),
+        queues=queues,
         timeline=Timeline(schedule.stages, tuple(run.start), tuple(run.end)),
         source="simulator",
     )
-
-
-def _pick_one(consumers: Sequence[int]) -> Callable[[list[float]], tuple[float, ...]]:
-    """Like ``itemgetter(*consumers)`` but always a tuple (itemgetter of one index is not)."""
-    return lambda xs: tuple([xs[i] for i in consumers])
 
 
 def uniform_step_time(num_stages: int, microbatches: int, tau_f: float, tau_b: float) -> float:

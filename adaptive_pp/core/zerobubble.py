@@ -2,11 +2,19 @@
 
 The runtime runs both: ZB-H1 (split backward, one chunk per rank) and interleaved 1F1B
 (``Schedule.chunks > 1``: one StageWorker per chunk, see runtime/local.py).
+
+Both generators hand their compiled form (a run plan, see ``plans``) to the validator, built
+from ranges: where each rank runs the F and the B or I of each virtual stage and micro-batch.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from operator import itemgetter
+
 from .actions import Schedule, ScheduleError, _actions, _actions_of, _check_sizes, _gc_paused
+from .compiled import Compiled, _link, hand_over
+from .plans import Queue, Stream, _chained, _planned
 
 
 @_gc_paused
@@ -25,19 +33,34 @@ def interleaved_1f1b(num_stages: int, microbatches: int, chunks: int = 2) -> Sch
             f"interleaved 1F1B needs micro-batches ({microbatches}) to be a multiple of the "
             f"stages ({num_stages})"
         )
-    s_, v_ = num_stages, chunks
-    total = microbatches * v_
-    group = s_ * v_
-    fc = [(k // s_) % v_ for k in range(total)]  # chunk and micro-batch of the k-th forward
-    fm = [(k // group) * s_ + k % s_ for k in range(total)]
-    bc = [v_ - 1 - c for c in fc]  # backwards: same micro-batches, chunks in reverse
+    fc, fm, bc = _interleaved_order(num_stages, microbatches, chunks)
     stages = []
-    for r in range(s_):
-        warmup = min((v_ - 1) * s_ + 2 * (s_ - 1 - r), total) if v_ > 1 else min(s_ - 1 - r, total)
-        n = total - warmup
+    for r in range(num_stages):
+        warmup, n = _interleaved_warmup(num_stages, microbatches, chunks, r)
         kinds = "F" * warmup + "FB" * n + "B" * warmup
         stages.append(_actions_of(r, kinds, _steady(fm, fm, warmup, n), _steady(fc, bc, warmup, n)))
-    return Schedule(tuple(stages), microbatches, "interleaved-1f1b", chunks, "loop")
+    sched = Schedule(tuple(stages), microbatches, "interleaved-1f1b", chunks, "loop")
+    return hand_over(sched, partial(_plan_interleaved, num_stages, microbatches, chunks))
+
+
+def _interleaved_order(s_: int, m: int, v_: int) -> tuple[list[int], list[int], list[int]]:
+    """Chunk and micro-batch of each rank's k-th forward, and the chunk of its k-th backward."""
+    total, group = m * v_, s_ * v_
+    fc = [(k // s_) % v_ for k in range(total)]
+    fm = [(k // group) * s_ + k % s_ for k in range(total)]
+    return fc, fm, [v_ - 1 - c for c in fc]  # backwards: same micro-batches, chunks in reverse
+
+
+def _interleaved_warmup(s_: int, m: int, v_: int, r: int) -> tuple[int, int]:
+    """Rank r's warm-up forwards and its F/B pairs."""
+    total = m * v_
+    warmup = min((v_ - 1) * s_ + 2 * (s_ - 1 - r), total) if v_ > 1 else min(s_ - 1 - r, total)
+    return warmup, total - warmup
+
+
+def _seq(picked: int | tuple[int, ...]) -> list[int]:
+    """itemgetter's result as a list (one index gives the bare item)."""
+    return list(picked) if isinstance(picked, tuple) else [picked]
 
 
 def _steady(fwd: list[int], bwd: list[int], warmup: int, n: int) -> list[int]:
@@ -46,6 +69,84 @@ def _steady(fwd: list[int], bwd: list[int], warmup: int, n: int) -> list[int]:
     body[0::2] = fwd[warmup:]
     body[1::2] = bwd[:n]
     return [*fwd[:warmup], *body, *bwd[n:]]
+
+
+def _forwards_at(k0: int, k1: int, warmup: int) -> list[range]:
+    """Where a rank's forwards k0..k1-1 stand: the k-th at k during the warm-up (k < warmup),
+    then every other place from there."""
+    out = [range(k0, min(k1, warmup))] if k0 < warmup else []
+    if k1 > warmup:
+        a = max(k0, warmup)
+        out.append(range(warmup + 2 * (a - warmup), warmup + 2 * (k1 - warmup), 2))
+    return out
+
+
+def _backwards_at(k0: int, k1: int, warmup: int, n: int) -> list[range]:
+    """Where a rank's backwards k0..k1-1 stand: the k-th at warmup + 2k + 1 while F and B take
+    turns (k < n), then one after the other."""
+    out = [range(warmup + 1 + 2 * k0, warmup + 1 + 2 * min(k1, n), 2)] if k0 < n else []
+    if k1 > n:
+        out.append(range(warmup + n + max(k0, n), warmup + n + k1))
+    return out
+
+
+def _plan_interleaved(s_: int, m: int, v_: int) -> Compiled:
+    """interleaved_1f1b's compiled form: virtual stage v = c * S + r on rank r.
+
+    Every rank runs the forwards in one order (k = 0..MV-1) and the backwards in one order, so
+    rank r's k-th forward takes rank r-1's k-th forward, and rank 0's (chunk c > 0) takes rank
+    S-1's (k-S)-th (chunk c-1, same micro-batch); backwards likewise the other way round.
+    """
+    fc, fm, bc = _interleaved_order(s_, m, v_)
+    total, rnd = m * v_, s_ * v_  # forwards per rank; per round of S micro-batches
+    back_keys = [m + x for x in fm]  # a rank's cost table: F then B, M each
+    fwd, back, links, keys, peaks = [], [], [], [], []
+    by_fc, by_bc = itemgetter(*fc), itemgetter(*bc)  # per forward/backward, its chunk's entry
+    for r in range(s_):
+        warmup, n = _interleaved_warmup(s_, m, v_, r)
+        fwd.append(_forwards_at(0, total, warmup))
+        back.append(_backwards_at(0, total, warmup, n))
+        # The link each input crosses (S: no input; -1: from the same rank, free).
+        up = [_link((r - 1) % s_, r, s_) if r or c else s_ for c in range(v_)]
+        down = [_link((r + 1) % s_, r, s_) if r < s_ - 1 or c < v_ - 1 else s_ for c in range(v_)]
+        links.append(_steady(_seq(by_fc(up)), _seq(by_bc(down)), warmup, n))
+        keys.append(_steady(fm, back_keys, warmup, n))
+        peaks.append(warmup + 1 if n else warmup)
+    # Report order: by chunk, then micro-batch (k-th forward of chunk c, micro-batch g*S + i:
+    # k = g*S*V + c*S + i; its backward is the one of chunk V-1-c).
+    by_f = [g * v_ + c * s_ + i for c in range(v_) for g in range(0, m, s_) for i in range(s_)]
+    by_b = [g * v_ + (v_ - 1 - c) * s_ + i for c in range(v_) for g in range(0, m, s_)
+            for i in range(s_)]  # fmt: skip
+    streams: list[Stream] = []
+    queues: dict[tuple[int, int, str], Queue] = {}
+    last = s_ - 1
+    w0, n0 = _interleaved_warmup(s_, m, v_, 0)
+    wl, nl = _interleaved_warmup(s_, m, v_, last)
+    for r in range(1, s_):
+        streams.append((r, fwd[r], r - 1, fwd[r - 1]))
+        queues[r - 1, r, "act"] = (fwd[r], by_f, fwd[r - 1], by_f)
+    for r in range(last):
+        streams.append((r, back[r], r + 1, back[r + 1]))
+        queues[r + 1, r, "grad"] = (back[r], by_b, back[r + 1], by_b)
+    if v_ > 1:  # around the ring: rank 0's chunks c > 0 from rank S-1's c - 1, and back
+        later = range(s_, total, rnd)  # per round, the first forward of chunk 1 (to the end)
+        streams.append((
+            0,
+            [x for k in later for x in _forwards_at(k, k + rnd - s_, w0)],
+            last,
+            [x for k in later for x in _forwards_at(k - s_, k + rnd - 2 * s_, wl)],
+        ))  # fmt: skip
+        streams.append((
+            last,
+            [x for k in later for x in _backwards_at(k, k + rnd - s_, wl, nl)],
+            0,
+            [x for k in later for x in _backwards_at(k - s_, k + rnd - 2 * s_, w0, n0)],
+        ))  # fmt: skip
+        if s_ > 1:  # (chunk, micro-batch) order; the producer: one chunk before (after)
+            queues[last, 0, "act"] = (fwd[0], by_f[m:], fwd[last], by_f[: total - m])
+            queues[0, last, "grad"] = (back[last], by_b[: total - m], back[0], by_b[m:])
+    split = w0 + 1 if n0 else w0  # where rank 0 runs its first B
+    return _planned(s_, split, 2 * total, streams, queues, links, keys, peaks, False)
 
 
 @_gc_paused
@@ -60,23 +161,76 @@ def zb_h1(num_stages: int, microbatches: int) -> Schedule:
     delayed W's fill the cool-down bubble.
     """
     _check_sizes(num_stages, microbatches)
-    stages = []
+    stages, ids = [], list(range(microbatches))  # micro-batch ids, shared by every rank's list
     for r in range(num_stages):
-        warmup = min(num_stages - 1 - r, microbatches)
-        kinds: list[str] = ["F"] * warmup
-        mbs = list(range(warmup))
-        pending = 0
-        for k in range(microbatches):
-            if k + warmup < microbatches:
-                kinds.append("F")
-                mbs.append(k + warmup)
-            kinds.append("I")
-            mbs.append(k)
-            if k >= r:
-                kinds.append("W")
-                mbs.append(pending)
-                pending += 1
-        kinds.extend("W" * (microbatches - pending))
-        mbs.extend(range(pending, microbatches))
-        stages.append(_actions(r, "".join(kinds), mbs))
-    return Schedule(tuple(stages), microbatches, "zb-h1")
+        kinds, length, spots = _layout(_zb_segments(num_stages, microbatches, r))
+        stages.append(_actions(r, kinds, _fill(length, spots, ids)))
+    sched = Schedule(tuple(stages), microbatches, "zb-h1")
+    return hand_over(sched, partial(_plan_zb_h1, num_stages, microbatches))
+
+
+Segment = tuple[str, int, dict[str, int]]  # kinds repeated n times, first micro-batch per kind
+Spots = dict[str, list[tuple[range, int]]]  # per kind: (positions, first micro-batch) pieces
+
+
+def _zb_segments(s_: int, m: int, r: int) -> list[Segment]:
+    """Rank r's ZB-H1 list as segments (see zb_h1): warm-up forwards, then per step k the
+    forward of k + warm-up while k < M - warm-up, I(k), W(k - r) from k = r on; the last W's."""
+    w = min(s_ - 1 - r, m)
+    fwd_end, w_start = m - w, min(r, m)  # steps with a forward: k < fwd_end; with a W: k >= r
+    segs: list[Segment] = [("F", w, {"F": 0}), ("FI", min(fwd_end, w_start), {"F": w, "I": 0})]
+    if fwd_end <= w_start:
+        segs.append(("I", w_start - fwd_end, {"I": fwd_end}))
+        segs.append(("IW", m - w_start, {"I": w_start, "W": w_start - r}))
+    else:  # here w_start = r < fwd_end
+        segs.append(("FIW", fwd_end - r, {"F": r + w, "I": r, "W": 0}))
+        segs.append(("IW", m - fwd_end, {"I": fwd_end, "W": fwd_end - r}))
+    segs.append(("W", w_start, {"W": m - w_start}))
+    return [seg for seg in segs if seg[1] > 0]
+
+
+def _layout(segs: list[Segment]) -> tuple[str, int, Spots]:
+    """The kinds string, its length and where each kind stands (in micro-batch order)."""
+    kinds, pos = [], 0
+    spots: Spots = {"F": [], "B": [], "I": [], "W": []}
+    for pattern, n, first in segs:
+        q = len(pattern)
+        for i, kind in enumerate(pattern):
+            spots[kind].append((range(pos + i, pos + q * n, q), first[kind]))
+        kinds.append(pattern * n)
+        pos += q * n
+    return "".join(kinds), pos, spots
+
+
+def _fill(
+    length: int, spots: Spots, table: list[int], base: dict[str, int] | None = None
+) -> list[int]:
+    """Per position, ``table[base[kind] + micro-batch]`` (base 0 for a kind not given)."""
+    row = [0] * length
+    for kind, pieces in spots.items():
+        for where, first in pieces:
+            lo = (base or {}).get(kind, 0) + first
+            row[where.start : where.stop : where.step] = table[lo : lo + len(where)]
+    return row
+
+
+def _plan_zb_h1(s_: int, m: int) -> Compiled:
+    """zb_h1's compiled form."""
+    fpos, ipos, links, keys = [], [], [], []
+    table = list(range(3 * m))
+    for r in range(s_):
+        _, length, spots = _layout(_zb_segments(s_, m, r))
+        fpos.append([where for where, _ in spots["F"]])
+        ipos.append([where for where, _ in spots["I"]])
+        up, down = r - 1 if r else s_, r if r < s_ - 1 else s_  # S: no input (as every W)
+        link = [s_] * length
+        for kind, hop in (("F", up), ("I", down)):
+            for where, _ in spots[kind]:
+                link[where.start : where.stop : where.step] = [hop] * len(where)
+        links.append(link)
+        keys.append(_fill(length, spots, table, {"I": m, "W": 2 * m}))  # tables F, I, W
+    w0 = min(s_ - 1, m)
+    split = w0 + 1 if w0 < m else w0  # where rank 0 runs its first I
+    peaks = [min(s_, m)] * s_
+    streams, queues = _chained(s_, fpos, ipos)
+    return _planned(s_, split, 3 * m, streams, queues, links, keys, peaks, True)
