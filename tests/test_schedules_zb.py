@@ -101,7 +101,7 @@ def test_names() -> None:
     assert make_schedule("interleaved-1f1b", 2, 4) == interleaved_1f1b(2, 4, 2)
     assert make_schedule("interleaved_1f1b", 2, 4, chunks=3) == interleaved_1f1b(2, 4, 3)
     # The runtime runs these (zb-h1 with split backward, interleaved with chunks per rank).
-    assert SCHEDULE_NAMES == ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")
+    assert SCHEDULE_NAMES == ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b", "zb-v")
     assert set(SIMULATED_SCHEDULE_NAMES) == {
         *("1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "zb-v", "2bw")
     }

@@ -42,13 +42,13 @@ Placement = Literal["loop", "v"]
 PLACEMENTS: tuple[Placement, ...] = ("loop", "v")
 
 # Schedules the runtime can run (config validation, controller decisions) ...
-SCHEDULE_NAMES = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")
+SCHEDULE_NAMES = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b", "zb-v")
 SPLIT_BACKWARD_SCHEDULES = ("zb-h1", "zb-v")
 CHUNKED_SCHEDULES = ("interleaved-1f1b", "zb-v")  # V model chunks per rank (zb-v: always 2)
 # Run without a flush between steps (PipeDream-2BW, core.twobw): chosen at the start only.
 ASYNC_SCHEDULES = ("2bw",)
 # ... and those the core (generators, validator, simulator) knows: all of them.
-SIMULATED_SCHEDULE_NAMES = (*SCHEDULE_NAMES, "zb-v", *ASYNC_SCHEDULES)
+SIMULATED_SCHEDULE_NAMES = SCHEDULE_NAMES + ASYNC_SCHEDULES
 
 # ASCII digits only; a backward's negative micro-batch is the previous step's (PipeDream-2BW)
 _ACTION_RE = re.compile(r"^(\d+)([FBIW])(-?\d+)(?:c(\d+))?$", re.ASCII)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.actions import PLACEMENTS
 from .layerstate import (
     layer_name,
     load_module_state,
@@ -86,6 +87,7 @@ def save(local: LocalStage, path: str | Path, extra: dict[str, Any] | None = Non
             "microbatches": local.microbatches,
             "schedule": local.schedule.name,
             "chunks": local.num_chunks,
+            "placement": local.schedule.placement,
             "num_layers": len(local.blocks),
             "shards": [f"stage-{s}-of-{local.num_stages}.pt" for s in range(local.num_stages)],
             "extra": extra or {},
@@ -139,6 +141,7 @@ def _consistent(meta: dict[str, Any]) -> bool:
             and bounds[-1] == meta["num_layers"]
             and all(a < b for a, b in itertools.pairwise(bounds))
             and isinstance(meta["extra"], dict)
+            and meta.get("placement", "loop") in PLACEMENTS
         )
     except (KeyError, TypeError):
         return False
@@ -197,14 +200,16 @@ def _read_checked(
     n, saved, now = len(local.blocks), meta["partition"], local.partition.bounds
     if meta["num_layers"] != n:
         raise CheckpointError(f"{path} holds {meta['num_layers']} layers, this model has {n}")
-    ranks = local.num_stages
-    elsewhere = set().union(*(_held(now, s, ranks) for s in range(ranks) if s != local.stage))
+    ranks, here = local.num_stages, local.schedule.placement
+    others = (_held(now, s, ranks, here) for s in range(ranks) if s != local.stage)
+    elsewhere = set().union(*others)
+    placement = meta.get("placement", "loop")
     module: dict[str, torch.Tensor] = {}
     carried: dict[str, dict[str, Any]] = {}
     hyper: dict[str, Any] = {}
     older: dict[str, torch.Tensor] = {}
     for s, name in enumerate(meta["shards"]):
-        if not _held(saved, s, len(meta["shards"])) & set(modules):
+        if not _held(saved, s, len(meta["shards"]), placement) & set(modules):
             continue
         shard = _read_shard(path / name)
         for key, value in shard["module"].items():
@@ -223,13 +228,21 @@ def _read_checked(
     return meta, module, carried, hyper, older
 
 
-def _held(bounds: Sequence[int], s: int, ranks: int) -> set[str]:
+def _held(bounds: Sequence[int], s: int, ranks: int, placement: str = "loop") -> set[str]:
     """Modules rank ``s`` of ``ranks`` holds under ``bounds``: the layers of its (virtual)
-    stages ``v % ranks == s``, "pre" on the first stage and "post" on the last."""
+    stages (``v % ranks == s`` under the looping placement, see ``core.actions`` for "v"),
+    "pre" on the first stage and "post" on the last."""
     last = len(bounds) - 2
-    ends = [name for name, at in (("pre", 0), ("post", last % ranks)) if s == at]
-    vs = range(s, last + 1, ranks)
+    at = [_rank_of(v, ranks, placement) for v in range(last + 1)]
+    ends = [name for name, v in (("pre", 0), ("post", last)) if at[v] == s]
+    vs = [v for v in range(last + 1) if at[v] == s]
     return {layer_name(i) for v in vs for i in range(bounds[v], bounds[v + 1])}.union(ends)
+
+
+def _rank_of(vstage: int, ranks: int, placement: str) -> int:
+    """The rank of virtual stage ``vstage`` (as ``Schedule.locate``; read_meta checked it)."""
+    rank, chunk = vstage % ranks, vstage // ranks
+    return ranks - 1 - rank if placement == "v" and chunk % 2 else rank
 
 
 def _check(modules: dict[str, nn.Module], module: dict[str, Any], carried: dict[str, Any]) -> None:

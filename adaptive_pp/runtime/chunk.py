@@ -1,7 +1,8 @@
 """What a rank runs: segments (the model's pre, its blocks, its post) grouped in chunks.
 
 A chunk is a contiguous run of segments executed as one pipeline stage. A rank holds one chunk,
-or V under an interleaved schedule: chunk c of rank r is virtual stage ``c * S + r`` (the
+or V under a chunked schedule: chunk c of rank r is virtual stage ``schedule.virtual_stage(r,
+c)``, ``c * S + r`` under interleaved 1F1B, ``r`` and ``2S - 1 - r`` under ZB-V (the
 partition has one range per virtual stage, in model order).
 """
 

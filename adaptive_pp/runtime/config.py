@@ -20,11 +20,14 @@ class PipelineConfig:
     schedule: str = "1f1b"
     """"1f1b" (default), "gpipe", "zb-h1" (split backward: I, then W; see runtime.splitgrad) or
     "interleaved-1f1b" (``chunks`` model chunks per rank; M must be a multiple of the stages),
-    or "2bw": PipeDream-2BW, 1F1B without a flush between steps, each step's micro-batches on
-    the weights of two steps back (see runtime.twobw; M >= stages - 1)."""
+    "zb-v" (ZB-V: 2 chunks per rank in V placement, split backward; see core.zbv), or "2bw":
+    PipeDream-2BW, 1F1B without a flush between steps, each step's micro-batches on the
+    weights of two steps back (see runtime.twobw; M >= stages - 1)."""
     chunks: int = 2
-    """V, the model chunks (virtual stages) per rank of "interleaved-1f1b"; other schedules hold
-    one. Virtual stage v = chunk * S + rank: the S*V ranges of the partition loop over the ranks."""
+    """V, the model chunks (virtual stages) per rank of "interleaved-1f1b" (virtual stage
+    v = chunk * S + rank: the S*V ranges of the partition loop over the ranks); "zb-v" holds 2
+    (leave chunks at 2): chunk 0 of rank r is virtual stage r, chunk 1 is 2S - 1 - r, the
+    ranges go down the ranks and back up; other schedules hold one."""
     partition: Partition | Sequence[int] | None = None
     """Layer bounds per (virtual) stage, e.g. (0, 5, 9, 16); S*V ranges in model order for an
     interleaved schedule; default: balanced over layer_costs, else even."""
@@ -78,6 +81,8 @@ class PipelineConfig:
             )
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"chunks must be an int >= 1, got {self.chunks!r}")
+        if self.schedule == "zb-v" and self.chunks != 2:
+            raise ValueError(f"zb-v runs 2 model chunks per rank, got chunks={self.chunks}")
         if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
             raise ValueError(
                 f"checkpoint_every={self.checkpoint_every} needs a checkpoint_dir and must be >= 0"

@@ -1,12 +1,15 @@
 """LocalStage: everything one rank holds of the pipeline, in one object.
 
-A rank holds model chunks (``chunks``: one, or V under an interleaved schedule, chunk c being
-virtual stage ``c * S + rank``), their optimizer and its factory, the weight version, its links
-to the ranks of the neighbouring virtual stages (one Link per peer rank, shared by the chunks;
-the first and last ranks of an interleaved schedule also have the wrap-around link between
-them), the plan (partition: one range per virtual stage; micro-batches, schedule), the step
-counter, the plan changes not yet reported, the control plane and the whole model's blocks
-(those not held are twins on the "meta" device, materialised if they migrate here).
+A rank holds model chunks (``chunks``: one, or V under a chunked schedule, chunk c being
+virtual stage ``schedule.virtual_stage(rank, c)``: ``c * S + rank`` under interleaved 1F1B's
+looping placement, the V of ZB-V: ``rank`` and ``2S - 1 - rank``), their optimizer and its
+factory, the weight version, its links to the ranks of the neighbouring virtual stages (one
+Link per peer rank, shared by the chunks; the first and last ranks of an interleaved schedule
+also have the wrap-around link between them; two neighbouring virtual stages on this rank, as
+ZB-V's turn on rank S-1, hand over through a ``LocalLink``), the plan (partition: one range
+per virtual stage; micro-batches, schedule), the step counter, the plan changes not yet
+reported, the control plane and the whole model's blocks (those not held are twins on the
+"meta" device, materialised if they migrate here).
 
 Each piece of state lives here once. One ``StageWorker`` per chunk executes that chunk's actions
 (it reads the segments from the chunk and gets the version per step); migration, checkpoints
@@ -33,6 +36,7 @@ from .comm import Link
 from .config import PipelineConfig, check_schedule
 from .control import Control
 from .layerstate import OptimizerFactory, named_params, optimizer_state, rebuild_optimizer
+from .locallink import LocalLink
 from .stage import LossFn, StageWorker
 from .transport import links_of, make_transport
 from .undo import StepMark
@@ -116,9 +120,14 @@ class LocalStage:
         last = self.schedule.num_virtual_stages - 1
         ups = [self.rank_of(v - 1) if v > 0 else None for v in vstages]
         downs = [self.rank_of(v + 1) if v < last else None for v in vstages]
-        peers = sorted({p for p in ups + downs if p is not None})
+        peers = sorted({p for p in ups + downs if p is not None and p != stage})
         #: One link per peer rank, shared by the chunks (messages name their virtual stage).
         self._links = {p: Link(stage, p, self.transport, fault) for p in peers}
+        #: The hop between two chunks of this rank (ZB-V's turn), if any: not a peer's link.
+        self.local_link: LocalLink | None = LocalLink(stage) if stage in ups + downs else None
+        by_rank: dict[int, Link | LocalLink] = dict(self._links)
+        if self.local_link is not None:
+            by_rank[stage] = self.local_link
         #: The links to ranks stage - 1 and stage + 1 (None at the ends).
         self.up, self.down = self._links.get(stage - 1), self._links.get(stage + 1)
         for ln in self.links():
@@ -129,8 +138,8 @@ class LocalStage:
                 chunk,
                 last + 1,
                 loss_fn,
-                None if up is None else self._links[up],
-                None if down is None else self._links[down],
+                None if up is None else by_rank[up],
+                None if down is None else by_rank[down],
                 device,
                 config.recv_timeout,
                 config.activation_checkpointing,
@@ -148,7 +157,7 @@ class LocalStage:
     @property
     def is_last(self) -> bool:
         """True on the stage that computes the loss (holding the last virtual stage)."""
-        return self.workers[-1].is_last
+        return any(w.is_last for w in self.workers)
 
     @property
     def forwards_done(self) -> int:
@@ -199,6 +208,8 @@ class LocalStage:
         rnd = self.control.begin(recovering=recovering)
         for ln in self.links():
             ln.begin(rnd)
+        if self.local_link is not None:
+            self.local_link.begin(rnd)
         return rnd
 
     def adopt_partition(

@@ -172,9 +172,13 @@ def _move(local: LocalStage, move: MoveLayers, new: Plan) -> int:
     carried: dict[str, dict[str, Any]] = {}
     timeout = local.recv_timeout
     # src and dst are (virtual) stages: under interleaved, chunks of neighbouring ranks (the
-    # last rank's chunk c and the first's c + 1 across the wrap-around link).
+    # last rank's chunk c and the first's c + 1 across the wrap-around link); under ZB-V's V
+    # placement, virtual stages S-1 and S are both rank S-1's: the layers stay (their modules
+    # and optimizer state move from one chunk to the other in adopt_partition), nothing travels.
     src, dst = local.rank_of(move.src), local.rank_of(move.dst)
-    if local.stage == src:
+    if src == dst:
+        pass
+    elif local.stage == src:
         nbytes = _send_layers(local, _link_to(local, dst), names)
         reply = _take_json(_link_to(local, dst), ACK, timeout, "migration acknowledgement")
         ok, error = bool(reply["ok"]), str(reply["error"])

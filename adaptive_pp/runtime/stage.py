@@ -38,6 +38,7 @@ from ..core.errors import NonFiniteLoss, PipelineError, StageFailure, VersionMis
 from ..core.schedules import Action
 from .chunk import Chunk, Segment
 from .comm import Header, Link, MessageKind
+from .locallink import LocalLink
 from .splitgrad import (
     PendingW,
     WeightPassError,
@@ -60,7 +61,8 @@ class StageWorker:
     version is passed to each ``prepare``; ``driver.run_actions`` runs a rank's actions, each on
     its chunk's worker. ``num_stages`` counts virtual stages (ranks x chunks); ``up`` and
     ``down`` are the links to the ranks of the virtual stages before and after this chunk's
-    (the first rank's later chunks get their input over the wrap-around link from the last).
+    (the first rank's later chunks get their input over the wrap-around link from the last;
+    two chunks of one rank, ZB-V's turn, over a ``LocalLink``).
     """
 
     def __init__(
@@ -68,8 +70,8 @@ class StageWorker:
         chunk: Chunk,
         num_stages: int,
         loss_fn: LossFn | None,
-        up: Link | None,
-        down: Link | None,
+        up: Link | LocalLink | None,
+        down: Link | LocalLink | None,
         device: torch.device,
         recv_timeout: float,
         checkpointing: bool = False,
@@ -94,6 +96,8 @@ class StageWorker:
         self._w_params: list[list[torch.Tensor]] = []  # per segment, what W gives a gradient
         #: Forward actions completed (their output sent) in the step being run.
         self.forwards_done = 0
+        #: B or I actions completed (their input gradient sent) in the step being run.
+        self.backwards_done = 0
         #: PipeDream-2BW (``runtime.twobw``): whether the step runs on a weight version (the
         #: runner swaps it into the modules), and the version each stash entry ran on.
         self._versioned = False
@@ -165,6 +169,7 @@ class StageWorker:
             self._backward_weight(action.microbatch, log)
         else:  # B, or I (which keeps the stash and the boundary gradients for W)
             self._backward(action.microbatch, g, step, log, split=action.kind == "I")
+            self.backwards_done += 1
         return t_start
 
     @property
@@ -187,7 +192,7 @@ class StageWorker:
         self._stash_bytes = {}
         self._stash_version = {}
         self._live_bytes = 0
-        self.forwards_done = 0
+        self.forwards_done = self.backwards_done = 0
         self._sources.clear()
         self._pending_w.clear()
 

@@ -211,15 +211,21 @@ def _publish(
 def undoable(local: LocalStage) -> bool:
     """Whether a failure here, now, leaves every rank's optimizer untouched.
 
-    Every rank's last action needs this rank's last forward output (downstream) or its
-    last input gradient (upstream): until this rank has sent them, no rank can finish. With
-    chunks, the last virtual stage needs the last forward of every chunk of every rank.
+    Every rank's last action needs the loss of the last micro-batch, so the last forward of
+    every chunk of every rank: until this rank has run them all, no rank can finish. The rank
+    that computes the loss also starts every backward chain: until its last virtual stage has
+    sent its last input gradient, no rank can finish either (1F1B: its last action; ZB-V's
+    rank 0 runs its first virtual stage's I's and its W's after it, and a failure then is not
+    undoable: the other ranks may have stepped).
     """
     if local.phase == "check":
         return True
     if local.phase != "run" or local.stream is not None:  # 2BW: the stream cannot rewind
         return False
-    return local.is_last or local.forwards_done < local.microbatches * local.num_chunks
+    m = local.microbatches
+    if any(w.is_last and w.backwards_done < m for w in local.workers):
+        return True
+    return local.forwards_done < m * local.num_chunks
 
 
 def fail(local: LocalStage, exc: BaseException, *, undoable: bool) -> None:

@@ -93,11 +93,12 @@ def local_part(local: LocalStage, log: StageLog, t0: float, optimizer_s: float) 
 
 def _incoming(local: LocalStage) -> list[tuple[Link, MessageKind]]:
     """(link, kind) of each queue this rank consumes: activations from the rank before each of
-    its chunks, gradients from the rank after (one trace per link and kind, as simulated)."""
+    its chunks, gradients from the rank after (one trace per link and kind, as simulated: the
+    hop between two chunks of this rank, a LocalLink, has none)."""
     out: list[tuple[Link, MessageKind]] = []
     for w in local.workers:
         for ln, kind in ((w.up, MessageKind.ACT), (w.down, MessageKind.GRAD)):
-            if ln is not None and not any(ln is a and kind == b for a, b in out):
+            if isinstance(ln, Link) and not any(ln is a and kind == b for a, b in out):
                 out.append((ln, kind))
     return out
 
@@ -152,7 +153,7 @@ def merge_parts(meta: ReportMeta, parts: list[dict[str, Any]], wall: float) -> S
         timeline=timeline,
         partition=meta.partition,
         source="runtime",
-        loss=parts[-1]["loss"],
+        loss=next((p["loss"] for p in parts if p["loss"] is not None), None),
         events=meta.events,
         extra={
             "wall": wall,
