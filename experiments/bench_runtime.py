@@ -74,6 +74,11 @@ def run_torch(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]
         per = args["layers"] // (2 * stages)
         sub = [nn.Sequential(*list(model)[v * per : (v + 1) * per]) for v in (rank, rank + stages)]
         params = [p for mod in sub for p in mod.parameters()]
+    elif schedule == "zb-v":  # 2 chunks per rank in V placement: virtual stages r, 2S-1-r
+        per = args["layers"] // (2 * stages)
+        vs = (rank, 2 * stages - 1 - rank)
+        sub = [nn.Sequential(*list(model)[v * per : (v + 1) * per]) for v in vs]
+        params = [p for mod in sub for p in mod.parameters()]
     else:
         per = args["layers"] // stages
         sub = nn.Sequential(*list(model)[rank * per : (rank + 1) * per])

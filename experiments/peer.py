@@ -32,10 +32,12 @@ def torch_pipeline_walls(
     The peer we compare against: PipelineStage + Schedule1F1B / ScheduleGPipe /
     ScheduleInterleavedZeroBubble (``"zb-h1"``, one stage per rank: torch's ZB1P) /
     ScheduleInterleaved1F1B (``"interleaved-1f1b"``: ``sub`` is then the list of this rank's
-    model chunks, chunk c holding virtual stage ``c * S + rank`` as ours does) with shapes
+    model chunks, chunk c holding virtual stage ``c * S + rank`` as ours does) /
+    ScheduleZBVZeroBubble (``"zb-v"``: ``sub`` the rank's 2 chunks, virtual stages ``rank``
+    and ``2S - 1 - rank``, V placement as ours; the loss on rank 0) with shapes
     inferred on the first step, MSE loss, then ``optimizer``, timed by ``timed_steps`` (the
     schedule's step and the optimizer's); ``before_step(k)`` runs untimed. Under ``"zb-h1"``
-    torch's input- and weight-gradient passes are marked like ours (``splitgrad.phase``), so
+    and ``"zb-v"`` torch's input- and weight-gradient passes are marked like ours (``splitgrad.phase``), so
     the emulated kernels split their backward time the same way for both runtimes.
     ``timeline``, if given, gets per step this rank's (kind, micro-batch, start, end) of every
     forward and backward chunk, seconds from the step's start, and its model chunk (the timing
@@ -49,6 +51,7 @@ def torch_pipeline_walls(
         ScheduleGPipe,
         ScheduleInterleaved1F1B,
         ScheduleInterleavedZeroBubble,
+        ScheduleZBVZeroBubble,
     )
 
     rank, stages = dist.get_rank(), dist.get_world_size()
@@ -66,6 +69,15 @@ def torch_pipeline_walls(
             for c, mod in enumerate(chunks)
         ]
         sched = ScheduleInterleaved1F1B(held, microbatches, loss_fn=nn.functional.mse_loss)
+    elif schedule == "zb-v":
+        virtual = 2 * stages
+        held = [
+            PipelineStage(nn.Sequential(*mod, _Copy()), v, virtual, torch.device("cpu"))
+            for mod, v in zip(sub, (rank, virtual - 1 - rank), strict=True)
+        ]
+        for st in held:
+            _mark_split_backward(st)
+        sched = ScheduleZBVZeroBubble(held, microbatches, loss_fn=nn.functional.mse_loss)
     else:
         held = [PipelineStage(sub, rank, stages, torch.device("cpu"))]
         if schedule == "zb-h1":
@@ -80,13 +92,19 @@ def torch_pipeline_walls(
     if timeline is not None:
         for c, st in enumerate(held):
             _time_chunks(st, records, c)
-    return _timed_walls(sched, optimizer, x, y, steps, before_step, timeline, records)
+    return _timed_walls(
+        sched, optimizer, x, y, steps, before_step, timeline, records, v_shape=schedule == "zb-v"
+    )
 
 
-def torch_step(sched: Any, optimizer: Any, x: Any, y: Any, rank: int, stages: int) -> None:
+def torch_step(
+    sched: Any, optimizer: Any, x: Any, y: Any, rank: int, stages: int, v_shape: bool = False
+) -> None:
     """One step of a torch.distributed.pipelining schedule on this rank (the first stage feeds
-    ``x``, the last ``y``), then the optimizer."""
-    if rank == 0:
+    ``x``, the last ``y``: both rank 0's under V placement, ``v_shape``), then the optimizer."""
+    if rank == 0 and v_shape:
+        sched.step(x, target=y, losses=[])
+    elif rank == 0:
         sched.step(x)
     elif rank == stages - 1:
         sched.step(target=y, losses=[])
@@ -105,6 +123,7 @@ def _timed_walls(
     before_step: Any,
     timeline: list[list[Record]] | None,
     records: list[Record],
+    v_shape: bool = False,
 ) -> list[float]:
     """``steps`` timed steps of ``sched`` then ``optimizer``; per step, ``records`` (filled by
     the chunk methods' timing) moved to ``timeline`` with times from the step's start."""
@@ -119,7 +138,7 @@ def _timed_walls(
         records.clear()
 
     def step(_: int) -> None:
-        torch_step(sched, optimizer, x, y, rank, stages)
+        torch_step(sched, optimizer, x, y, rank, stages, v_shape)
 
     restore = _time_posts(records) if timeline is not None else None
     try:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # spawned stage processes inherit sys.path
     sys.path.insert(0, str(ROOT))
 
-from experiments import bench_adaptive, bench_runtime  # noqa: E402
+from adaptive_pp.core.actions import SCHEDULE_NAMES  # noqa: E402
+from experiments import bench_adaptive, bench_runtime, bench_schedules  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
@@ -61,3 +62,23 @@ def test_bench_adaptive_quick_moves_layers_off_the_slow_stage(
     assert moves, data["events"]
     assert len(data["steps_to_converge"]) == data["rounds"] == 1
     assert data["ratio_vs_torch"] > 0 and data["ratio_vs_best"] > 0
+
+
+def test_bench_schedules_runs_torch_zbv_and_ours_only_where_supported() -> None:
+    kinds = bench_schedules.kinds_run(("1f1b", "zb-h1", "interleaved-1f1b"))
+    assert "torch-zb-v" in kinds and "ours-zb-v" not in kinds
+    assert "ours-zb-v" in bench_schedules.kinds_run((*SCHEDULE_NAMES, "zb-v"))
+
+
+def test_bench_schedules_quick_times_every_configuration_with_torch_zbv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _run(bench_schedules.main, "bench_schedules", tmp_path, monkeypatch)
+    assert set(data["median_step_s"]) == set(bench_schedules.kinds_run())
+    assert data["ratios"]["torch_over_torch_1f1b"]["zb-v"] > 0
+    zbv = data["actions_ms"]["torch-zb-v"]  # split backward: F, I and W timed, no B
+    assert {"F", "I", "W"} <= set(zbv) and "B" not in zbv
+    ours = [s for s in bench_schedules.SCHEDULES if s in SCHEDULE_NAMES]
+    assert set(data["bubble"]) == set(ours) and "best_over_torch_1f1b" in data["ratios"]
+    for s in ours:
+        assert data["ratios"][s] > 0 and 0 < data["bubble"][s]["measured"] < 1
