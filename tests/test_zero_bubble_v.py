@@ -4,6 +4,7 @@ process; moves (the turn's local one included), M changes, refused switches, che
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import runtime_cases as rc
@@ -13,11 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptive_pp import PipelineConfig
-from adaptive_pp.core.decisions import MoveLayers, SetMicrobatches
+from adaptive_pp.core.decisions import MoveLayers, Plan, SetMicrobatches, SetSchedule
+from adaptive_pp.core.partition import Partition
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import validate, zb_v
 from adaptive_pp.core.simulator import Costs, simulate
 from adaptive_pp.runtime.checkpoint import read_meta
+from adaptive_pp.runtime.step import undoable
+from controllers import default_policy
 
 WIDTHS = (5, 4, 6, 3, 5, 4, 3, 2, 4, 6)
 
@@ -49,6 +53,41 @@ def test_config() -> None:
     with pytest.raises(ValueError, match="zb-v runs 2 model chunks per rank, got chunks=3"):
         PipelineConfig(schedule="zb-v", chunks=3)
     assert PipelineConfig(schedule="zb-v", stages=3, microbatches=1).chunks_per_rank() == 2
+
+
+def _rank(m: int, fwd: int, last_back: int | None, chunks: int = 2) -> SimpleNamespace:
+    """A stand-in LocalStage in phase "run": ``fwd`` forwards done over its chunks; the worker
+    of the last virtual stage (if held) has run ``last_back`` backwards (I or B)."""
+    workers = [SimpleNamespace(is_last=False, backwards_done=0) for _ in range(chunks - 1)]
+    held = last_back is not None
+    workers.append(SimpleNamespace(is_last=held, backwards_done=last_back or 0))
+    return SimpleNamespace(
+        phase="run", stream=None, workers=workers, microbatches=m, forwards_done=fwd,
+        num_chunks=chunks,
+    )  # fmt: skip
+
+
+def test_undoable_until_the_loss_rank_sent_its_last_input_gradient() -> None:
+    """ZB-V's rank 0 holds the loss and virtual stage 0: after its last I of chunk 1 every other
+    rank can finish and step, while it still runs chunk 0's I's and W's: not undoable then."""
+    assert undoable(_rank(3, 5, 0))  # a forward left: the loss of the last micro-batch waits
+    assert undoable(_rank(3, 6, 2))  # every forward done, the last input gradient not sent
+    assert not undoable(_rank(3, 6, 3))  # sent: the others may have stepped
+    assert not undoable(_rank(3, 6, None))  # another rank, every forward done
+    assert undoable(_rank(3, 5, None))
+    assert undoable(_rank(2, 2, 1, chunks=1))  # 1F1B's last stage before its last B
+
+
+def test_default_policy_proposes_no_move_or_switch_on_zb_v() -> None:
+    """The rebalancer and the switcher leave a chunked plan alone (the tuner may change M,
+    which zb-v runs for any M): on uneven zb-v stages, 30 steps of the default policy."""
+    policy = default_policy()
+    plan = Plan(Partition((0, 2, 3, 5, 6, 8, 9)), 5, "zb-v")
+    costs = Costs.build(3, 5, [3.0, 1.0, 1.0], [6.0, 2.0, 2.0], tau_w=[3.0, 1.0, 1.0])
+    report = simulate(zb_v(3, 5), costs)
+    for _ in range(30):
+        decision = policy.decide(report, plan)
+        assert not isinstance(decision, MoveLayers | SetSchedule), decision
 
 
 # --- several processes ------------------------------------------------------------------------
