@@ -164,6 +164,10 @@ def expected_report(schedule: Schedule, costs: Costs, ref: Reference) -> dict[st
 
 # --- strategies -------------------------------------------------------------------------------
 
+# Schedules whose generator hands over a run plan; ZB-V has none (its chunk-1 forwards run up the
+# ranks, outside the column order): the event loop replays it.
+PLANNED = tuple(n for n in SCHEDULE_NAMES if n != "zb-v")
+
 cost_st = st.one_of(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.25]), st.floats(0.0, 5.0))
 
 
@@ -250,10 +254,12 @@ def test_replay_is_the_reference_to_the_bit(case: dict[str, Any]) -> None:
             case["tau_wrap"],
         )
     )
-    assert compile_schedule(schedule).plan is not None  # the generator's run plan
+    planned = schedule.name in PLANNED
+    assert (compile_schedule(schedule).plan is not None) == planned  # the generator's run plan
     assert times(replay_case(schedule, case)) == want
     copy = copy_of(schedule)
-    assert plans._plan_of(compile_schedule(copy)) is not None  # the flat form's run plan
+    if planned:
+        assert plans._plan_of(compile_schedule(copy)) is not None  # the flat form's run plan
     assert times(replay_case(copy, case)) == want
     assert times(event_replay(schedule, case)) == want
 
@@ -301,7 +307,7 @@ def producers(plan: compiled.Plan, num_stages: int) -> list[int | None]:
     return out
 
 
-@given(cases())
+@given(cases(PLANNED))
 def test_generated_plan_is_the_flat_forms(case: dict[str, Any]) -> None:
     """The run plan a generator builds from ranges equals the one derived from its checked flat
     form: same order, same inputs and links, same costs, same queues (a wrong builder fails)."""

@@ -3,6 +3,7 @@ process; moves (the turn's local one included), M changes, refused switches, che
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from adaptive_pp.core.partition import Partition
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import validate, zb_v
 from adaptive_pp.core.simulator import Costs, simulate
-from adaptive_pp.runtime.checkpoint import read_meta
+from adaptive_pp.runtime.checkpoint import CheckpointError, read_meta
 from adaptive_pp.runtime.step import undoable
 from controllers import default_policy
 
@@ -197,3 +198,15 @@ def test_checkpoint_of_zb_v_resumes_under_zb_v_and_other_plans(
         rc.assert_held_equal(ranks, ref_state, resumed)
         last = [r for r in ranks if r["losses"]]
         assert last and all(r["losses"] == ref_losses[2:] for r in last)
+
+
+def test_a_checkpoint_naming_an_unknown_placement_is_refused(tmp_path: Path) -> None:
+    doc = {"format": 1, "step": 1, "version": 1, "partition": [0, 1, 2], "num_layers": 2}
+    doc |= {"microbatches": 1, "schedule": "zb-v", "chunks": 2, "shards": ["s"], "extra": {}}
+    for placement, ok in (("v", True), ("loop", True), ("w", False)):
+        (tmp_path / "meta.json").write_text(json.dumps({**doc, "placement": placement}))
+        if ok:
+            assert read_meta(tmp_path)["placement"] == placement
+        else:
+            with pytest.raises(CheckpointError, match="inconsistent"):
+                read_meta(tmp_path)
