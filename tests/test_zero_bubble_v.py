@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import failure_cases as fc
 import pytest
 import runtime_cases as rc
 import switch_cases as sc
@@ -22,7 +23,7 @@ from adaptive_pp.core.schedules import validate, zb_v
 from adaptive_pp.core.simulator import Costs, simulate
 from adaptive_pp.runtime.checkpoint import CheckpointError, read_meta
 from adaptive_pp.runtime.step import undoable
-from controllers import default_policy
+from controllers import SwitchConfig, default_policy
 
 WIDTHS = (5, 4, 6, 3, 5, 4, 3, 2, 4, 6)
 
@@ -89,6 +90,8 @@ def test_default_policy_proposes_no_move_or_switch_on_zb_v() -> None:
     for _ in range(30):
         decision = policy.decide(report, plan)
         assert not isinstance(decision, MoveLayers | SetSchedule), decision
+    with pytest.raises(ValueError, match="allowed schedule 'zb-v'"):
+        SwitchConfig(allowed=("1f1b", "zb-v"))  # the switcher picks among one-chunk schedules
 
 
 # --- several processes ------------------------------------------------------------------------
@@ -118,6 +121,20 @@ def test_zb_v_training_equals_single_process(
     queues = {(q.src, q.dst, q.kind) for q in report.queues}
     assert queues == {(q.src, q.dst, q.kind) for q in sim.queues}
     assert all(q.src != q.dst for q in report.queues)
+
+
+@pytest.mark.multiprocess
+def test_a_nan_loss_on_rank_0_is_undone_on_every_rank(pools: PoolFor) -> None:
+    """The last micro-batch's loss (rank 0, chunk 1: virtual stage 2S-1) is NaN at step AT:
+    rank 0 has not sent that micro-batch's input gradient, so no rank can have stepped; all
+    undo it and the loop that goes on stays exact."""
+    case = rc.Case(4, WIDTHS[:6], (0, 2, 3, 4, 5), 3, "zb-v", "adam", fc.AT + 2)
+    ranks = pools(2).run(fc.job_catch_and_continue, "nan", case, timeout=120)
+    for out in ranks:
+        assert [(e["step"], e["kind"], e["undone"]) for e in out["errors"]] == [
+            (fc.AT, "NonFiniteLoss", True)
+        ]
+    rc.assert_matches_reference(case, ranks, skip=frozenset({fc.AT}))
 
 
 @st.composite
