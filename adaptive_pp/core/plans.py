@@ -13,7 +13,7 @@ gets one from its flat form when every input comes earlier in that order (``_col
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from itertools import chain
 from operator import lt, sub
@@ -171,8 +171,11 @@ def _slices(pieces: Sequence[range], values: Sequence[float]) -> tuple[float, ..
     return tuple(_sliced(pieces, values))
 
 
-def _sliced(pieces: Sequence[range], values: Sequence[float]) -> Iterator[float]:
-    return chain.from_iterable(values[x.start : x.stop : x.step] for x in pieces)
+def _sliced(pieces: Sequence[range], values: Sequence[float]) -> list[float]:
+    out: list[float] = []
+    for x in pieces:
+        out += values[x.start : x.stop : x.step]
+    return out
 
 
 def _differences(xs: list[range], ys: list[range]) -> list[int]:

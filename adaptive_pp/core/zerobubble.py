@@ -109,25 +109,26 @@ def _plan_interleaved(s_: int, m: int, v_: int) -> Compiled:
         # The link each input crosses (S: no input; -1: from the same rank, free).
         up = [_link((r - 1) % s_, r, s_) if r or c else s_ for c in range(v_)]
         down = [_link((r + 1) % s_, r, s_) if r < s_ - 1 or c < v_ - 1 else s_ for c in range(v_)]
-        links.append(_steady(_seq(by_fc(up)), _seq(by_bc(down)), warmup, n))
+        if len({*up}) == len({*down}) == 1:  # every chunk's the same (ranks 0 < r < S-1)
+            links.append([up[0]] * warmup + [up[0], down[0]] * n + [down[0]] * (total - n))
+        else:
+            links.append(_steady(_seq(by_fc(up)), _seq(by_bc(down)), warmup, n))
         keys.append(_steady(fm, back_keys, warmup, n))
         peaks.append(warmup + 1 if n else warmup)
-    # Report order: by chunk, then micro-batch (k-th forward of chunk c, micro-batch g*S + i:
-    # k = g*S*V + c*S + i; its backward is the one of chunk V-1-c).
-    by_f = [g * v_ + c * s_ + i for c in range(v_) for g in range(0, m, s_) for i in range(s_)]
-    by_b = [g * v_ + (v_ - 1 - c) * s_ + i for c in range(v_) for g in range(0, m, s_)
-            for i in range(s_)]  # fmt: skip
     streams: list[Stream] = []
     queues: dict[tuple[int, int, str], Queue] = {}
     last = s_ - 1
     w0, n0 = _interleaved_warmup(s_, m, v_, 0)
     wl, nl = _interleaved_warmup(s_, m, v_, last)
+    # The queues' messages in report order (by chunk, then micro-batch), as runs of places.
+    fby = [_by_chunk(s_, m, v_, r, True) for r in range(s_)]
+    bby = [_by_chunk(s_, m, v_, r, False) for r in range(s_)]
     for r in range(1, s_):
         streams.append((r, fwd[r], r - 1, fwd[r - 1]))
-        queues[r - 1, r, "act"] = (fwd[r], by_f, fwd[r - 1], by_f)
+        queues[r - 1, r, "act"] = (_joined(fby[r]), None, _joined(fby[r - 1]), None)
     for r in range(last):
         streams.append((r, back[r], r + 1, back[r + 1]))
-        queues[r + 1, r, "grad"] = (back[r], by_b, back[r + 1], by_b)
+        queues[r + 1, r, "grad"] = (_joined(bby[r]), None, _joined(bby[r + 1]), None)
     if v_ > 1:  # around the ring: rank 0's chunks c > 0 from rank S-1's c - 1, and back
         later = range(s_, total, rnd)  # per round, the first forward of chunk 1 (to the end)
         streams.append((
@@ -143,10 +144,38 @@ def _plan_interleaved(s_: int, m: int, v_: int) -> Compiled:
             [x for k in later for x in _backwards_at(k - s_, k + rnd - 2 * s_, w0, n0)],
         ))  # fmt: skip
         if s_ > 1:  # (chunk, micro-batch) order; the producer: one chunk before (after)
-            queues[last, 0, "act"] = (fwd[0], by_f[m:], fwd[last], by_f[: total - m])
-            queues[0, last, "grad"] = (back[last], by_b[: total - m], back[0], by_b[m:])
+            queues[last, 0, "act"] = (_joined(fby[0][1:]), None, _joined(fby[last][:-1]), None)
+            queues[0, last, "grad"] = (_joined(bby[last][:-1]), None, _joined(bby[0][1:]), None)
     split = w0 + 1 if n0 else w0  # where rank 0 runs its first B
     return _planned(s_, split, 2 * total, streams, queues, links, keys, peaks, False)
+
+
+def _by_chunk(s_: int, m: int, v_: int, r: int, forward: bool) -> list[list[range]]:
+    """Per chunk, where rank r's forwards (else backwards) of it stand, by micro-batch: chunk
+    c's forwards of round g (micro-batches g*S..g*S+S-1) are the rank's k-th for k = g*S*V +
+    c*S + i; its backwards, those of forward chunk V-1-c (the same k)."""
+    w, n = _interleaved_warmup(s_, m, v_, r)
+    out = []
+    for c in range(v_):
+        pieces: list[range] = []
+        for k in range((c if forward else v_ - 1 - c) * s_, m * v_, s_ * v_):
+            e = k + s_
+            if forward and e <= w:  # warm-up: the k-th forward at k
+                pieces.append(range(k, e))
+            elif forward and k >= w:  # then every other place
+                pieces.append(range(2 * k - w, 2 * e - w, 2))
+            elif not forward and e <= n:  # F and B take turns: the k-th B at w + 2k + 1
+                pieces.append(range(w + 1 + 2 * k, w + 1 + 2 * e, 2))
+            elif not forward and k >= n:  # then one after the other
+                pieces.append(range(w + n + k, w + n + e))
+            else:
+                pieces += _forwards_at(k, e, w) if forward else _backwards_at(k, e, w, n)
+        out.append(pieces)
+    return out
+
+
+def _joined(per_chunk: list[list[range]]) -> list[range]:
+    return [x for pieces in per_chunk for x in pieces]
 
 
 @_gc_paused
