@@ -62,6 +62,7 @@ def _ready(vs_count: int, m_count: int) -> list[float | None]:
 
 Pick = Callable[[Sequence[float]], tuple[float, ...]]
 Feed = Callable[[Sequence[float]], Iterable[float]]
+Row = Callable[[Sequence[float]], Sequence[float]]  # reads a rank's costs from its table
 
 
 def _getter(indices: Sequence[int]) -> Pick:
@@ -109,7 +110,7 @@ class Plan:
     links: tuple[int, ...]
     pairs: tuple[tuple[int, int], ...]  # per queue, its source and destination rank
     keys: Pick | None = None
-    cost_rows: Sequence[Pick] = ()
+    cost_rows: Sequence[Row] = ()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from itertools import chain
 from operator import lt, sub
 from typing import Any
 
-from .compiled import Compiled, Feed, Pick, Plan, _getter, _link, _queues
+from .compiled import Compiled, Feed, Pick, Plan, Row, _getter, _link, _queues
 
 
 def _transpose(rows: Sequence[Sequence[Any]], split: int) -> list[Any]:
@@ -81,14 +81,15 @@ def _planned(
     streams: Sequence[Stream],
     queues: dict[tuple[int, int, str], Queue],
     links: Sequence[Sequence[int]],
-    cost_keys: Sequence[Sequence[int]],
+    cost_keys: Sequence[Sequence[int] | Row],
     peaks: Sequence[int],
     split_backward: bool,
 ) -> Compiled:
     """A generator's compiled form: every rank ``length`` actions long, inputs as ``streams``
     (an action in none has no input), ``queues`` by (source, destination, act or grad); per
     rank s in its order: ``links[s]`` the link each input crosses (S: no input), ``cost_keys[s]``
-    the index into the rank's cost table (kind * M + micro-batch, kinds F, B or I, W)."""
+    the index into the rank's cost table (kind * M + micro-batch, kinds F, B or I, W), or the
+    Row that reads them."""
     back = [-1] * (num_stages * length)  # in run order; no input: any earlier action will do
     for rank, own, src, prod in streams:
         runs = _runs(own, rank, num_stages, split)
@@ -122,7 +123,7 @@ def _planned(
         tuple(_link(src, dst, num_stages) for src, dst, _ in order),
         tuple((src, dst) for src, dst, _ in order),
         None,
-        tuple(map(_getter, cost_keys)),
+        tuple(k if callable(k) else _getter(k) for k in cost_keys),
     )
     offsets = tuple(s * length for s in range(num_stages + 1))
     return Compiled(tuple(peaks), offsets, order, split_backward, None, plan)

@@ -9,12 +9,16 @@ from ranges: where each rank runs the F and the B or I of each virtual stage and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from operator import itemgetter
+from typing import Any, TypeVar
 
 from .actions import Schedule, ScheduleError, _actions, _actions_of, _check_sizes, _gc_paused
-from .compiled import Compiled, _link, hand_over
+from .compiled import Compiled, Pick, Row, _getter, _link, hand_over
 from .plans import Queue, Stream, _chained, _planned
+
+T = TypeVar("T")
 
 
 @_gc_paused
@@ -63,12 +67,19 @@ def _seq(picked: int | tuple[int, ...]) -> list[int]:
     return list(picked) if isinstance(picked, tuple) else [picked]
 
 
-def _steady(fwd: list[int], bwd: list[int], warmup: int, n: int) -> list[int]:
+def _steady(fwd: Sequence[T], bwd: Sequence[T], warmup: int, n: int) -> list[T]:
     """``fwd[:warmup]``, then ``fwd[warmup + j]``, ``bwd[j]`` for j < n, then ``bwd[n:]``."""
-    body = [0] * (2 * n)
+    body: list[T] = [fwd[0]] * (2 * n) if n else []
     body[0::2] = fwd[warmup:]
     body[1::2] = bwd[:n]
     return [*fwd[:warmup], *body, *bwd[n:]]
+
+
+def _steady_pick(
+    pick_f: Pick, pick_b: Pick, warmup: int, n: int, table: Sequence[float]
+) -> list[float]:
+    """A rank's costs in its order (see _steady) from its table."""
+    return _steady(pick_f(table), pick_b(table), warmup, n)
 
 
 def _forwards_at(k0: int, k1: int, warmup: int) -> list[range]:
@@ -99,8 +110,10 @@ def _plan_interleaved(s_: int, m: int, v_: int) -> Compiled:
     """
     fc, fm, bc = _interleaved_order(s_, m, v_)
     total, rnd = m * v_, s_ * v_  # forwards per rank; per round of S micro-batches
-    back_keys = [m + x for x in fm]  # a rank's cost table: F then B, M each
-    fwd, back, links, keys, peaks = [], [], [], [], []
+    # A rank's cost table: F then B, M each; the k-th forward's and backward's entries.
+    pick_f, pick_b = _getter(fm), _getter([m + x for x in fm])
+    fwd, back, links, peaks = [], [], [], []
+    keys: list[Row] = []
     by_fc, by_bc = itemgetter(*fc), itemgetter(*bc)  # per forward/backward, its chunk's entry
     for r in range(s_):
         warmup, n = _interleaved_warmup(s_, m, v_, r)
@@ -113,7 +126,7 @@ def _plan_interleaved(s_: int, m: int, v_: int) -> Compiled:
             links.append([up[0]] * warmup + [up[0], down[0]] * n + [down[0]] * (total - n))
         else:
             links.append(_steady(_seq(by_fc(up)), _seq(by_bc(down)), warmup, n))
-        keys.append(_steady(fm, back_keys, warmup, n))
+        keys.append(partial(_steady_pick, pick_f, pick_b, warmup, n))
         peaks.append(warmup + 1 if n else warmup)
     streams: list[Stream] = []
     queues: dict[tuple[int, int, str], Queue] = {}
@@ -232,10 +245,10 @@ def _layout(segs: list[Segment]) -> tuple[str, int, Spots]:
 
 
 def _fill(
-    length: int, spots: Spots, table: list[int], base: dict[str, int] | None = None
-) -> list[int]:
+    length: int, spots: Spots, table: Sequence[T], base: dict[str, int] | None = None
+) -> list[T]:
     """Per position, ``table[base[kind] + micro-batch]`` (base 0 for a kind not given)."""
-    row = [0] * length
+    row: list[Any] = [0] * length
     for kind, pieces in spots.items():
         for where, first in pieces:
             lo = (base or {}).get(kind, 0) + first
@@ -245,8 +258,8 @@ def _fill(
 
 def _plan_zb_h1(s_: int, m: int) -> Compiled:
     """zb_h1's compiled form."""
-    fpos, ipos, links, keys = [], [], [], []
-    table = list(range(3 * m))
+    fpos, ipos, links = [], [], []
+    keys: list[Row] = []  # each reads the rank's costs from its table (F, I, W; M each)
     for r in range(s_):
         _, length, spots = _layout(_zb_segments(s_, m, r))
         fpos.append([where for where, _ in spots["F"]])
@@ -257,7 +270,7 @@ def _plan_zb_h1(s_: int, m: int) -> Compiled:
             for where, _ in spots[kind]:
                 link[where.start : where.stop : where.step] = [hop] * len(where)
         links.append(link)
-        keys.append(_fill(length, spots, table, {"I": m, "W": 2 * m}))  # tables F, I, W
+        keys.append(partial(_fill, length, spots, base={"I": m, "W": 2 * m}))  # F, I, W
     w0 = min(s_ - 1, m)
     split = w0 + 1 if w0 < m else w0  # where rank 0 runs its first I
     peaks = [min(s_, m)] * s_
