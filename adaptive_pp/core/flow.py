@@ -78,20 +78,9 @@ def _run_costs(
         else:
             table = [*tau_f[s], *tau_b[s]]
         if chunks > 1:
-            table = _divided(table, chunks)
+            table = list(map(truediv, table, repeat(chunks)))
         rows.append(pick(table))
     return _transpose(rows, plan.split)
-
-
-def _divided(table: list[float], chunks: int) -> list[float]:
-    """``table`` divided by ``chunks``, once per distinct value where values repeat (costs built
-    from per-stage values share their floats: so do the quotients). A value's twin of the other
-    zero sign may lend its quotient: the replay only adds costs to times >= +0.0, the same sum."""
-    unique = list(dict.fromkeys(table))
-    if 2 * len(unique) > len(table):
-        return list(map(truediv, table, repeat(chunks)))
-    quotient = dict(zip(unique, map(truediv, unique, repeat(chunks)), strict=True))
-    return list(map(quotient.__getitem__, table))
 
 
 @dataclass(frozen=True)
