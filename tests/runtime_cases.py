@@ -38,6 +38,18 @@ class Case:
         return self.microbatches * self.per_microbatch
 
 
+def draw_layout(
+    draw: st.DrawFn, ranges: int, layers: int, max_width: int = 9
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Random widths of an MLP of ``layers`` layers (``layers + 1`` values in 1..``max_width``)
+    and a random partition of its layers into ``ranges`` non-empty ranges (hypothesis)."""
+    cuts = sorted(
+        draw(st.sets(st.integers(1, max(1, layers - 1)), min_size=ranges - 1, max_size=ranges - 1))
+    )
+    widths = draw(st.lists(st.integers(1, max_width), min_size=layers + 1, max_size=layers + 1))
+    return tuple(widths), (0, *cuts, layers)
+
+
 def draw_case(
     draw: st.DrawFn,
     schedules: Sequence[str],
@@ -50,14 +62,11 @@ def draw_case(
     """A random small MLP on ``min_stages``-4 stages with a random partition, M in
     ``min_m(stages)``..``max_m``, one of ``schedules``, SGD or Adam (hypothesis)."""
     stages = draw(st.integers(min_stages, 4))
-    layers = draw(st.integers(stages, 7))
-    cuts = sorted(
-        draw(st.sets(st.integers(1, max(1, layers - 1)), min_size=stages - 1, max_size=stages - 1))
-    )
+    widths, bounds = draw_layout(draw, stages, draw(st.integers(stages, 7)))
     return Case(
         seed=draw(st.integers(0, 10_000)),
-        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
-        bounds=(0, *cuts, layers),
+        widths=widths,
+        bounds=bounds,
         microbatches=draw(st.integers(min_m(stages), max_m)),
         schedule=draw(st.sampled_from(list(schedules))),
         optimizer=draw(st.sampled_from(["sgd", "adam"])),

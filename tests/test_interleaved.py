@@ -167,14 +167,11 @@ def interleaved_cases(draw: st.DrawFn) -> rc.Case:
     """Random small MLPs on 2-3 ranks x 2-3 chunks, random partitions, M a multiple of S."""
     stages, chunks = draw(st.integers(2, 3)), draw(st.integers(2, 3))
     vstages = stages * chunks
-    layers = draw(st.integers(vstages, vstages + 3))
-    cuts = sorted(
-        draw(st.sets(st.integers(1, layers - 1), min_size=vstages - 1, max_size=vstages - 1))
-    )
+    widths, bounds = rc.draw_layout(draw, vstages, draw(st.integers(vstages, vstages + 3)))
     return rc.Case(
         seed=draw(st.integers(0, 10_000)),
-        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
-        bounds=(0, *cuts, layers),
+        widths=widths,
+        bounds=bounds,
         microbatches=stages * draw(st.integers(1, 2)),
         schedule="interleaved-1f1b",
         optimizer=draw(st.sampled_from(["sgd", "adam"])),

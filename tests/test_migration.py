@@ -22,15 +22,12 @@ pytestmark = pytest.mark.multiprocess
 def runs(draw: st.DrawFn) -> tuple[rc.Case, dict[int, list[Decision]], dict[int, int]]:
     """A random model and partition, and random valid moves and M changes at random steps."""
     stages = draw(st.integers(2, 4))
-    layers = draw(st.integers(stages + 1, 8))
-    cuts = sorted(
-        draw(st.sets(st.integers(1, layers - 1), min_size=stages - 1, max_size=stages - 1))
-    )
+    widths, bounds = rc.draw_layout(draw, stages, draw(st.integers(stages + 1, 8)), max_width=6)
     m = draw(st.sampled_from([1, 2, 4]))
     case = rc.Case(
         seed=draw(st.integers(0, 10_000)),
-        widths=tuple(draw(st.lists(st.integers(1, 6), min_size=layers + 1, max_size=layers + 1))),
-        bounds=(0, *cuts, layers),
+        widths=widths,
+        bounds=bounds,
         microbatches=m,
         schedule=draw(st.sampled_from(["1f1b", "gpipe"])),
         optimizer=draw(st.sampled_from(["sgd", "adam"])),

@@ -54,15 +54,12 @@ def switch_cases(draw: st.DrawFn) -> tuple[rc.Case, dict[int, list[Decision]]]:
     """2-3 stages, random partition and M, SGD or Adam; before each step, maybe a new schedule
     (and sometimes a new M as well)."""
     stages = draw(st.integers(2, 3))
-    layers = draw(st.integers(stages, 6))
-    cuts = sorted(
-        draw(st.sets(st.integers(1, layers - 1), min_size=stages - 1, max_size=stages - 1))
-    )
+    widths, bounds = rc.draw_layout(draw, stages, draw(st.integers(stages, 6)), max_width=7)
     steps = draw(st.integers(2, 4))
     case = rc.Case(
         seed=draw(st.integers(0, 10_000)),
-        widths=tuple(draw(st.lists(st.integers(1, 7), min_size=layers + 1, max_size=layers + 1))),
-        bounds=(0, *cuts, layers),
+        widths=widths,
+        bounds=bounds,
         microbatches=2,
         schedule=draw(st.sampled_from(ONE_CHUNK)),
         optimizer=draw(st.sampled_from(["sgd", "adam"])),

@@ -143,14 +143,11 @@ def zbv_cases(draw: st.DrawFn) -> rc.Case:
     Adam, 1-2 steps."""
     stages = draw(st.integers(2, 3))
     vstages = 2 * stages
-    layers = draw(st.integers(vstages, 8))
-    cuts = sorted(
-        draw(st.sets(st.integers(1, layers - 1), min_size=vstages - 1, max_size=vstages - 1))
-    )
+    widths, bounds = rc.draw_layout(draw, vstages, draw(st.integers(vstages, 8)))
     return rc.Case(
         seed=draw(st.integers(0, 10_000)),
-        widths=tuple(draw(st.lists(st.integers(1, 9), min_size=layers + 1, max_size=layers + 1))),
-        bounds=(0, *cuts, layers),
+        widths=widths,
+        bounds=bounds,
         microbatches=draw(st.integers(1, 6)),
         schedule="zb-v",
         optimizer=draw(st.sampled_from(["sgd", "adam"])),
