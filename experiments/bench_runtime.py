@@ -20,7 +20,7 @@ from torch import nn
 from adaptive_pp import Pipeline, PipelineConfig
 from adaptive_pp.core.analysis import hop_latencies, replay_measured
 from adaptive_pp.core.report import StepReport
-from adaptive_pp.core.schedules import make_schedule
+from adaptive_pp.core.schedules import Placement, make_schedule, virtual_stage
 from adaptive_pp.core.simulator import Costs, bubble_exact, simulate
 from adaptive_pp.emulation.kernels import emulated_mlp
 from adaptive_pp.runtime.launch import WorkerPool
@@ -70,13 +70,10 @@ def run_torch(args: dict[str, Any], schedule: str, steps: int) -> dict[str, Any]
     rank, stages = dist.get_rank(), dist.get_world_size()
     model = _model(args)
     sub: nn.Module | list[nn.Module]
-    if schedule == "interleaved-1f1b":  # V = 2 chunks per rank, virtual stage c * S + rank
+    if schedule in ("interleaved-1f1b", "zb-v"):  # 2 chunks per rank, placed as ours are
         per = args["layers"] // (2 * stages)
-        sub = [nn.Sequential(*list(model)[v * per : (v + 1) * per]) for v in (rank, rank + stages)]
-        params = [p for mod in sub for p in mod.parameters()]
-    elif schedule == "zb-v":  # 2 chunks per rank in V placement: virtual stages r, 2S-1-r
-        per = args["layers"] // (2 * stages)
-        vs = (rank, 2 * stages - 1 - rank)
+        placement: Placement = "v" if schedule == "zb-v" else "loop"
+        vs = [virtual_stage(rank, c, stages, placement) for c in (0, 1)]
         sub = [nn.Sequential(*list(model)[v * per : (v + 1) * per]) for v in vs]
         params = [p for mod in sub for p in mod.parameters()]
     else:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptive_pp.core.schedules import virtual_stage
 from experiments.common import timed_steps
 
 # (kind, micro-batch, start, end, model chunk) of one action of torch's, on one rank.
@@ -37,8 +38,8 @@ def torch_pipeline_walls(
     and ``2S - 1 - rank``, V placement as ours; the loss on rank 0) with shapes
     inferred on the first step, MSE loss, then ``optimizer``, timed by ``timed_steps`` (the
     schedule's step and the optimizer's); ``before_step(k)`` runs untimed. Under ``"zb-h1"``
-    and ``"zb-v"`` torch's input- and weight-gradient passes are marked like ours (``splitgrad.phase``), so
-    the emulated kernels split their backward time the same way for both runtimes.
+    and ``"zb-v"`` torch's input- and weight-gradient passes are marked like ours
+    (``splitgrad.phase``), so the emulated kernels split their backward time the same way for both runtimes.
     ``timeline``, if given, gets per step this rank's (kind, micro-batch, start, end) of every
     forward and backward chunk, seconds from the step's start, and its model chunk (the timing
     wraps the stage instances' chunk methods; the schedule's sends and receives fall between
@@ -65,15 +66,20 @@ def torch_pipeline_walls(
         chunks = list(sub)
         virtual = len(chunks) * stages
         held = [
-            PipelineStage(mod, c * stages + rank, virtual, torch.device("cpu"))
+            PipelineStage(mod, virtual_stage(rank, c, stages), virtual, torch.device("cpu"))
             for c, mod in enumerate(chunks)
         ]
         sched = ScheduleInterleaved1F1B(held, microbatches, loss_fn=nn.functional.mse_loss)
     elif schedule == "zb-v":
         virtual = 2 * stages
         held = [
-            PipelineStage(nn.Sequential(*mod, _Copy()), v, virtual, torch.device("cpu"))
-            for mod, v in zip(sub, (rank, virtual - 1 - rank), strict=True)
+            PipelineStage(
+                nn.Sequential(*mod, _Copy()),
+                virtual_stage(rank, c, stages, "v"),
+                virtual,
+                torch.device("cpu"),
+            )
+            for c, mod in enumerate(sub)
         ]
         for st in held:
             _mark_split_backward(st)

@@ -131,6 +131,14 @@ def virtual_stage(rank: int, chunk: int, num_ranks: int, placement: Placement = 
     return chunk * num_ranks + rank
 
 
+def locate(vstage: int, num_ranks: int, placement: Placement = "loop") -> tuple[int, int]:
+    """``(rank, chunk)`` of virtual stage ``vstage`` (the inverse of ``virtual_stage``)."""
+    rank, chunk = vstage % num_ranks, vstage // num_ranks
+    if placement == "v" and chunk % 2 == 1:
+        rank = num_ranks - 1 - rank
+    return rank, chunk
+
+
 def _placements(num_ranks: int, chunks: int, placement: Placement) -> list[tuple[int, int]]:
     """``(rank, chunk)`` of each virtual stage, in pipeline order."""
     out = [(0, 0)] * (num_ranks * chunks)
@@ -174,10 +182,7 @@ class Schedule:
 
     def locate(self, vstage: int) -> tuple[int, int]:
         """``(rank, chunk)`` of virtual stage ``vstage``."""
-        rank, chunk = vstage % self.num_stages, vstage // self.num_stages
-        if self.placement == "v" and chunk % 2 == 1:
-            rank = self.num_stages - 1 - rank
-        return rank, chunk
+        return locate(vstage, self.num_stages, self.placement)
 
     def __iter__(self) -> Iterator[tuple[Action, ...]]:
         """Iterate over the stages' action tuples."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.actions import PLACEMENTS
+from ..core.actions import PLACEMENTS, Placement, locate
 from .layerstate import (
     layer_name,
     load_module_state,
@@ -228,21 +228,15 @@ def _read_checked(
     return meta, module, carried, hyper, older
 
 
-def _held(bounds: Sequence[int], s: int, ranks: int, placement: str = "loop") -> set[str]:
+def _held(bounds: Sequence[int], s: int, ranks: int, placement: Placement = "loop") -> set[str]:
     """Modules rank ``s`` of ``ranks`` holds under ``bounds``: the layers of its (virtual)
     stages (``v % ranks == s`` under the looping placement, see ``core.actions`` for "v"),
     "pre" on the first stage and "post" on the last."""
     last = len(bounds) - 2
-    at = [_rank_of(v, ranks, placement) for v in range(last + 1)]
+    at = [locate(v, ranks, placement)[0] for v in range(last + 1)]
     ends = [name for name, v in (("pre", 0), ("post", last)) if at[v] == s]
     vs = [v for v in range(last + 1) if at[v] == s]
     return {layer_name(i) for v in vs for i in range(bounds[v], bounds[v + 1])}.union(ends)
-
-
-def _rank_of(vstage: int, ranks: int, placement: str) -> int:
-    """The rank of virtual stage ``vstage`` (as ``Schedule.locate``; read_meta checked it)."""
-    rank, chunk = vstage % ranks, vstage // ranks
-    return ranks - 1 - rank if placement == "v" and chunk % 2 else rank
 
 
 def _check(modules: dict[str, nn.Module], module: dict[str, Any], carried: dict[str, Any]) -> None:

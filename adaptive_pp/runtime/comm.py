@@ -148,6 +148,14 @@ class LinkLog:
     consumed: list[float] = field(default_factory=list)
     waited: float = 0.0
 
+    def record(self, kind: MessageKind, arrived: float, consumed: float, waited: float) -> None:
+        """Note one message taken: activations and gradients only (the queues' traces)."""
+        if kind in (MessageKind.ACT, MessageKind.GRAD):
+            self.kinds.append(kind)
+            self.arrived.append(arrived)
+            self.consumed.append(consumed)
+            self.waited += waited
+
 
 class Link:
     """A bidirectional connection to one neighbouring stage, with a receiver thread.
@@ -326,11 +334,7 @@ class Link:
                 self.cond.wait(min(left, 1.0))
             msg = self._box.pop(key)
         now = time.perf_counter()
-        if kind in (MessageKind.ACT, MessageKind.GRAD):
-            self.log.kinds.append(kind)
-            self.log.arrived.append(msg.arrived)
-            self.log.consumed.append(now)
-            self.log.waited += now - t0
+        self.log.record(kind, msg.arrived, now, now - t0)
         return msg
 
     def close(self, timeout: float = 5.0) -> None:

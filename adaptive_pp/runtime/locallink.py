@@ -59,11 +59,7 @@ class LocalLink:
                 stage=self.me,
                 microbatch=microbatch,
             )
-        now = time.perf_counter()
-        if kind in (MessageKind.ACT, MessageKind.GRAD):
-            self.log.kinds.append(kind)
-            self.log.arrived.append(msg.arrived)
-            self.log.consumed.append(now)
+        self.log.record(kind, msg.arrived, time.perf_counter(), 0.0)
         return msg
 
     def flush(self) -> None:
