@@ -11,9 +11,11 @@ No profile has a deadline: these tests make no timing assertions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -63,10 +65,22 @@ def _spawning_files() -> frozenset[str]:
     )
 
 
+# Files with spawning tests that may run beside the serialized ones, on the other worker: they
+# start their own processes (torchrun agents, a study's pools) rather than share the session's
+# pools much, and assert no timing (exactness, files and fields written). Timing-sensitive
+# tests (a stage named within N s, a move seen through a loaded box's noise, measured bubbles)
+# stay serialized.
+BESIDE_THE_PURE_TESTS = frozenset(
+    {"tests/test_experiments_smoke.py", "tests/test_multihost.py", "tests/test_resume.py"}
+)
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under pytest-xdist (``make test`` runs ``-n 2``) the files that spawn stage processes
     all go to one worker, one test after another: they share the session's stage pools and
-    each wants the machine's cores for its ranks; the pure-Python tests go to the other.
+    each wants the machine's cores for its ranks; the pure-Python tests go to the other, and
+    so do the files of ``BESIDE_THE_PURE_TESTS`` (each file on one worker, its tests in turn),
+    which would otherwise make the serialized worker the last to finish by minutes.
     (``--dist loadgroup`` cannot express this: pytest 9 ignores the group xdist 3.8 sets.)"""
     from xdist.scheduler import LoadScopeScheduling
 
@@ -74,7 +88,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class ProcessesOnOneWorker(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            return "processes" if nodeid.split("::", 1)[0] in spawning else nodeid
+            path = nodeid.split("::", 1)[0]
+            if path in BESIDE_THE_PURE_TESTS:
+                return path
+            return "processes" if path in spawning else nodeid
 
     return ProcessesOnOneWorker(config, log)
 
@@ -99,6 +116,50 @@ def pools() -> Iterator[PoolFor]:
     yield get
     for pool in made.values():
         pool.close()
+
+
+class _Lent:
+    """A session pool handed out as ``with WorkerPool(n) as pool`` would: not closed at the end."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> WorkerPool:
+        return self.pool
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class _SessionPools(dict[int, WorkerPool]):
+    """``experiments.common``'s shared pools, drawn from the session's ``pools`` (which replaces
+    a broken one)."""
+
+    def __init__(self, get: PoolFor) -> None:
+        super().__init__()
+        self._get = get
+
+    def __contains__(self, nprocs: object) -> bool:
+        return True
+
+    def __getitem__(self, nprocs: int) -> WorkerPool:
+        return self._get(nprocs)
+
+
+def lend_pools(pools: PoolFor, monkeypatch: pytest.MonkeyPatch, *modules: ModuleType) -> None:
+    """Experiments and benchmarks run on the session's stage pools instead of spawning their own
+    (a rank costs seconds of CPU: it imports torch): ``experiments.common.pool`` hands them out,
+    and each of ``modules`` gets them from its ``WorkerPool`` and ``shared_pools``. What the
+    studies compute is the same on any pool of that many ranks: they share pools in
+    ``run_all`` too."""
+    from experiments import common
+
+    monkeypatch.setattr(common, "_SHARED", _SessionPools(pools))
+    for module in modules:
+        if hasattr(module, "WorkerPool"):
+            monkeypatch.setattr(module, "WorkerPool", lambda n: _Lent(pools(n)))
+        if hasattr(module, "shared_pools"):
+            monkeypatch.setattr(module, "shared_pools", contextlib.nullcontext)
 
 
 class FakeClock:

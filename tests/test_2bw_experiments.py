@@ -6,26 +6,24 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import PoolFor, lend_pools
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # spawned stage processes inherit sys.path
     sys.path.insert(0, str(ROOT))
 
 from experiments import bench_2bw, exp_2bw  # noqa: E402
-from experiments.common import shared_pools  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_pool() -> Iterator[None]:
-    """Both quick runs on one pool of 2 stage processes (started once)."""
-    with shared_pools():
-        yield
+@pytest.fixture(autouse=True)
+def session_pools(pools: PoolFor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both quick runs on the session's pool of 2 stage processes."""
+    lend_pools(pools, monkeypatch)
 
 
 def test_bench_2bw_quick_writes_ratio_simulator_and_drain(

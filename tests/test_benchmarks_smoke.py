@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import PoolFor, lend_pools
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # spawned stage processes inherit sys.path
@@ -21,9 +22,15 @@ pytestmark = pytest.mark.multiprocess
 
 
 def _run(
-    main: Callable[[], None], name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    main: Callable[[], None],
+    name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pools: PoolFor,
 ) -> dict[str, Any]:
-    """``python -m experiments.NAME --quick``, its results under ``tmp_path``; its JSON."""
+    """``python -m experiments.NAME --quick`` on the session's stage pools, its results under
+    ``tmp_path``; its JSON."""
+    lend_pools(pools, monkeypatch, sys.modules[main.__module__])
     monkeypatch.setenv("ADAPTIVE_PP_RESULTS", str(tmp_path))
     monkeypatch.setattr(sys, "argv", [name, "--quick"])
     main()
@@ -32,9 +39,9 @@ def _run(
 
 
 def test_bench_runtime_quick_writes_ratios_and_decomposition(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pools: PoolFor
 ) -> None:
-    data = _run(bench_runtime.main, "bench_runtime", tmp_path, monkeypatch)
+    data = _run(bench_runtime.main, "bench_runtime", tmp_path, monkeypatch, pools)
     assert set(data["ratios"]) == {"1f1b", "gpipe"} and all(r > 0 for r in data["ratios"].values())
     assert set(data["decomposition"]) == set(bench_runtime.CONFIGS)
     for row in data["decomposition"].values():
@@ -46,9 +53,9 @@ def test_bench_runtime_quick_writes_ratios_and_decomposition(
 
 
 def test_bench_adaptive_quick_moves_layers_off_the_slow_stage(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pools: PoolFor
 ) -> None:
-    data = _run(bench_adaptive.main, "bench_adaptive", tmp_path, monkeypatch)
+    data = _run(bench_adaptive.main, "bench_adaptive", tmp_path, monkeypatch, pools)
     assert set(data["median_step_s"]) == {
         "adaptive",
         "adaptive-switch",
@@ -75,9 +82,9 @@ def test_bench_schedules_runs_torch_zbv_and_ours_only_where_supported() -> None:
 
 
 def test_bench_schedules_quick_times_every_configuration_with_torch_zbv(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pools: PoolFor
 ) -> None:
-    data = _run(bench_schedules.main, "bench_schedules", tmp_path, monkeypatch)
+    data = _run(bench_schedules.main, "bench_schedules", tmp_path, monkeypatch, pools)
     assert set(data["median_step_s"]) == set(bench_schedules.kinds_run())
     assert data["ratios"]["torch_over_torch_1f1b"]["zb-v"] > 0
     zbv = data["actions_ms"]["torch-zb-v"]  # split backward: F, I and W timed, no B

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PoolFor, lend_pools
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # spawned stage processes inherit sys.path
@@ -28,7 +29,10 @@ KEYS = {
 ENVIRONMENT = {"torch", "python", "platform", "cpus", "time", "adaptive_pp", "matplotlib"}
 
 
-def test_every_study_runs_quick_and_writes_json_and_png(tmp_path: Path) -> None:
+def test_every_study_runs_quick_and_writes_json_and_png(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pools: PoolFor
+) -> None:
+    lend_pools(pools, monkeypatch, run_all)  # the studies' pools: the session's
     out = run_all.main(["--quick", "--out", str(tmp_path)])
     assert set(out["results"]) == set(run_all.STUDIES) == set(KEYS)
     for name, keys in KEYS.items():
