@@ -280,10 +280,10 @@ class _Fault(nn.Module):
 
 
 def job_shape_mismatch() -> None:
-    """Stage 0 outputs width 8; stage 1's first layer expects 6."""
+    """Stage 0 outputs width 8; stage 1's first layer expects 6 (2 stages)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(6, 4), nn.Linear(4, 4))
-    pipe = _pipe(model, microbatches=2, partition=(0, 1, 2, 3))
+    pipe = _pipe(model, microbatches=2, partition=(0, 1, 3))
     pipe.step(torch.randn(4, 4), torch.randn(4, 4))
 
 
@@ -332,8 +332,9 @@ def job_stuck_stage() -> None:
 
 
 def job_version_mismatch() -> None:
-    """Stage 1 pretends its weights are one optimizer step ahead; stage 2 must refuse."""
-    pipe = _pipe(_mlp(4, 3), microbatches=2)
+    """Stage 1 of 2 pretends its weights are one optimizer step ahead: the activation stage 0
+    sends at version 0 must be refused."""
+    pipe = _pipe(_mlp(4, 3), microbatches=2, partition=(0, 1, 3))
     if pipe.stage == 1:
         pipe.local.skew_version(1)
     pipe.step(torch.randn(4, 4), torch.randn(4, 4))
