@@ -14,25 +14,26 @@ from adaptive_pp.core.schedules import Action
 GATE_WAIT_S = 30.0
 
 
-def train_with_held_backward(case: rc.Case, gate: str, held: int) -> dict[str, Any]:
+def train_with_held_forward(case: rc.Case, gate: str, held: int) -> dict[str, Any]:
     """Rank job: ``case`` under 2BW, no controller. At step ``held`` the last stage holds its
-    last backward until rank 0 has returned from that step (rank 0 creates the file ``gate``
-    then); it raises if that does not happen within GATE_WAIT_S. Reports are read only after
-    the drain: every step's, in order."""
+    last forward (so the step's loss, and its last backward) until rank 0 has returned from
+    that step (rank 0 creates the file ``gate`` then); it raises if that does not happen
+    within GATE_WAIT_S. Losses and reports are read only after the drain: every step's, in
+    order."""
     from adaptive_pp.runtime.stage import StageWorker
 
     pipe = rc.case_pipeline(case)
     act = StageWorker.act
-    last_b = Action(pipe.num_stages - 1, "B", case.microbatches - 1)
+    last_f = Action(pipe.num_stages - 1, "F", case.microbatches - 1)
 
     def held_act(self: StageWorker, action: Action, *args: Any, **kwargs: Any) -> Any:
-        if pipe.step_count == held and pipe.is_last and action[:3] == last_b[:3]:
+        if pipe.step_count == held and pipe.is_last and action[:3] == last_f[:3]:
             deadline = time.monotonic() + GATE_WAIT_S
             while not Path(gate).exists():
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"rank 0 did not return from step {held} while the last "
-                        "stage held its last backward: it waits for its peers"
+                        "stage held its last forward: it waits for its peers (or the loss)"
                     )
                 time.sleep(0.01)
         return act(self, action, *args, **kwargs)

@@ -25,7 +25,7 @@ from ..core.report import StepReport, append_jsonl
 from ..observability.telemetry import Telemetry
 from .driver import run_actions
 from .local import LocalStage
-from .stepreport import LOSS, PendingReport, ReportMeta, local_part, merge_parts
+from .stepreport import PendingReport, ReportMeta, local_part, merge_parts
 from .twobw import run_window, settle
 from .versions import AsyncState
 
@@ -35,20 +35,35 @@ log = structlog.get_logger("adaptive_pp.pipeline")
 class StepOutput:
     """What Pipeline.step returns: the mini-batch loss (same on every rank) and the report.
 
-    PipeDream-2BW without a controller: the report of step t is merged from shares its
-    ranks post without waiting; reading ``report`` merges it then, waiting for any share not
-    in yet (right after the step: for every rank's end of window t). The next step, a drain,
-    a change or a checkpoint collects the shares in any case, so reading it after the next
-    step waits for nothing; telemetry and ``run_dir``'s reports.jsonl get it then (one step
-    late, without the step's span). With a controller every step's report is gathered at its
-    end, as a flushed schedule's is, and the decision lands before the next step.
+    PipeDream-2BW without a controller: the step returns without waiting for its peers. The
+    loss comes from the last stage, which posts it right after its last forward; reading
+    ``loss`` takes it then (on the other ranks, waiting for it if it is not in yet: right after
+    the step, for the last stage's last forward of that step). The report of step t is merged
+    from shares its ranks post without waiting; reading ``report`` merges it then, waiting for
+    any share not in yet (right after the step: for every rank's end of window t). The next
+    step, a drain, a change or a checkpoint collects both in any case, so reading them after
+    the next step waits for nothing; telemetry and ``run_dir``'s reports.jsonl get the report
+    then (one step late, without the step's span). With a controller every step's report is
+    gathered at its end, as a flushed schedule's is, and the decision lands before the next
+    step.
     """
 
-    __slots__ = ("_report", "loss")
+    __slots__ = ("_loss", "_report")
 
-    def __init__(self, loss: float, report: StepReport | PendingReport) -> None:
-        self.loss = loss
+    def __init__(self, loss: float | None, report: StepReport | PendingReport) -> None:
+        """``loss`` None: the pending report's (``PendingReport.loss``)."""
+        self._loss = loss
         self._report = report
+
+    @property
+    def loss(self) -> float:
+        """The mini-batch loss (taken now if it is still on its way)."""
+        if self._loss is None:
+            pending = self._report
+            loss = pending.loss() if isinstance(pending, PendingReport) else pending.loss
+            assert loss is not None  # a merged report's loss is the last stage's share's
+            self._loss = loss
+        return self._loss
 
     @property
     def report(self) -> StepReport:
@@ -62,7 +77,8 @@ class StepOutput:
         return iter((self.loss, self.report))
 
     def __repr__(self) -> str:
-        return f"StepOutput(loss={self.loss!r}, report={self._report!r})"
+        loss = "<pending>" if self._loss is None else repr(self._loss)
+        return f"StepOutput(loss={loss}, report={self._report!r})"
 
 
 def split_batch(batch: torch.Tensor, microbatches: int, what: str) -> list[torch.Tensor]:
@@ -164,22 +180,16 @@ def _posted(
     t0: float,
     publish: Callable[[StepReport], None] | None,
 ) -> StepOutput:
-    """End a 2BW step without a gather: post this rank's share, take the loss the last stage
-    posted (after its last forward), collect the previous step's shares (in by now).
-    ``publish`` gets the report when it is merged (telemetry, run log; None: nobody needs it
-    before it is read)."""
+    """End a 2BW step without waiting for a peer: post this rank's share, collect the previous
+    step's shares and loss (in by now). The loss the last stage posted after its last forward
+    is taken when read (``StepOutput.loss``) or settled with the report. ``publish`` gets the
+    report when it is merged (telemetry, run log; None: nobody needs it before it is read)."""
     pending = PendingReport(local.control, meta, part, publish)
-    last = local.num_stages - 1
-    if local.is_last:
-        loss = part["loss"]
-    else:
-        what = f"the loss of step {meta.step}"
-        loss = local.control.take(pending.round, LOSS, [last], what)[last]
     settle(state)
     state.unsettled.append(pending)
     local.finish_step()
     pending.wall = time.perf_counter() - t0
-    return StepOutput(float(loss), pending)
+    return StepOutput(part["loss"] if local.is_last else None, pending)
 
 
 def _publish(

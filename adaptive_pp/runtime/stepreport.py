@@ -172,6 +172,8 @@ class PendingReport:
     collects the peers' shares (waiting if one is not in yet: reading the report right after
     the step waits for every rank's end of that window, the barrier 2BW steps avoid), and
     ``result`` merges them once. ``on_merged`` (telemetry, the run log) runs at the merge.
+    ``loss`` takes the step's loss from the last stage (posted after its last forward; on the
+    last stage, its own share's); ``settle`` takes it too, so no message is left behind.
     """
 
     def __init__(
@@ -187,14 +189,24 @@ class PendingReport:
         self.on_merged = on_merged
         self._parts: dict[int, Any] = {control.rank: part}
         self._report: StepReport | None = None
+        self._loss: float | None = part["loss"]  # the last stage's own; else taken
         control.post(self.round, PART, part, later=True)  # encoded while the next step runs
 
     def settle(self) -> None:
         """Take the peers' shares (at most once; waits for any not in yet), and merge them
         now if ``on_merged`` wants the report."""
         self._collect()
+        self.loss()
         if self.on_merged is not None:
             self.result()
+
+    def loss(self) -> float:
+        """The step's loss (taken from the last stage at most once; waits if not in yet)."""
+        if self._loss is None:
+            last = self.control.world - 1
+            what = f"the loss of step {self.meta.step}"
+            self._loss = float(self.control.take(self.round, LOSS, [last], what)[last])
+        return self._loss
 
     def result(self) -> StepReport:
         """The merged report (settled first)."""
