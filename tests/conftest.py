@@ -69,7 +69,8 @@ def _spawning_files() -> frozenset[str]:
 # start their own processes (torchrun agents, a study's pools) rather than share the session's
 # pools much, and assert no timing (exactness, files and fields written). Timing-sensitive
 # tests (a stage named within N s, a move seen through a loaded box's noise, measured bubbles)
-# stay serialized.
+# stay serialized; these run after the pure tests, at a lower CPU priority (see
+# ``pytest_runtest_setup``).
 BESIDE_THE_PURE_TESTS = frozenset(
     {"tests/test_experiments_smoke.py", "tests/test_multihost.py", "tests/test_resume.py"}
 )
@@ -93,7 +94,30 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
                 return path
             return "processes" if path in spawning else nodeid
 
+        def _assign_work_unit(self, node: Any) -> None:
+            # The files of BESIDE_THE_PURE_TESTS once nothing else is left.
+            queue = self.workqueue
+            first = next((s for s in queue if s not in BESIDE_THE_PURE_TESTS), None)
+            if first is not None:
+                queue.move_to_end(first, last=False)
+            super()._assign_work_unit(node)
+
     return ProcessesOnOneWorker(config, log)
+
+
+_lowered: list[bool] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under xdist, a worker that runs a file of BESIDE_THE_PURE_TESTS lowers its CPU priority
+    (and its children's) for good, before the test's fixtures start processes, so that the
+    serialized tests' ranks, some of them timed, get the cores first when both want them."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or _lowered:
+        return
+    if item.nodeid.split("::", 1)[0] in BESIDE_THE_PURE_TESTS:
+        os.nice(10)
+        _lowered.append(True)
 
 
 PoolFor = Callable[[int], WorkerPool]
