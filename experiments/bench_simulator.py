@@ -19,7 +19,7 @@ from adaptive_pp.core.schedules import make_schedule
 from adaptive_pp.core.simulator import Costs, simulate
 from experiments.common import write_json
 
-NAMES = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b", "zb-v")  # zb-v: no run plan (event loop)
+NAMES = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b", "zb-v")
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from adaptive_pp.core import compiled, flow, plans
+from adaptive_pp.core import compiled, flow, plans, zbv
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import (
     SCHEDULE_NAMES,
@@ -164,9 +164,12 @@ def expected_report(schedule: Schedule, costs: Costs, ref: Reference) -> dict[st
 
 # --- strategies -------------------------------------------------------------------------------
 
-# Schedules whose generator hands over a run plan; ZB-V has none (its chunk-1 forwards run up the
-# ranks, outside the column order): the event loop replays it.
-PLANNED = tuple(n for n in SCHEDULE_NAMES if n != "zb-v")
+
+def generator_plans(schedule: Schedule) -> bool:
+    """Whether the generator hands over a run plan: every schedule but ZB-V with M < 2S - 1
+    (micro-batches dropped from a longer order), whose flat form the event loop replays."""
+    return schedule.name != "zb-v" or schedule.microbatches >= 2 * schedule.num_stages - 1
+
 
 cost_st = st.one_of(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.25]), st.floats(0.0, 5.0))
 
@@ -254,7 +257,7 @@ def test_replay_is_the_reference_to_the_bit(case: dict[str, Any]) -> None:
             case["tau_wrap"],
         )
     )
-    planned = schedule.name in PLANNED
+    planned = generator_plans(schedule)
     assert (compile_schedule(schedule).plan is not None) == planned  # the generator's run plan
     assert times(replay_case(schedule, case)) == want
     copy = copy_of(schedule)
@@ -307,11 +310,12 @@ def producers(plan: compiled.Plan, num_stages: int) -> list[int | None]:
     return out
 
 
-@given(cases(PLANNED))
+@given(cases())
 def test_generated_plan_is_the_flat_forms(case: dict[str, Any]) -> None:
     """The run plan a generator builds from ranges equals the one derived from its checked flat
     form: same order, same inputs and links, same costs, same queues (a wrong builder fails)."""
     schedule = case["schedule"]
+    assume(generator_plans(schedule))
     num = schedule.num_stages
     built = compile_schedule(schedule)
     flat = compiled._compile(copy_of(schedule))
@@ -415,3 +419,15 @@ def test_report_from_a_plan_matches_the_flat_form_at_size() -> None:
         code._memo["plan"] = None
         event: StepReport = simulate(copy_of(schedule), costs, compiled=code)
         assert event.to_dict() == report.to_dict()
+
+
+@given(st.integers(1, 8), st.integers(0, 12))
+def test_zb_v_lists_from_segments_are_its_rank_order(num: int, extra: int) -> None:
+    """ZB-V built from segments (M >= 2S - 1, its run plan's case) lists each rank's actions
+    in the order of the step-by-step rule (zbv._rank_order)."""
+    m = 2 * num - 1 + extra
+    schedule = make_schedule("zb-v", num, m)
+    assert compile_schedule(schedule).plan is not None
+    for r, acts in enumerate(schedule.stages):
+        want = [Action(r, kind, mb, chunk) for kind, mb, chunk in zbv._rank_order(r, num, m)]
+        assert list(acts) == want

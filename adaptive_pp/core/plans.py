@@ -5,9 +5,11 @@ p-th action of every rank), ranks ascending in the first ``split`` columns and d
 the others. A forward waits on the rank before it and a backward on the rank after it; in the
 generated schedules a wait inside one column is a forward's in the warm-up columns or a
 backward's in the cool-down ones, and ``split`` (where rank 0 runs its first backward) lies
-between. The generators build their plan from ranges (``_planned``: valid by construction; the
-tests compare it with the flat form's); any other schedule whose ranks run equally many actions
-gets one from its flat form when every input comes earlier in that order (``_column_plan``).
+between. ZB-V (M >= 2S - 1) runs ranks ascending in every column (``split`` = the length): its
+waits inside a column are chunk-1 input gradients, which run down the ranks. The generators
+build their plan from ranges (``_planned``: valid by construction; the tests compare it with
+the flat form's); any other schedule whose ranks run equally many actions gets one from its
+flat form when every input comes earlier in either order (``_column_plan``).
 """
 
 from __future__ import annotations
@@ -209,23 +211,27 @@ def _place(row: list[int], pieces: Sequence[range], values: list[int]) -> None:
 
 def _column_plan(code: Compiled) -> Plan | None:
     """The run plan of a flat form whose ranks run equally many actions, if that order runs
-    every action after its input's producer (else None)."""
+    every action after its input's producer (else None): ranks ascending up to rank 0's first
+    backward and descending from it, or else (ZB-V) ascending throughout."""
     cols, offsets = code.columns, code.offsets
     num_stages = len(offsets) - 1
     length = offsets[1]
     if cols is None or length < 2 or offsets != tuple(range(0, offsets[-1] + 1, length)):
         return None
     n = offsets[-1]
-    split = next((p for p, k in enumerate(cols.key[:length]) if k >= cols.stride), length)
+    first = next((p for p, k in enumerate(cols.key[:length]) if k >= cols.stride), length)
+    for split in dict.fromkeys((first, length)):  # then every column ranks ascending (ZB-V)
 
-    def run_order(column: list[int]) -> list[int]:
-        return _transpose([column[lo : lo + length] for lo in offsets[:-1]], split)
+        def run_order(column: list[int], split: int = split) -> list[int]:
+            return _transpose([column[lo : lo + length] for lo in offsets[:-1]], split)
 
-    out, need = run_order(cols.out), run_order(cols.need)
-    owner = [-1] * len(cols.producer)  # run position of each slot's producer (-1: none)
-    deque(map(owner.__setitem__, out, range(n)), maxlen=0)
-    came = list(map(owner.__getitem__, need))
-    if not all(map(lt, came, range(n))):
+        out, need = run_order(cols.out), run_order(cols.need)
+        owner = [-1] * len(cols.producer)  # run position of each slot's producer (-1: none)
+        deque(map(owner.__setitem__, out, range(n)), maxlen=0)
+        came = list(map(owner.__getitem__, need))
+        if all(map(lt, came, range(n))):
+            break
+    else:
         return None
     at = list(chain.from_iterable(_run_positions(num_stages, length, split)))
     took = [list(map(at.__getitem__, c)) for c in cols.consumers]  # their run positions

@@ -24,11 +24,20 @@ after its last), half ZB-H1's ``2(S - 1)`` at the same costs ((S-1)(T_F + T_B - 
 stage times T_F = T_W = 2, T_B = 4), the paper's "zero bubble" but for the fill. Peak stash:
 at most ``2 min(M, S)`` chunk activations per rank (S stages' worth once M >= S: 1F1B's
 peak, on rank 0), reached on every rank once M >= 2S - 1.
+
+With ``M >= 2S - 1`` (nothing dropped) each rank's lists are built from segments of that order
+and the generator hands its run plan (``plans``) to the validator; below, the lists come from
+the step-by-step order and the event replay runs them.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 from .actions import Kind, Schedule, _actions_of, _check_sizes, _gc_paused
+from .compiled import Compiled, hand_over
+from .plans import Queue, Stream, _planned
+from .zerobubble import _fill
 
 NAME = "zb-v"
 
@@ -90,8 +99,100 @@ def zb_v(num_stages: int, microbatches: int) -> Schedule:
     _check_sizes(num_stages, microbatches, 2)
     n = max(microbatches, min_microbatches(num_stages))
     stages = []
+    if n == microbatches:  # nothing to drop: build each rank's lists from its segments
+        ids = list(range(microbatches))  # micro-batch ids, shared by every rank's list
+        for r in range(num_stages):
+            tokens, length, spots = _layout(_segments(num_stages, n, r))
+            chunks = tokens.encode().translate(_CHUNK_OF)
+            stages.append(_actions_of(r, tokens.upper(), _fill(length, spots, ids), chunks))
+        sched = Schedule(tuple(stages), microbatches, NAME, 2, "v")
+        return hand_over(sched, partial(_plan_zb_v, num_stages, microbatches))
     for r in range(num_stages):
         order = [a for a in _rank_order(r, num_stages, n) if a[1] < microbatches]
         kinds, mbs, chs = zip(*order, strict=True)
         stages.append(_actions_of(r, kinds, mbs, chs))
     return Schedule(tuple(stages), microbatches, NAME, 2, "v")
+
+
+# --- the layout from segments and the run plan (M >= 2S - 1: nothing dropped) --------------------
+#
+# Tokens name a kind and a chunk: upper case chunk 0 (F, I, W), lower case chunk 1 (f, i, w).
+
+Segment = tuple[str, int, dict[str, int]]  # tokens repeated n times, first micro-batch per token
+Spots = dict[str, list[tuple[range, int]]]  # per token: (positions, first micro-batch) pieces
+
+_CHUNK_OF = bytes(int(chr(c).islower()) for c in range(256))  # token byte -> its chunk
+
+
+def _segments(s_: int, n: int, r: int) -> list[Segment]:
+    """Rank r's order (see _rank_order) as segments, for ``n >= 2S - 1`` micro-batches:
+    warm-up, steady state with and then without a chunk-0 forward, cool-down."""
+    k = n - 2 * s_ + r + 1  # steady steps with a chunk-0 forward
+    segs: list[Segment] = [
+        ("F", 2 * (s_ - r) - 1, {"F": 0}),
+        ("fF", r, {"f": 0, "F": 2 * (s_ - r) - 1}),
+        ("fiw", s_ - r, {"f": r, "i": 0, "w": 0}),
+        ("FIWfiw", k, {"F": 2 * s_ - r - 1, "I": 0, "W": 0, "f": s_, "i": s_ - r, "w": s_ - r}),
+        ("IWfiw", s_ - r - 1, {"I": k, "W": k, "f": s_ + k, "i": s_ - r + k, "w": s_ - r + k}),
+        ("Ii", r, {"I": n - s_, "i": n - r}),
+        ("IW", s_ - r, {"I": n - s_ + r, "W": n - s_}),
+        ("w", r, {"w": n - r}),
+        ("W", r, {"W": n - r}),
+    ]
+    return [seg for seg in segs if seg[1] > 0]
+
+
+def _layout(segs: list[Segment]) -> tuple[str, int, Spots]:
+    """The token string, its length and where each token stands (in micro-batch order)."""
+    tokens, pos = [], 0
+    spots: Spots = {t: [] for t in "FIWfiw"}
+    for pattern, n, first in segs:
+        q = len(pattern)
+        for i, token in enumerate(pattern):
+            spots[token].append((range(pos + i, pos + q * n, q), first[token]))
+        tokens.append(pattern * n)
+        pos += q * n
+    return "".join(tokens), pos, spots
+
+
+def _plan_zb_v(s_: int, m: int) -> Compiled:
+    """zb_v's compiled form for ``M >= 2S - 1``: one pass over the columns, ranks ascending.
+
+    Inputs: F (chunk 0) from rank r-1's, f (chunk 1) from rank r+1's, and on rank S-1 from
+    its own F (the turn); i from rank r-1's (rank 0's: the loss, none), I from rank r+1's, on
+    rank S-1 from its own i. In every column an input's producer runs in an earlier column or
+    on a lower rank (the order's whole length is its ascending part: split = length).
+    """
+    last = s_ - 1
+    pos: list[dict[str, list[range]]] = []
+    links, keys = [], []
+    for r in range(s_):
+        _, length, spots = _layout(_segments(s_, m, r))
+        pos.append({t: [where for where, _ in pieces] for t, pieces in spots.items()})
+        hop = {  # the link each token's input crosses (S: none; -1: the same rank)
+            "F": r - 1 if r else s_,
+            "f": r if r < last else -1,
+            "i": r - 1 if r else s_,
+            "I": r if r < last else -1,
+        }
+        link = [s_] * length
+        for token, h in hop.items():
+            for where, _ in spots[token]:
+                link[where.start : where.stop : where.step] = [h] * len(where)
+        links.append(link)
+        base = {"F": 0, "f": 0, "I": m, "i": m, "W": 2 * m, "w": 2 * m}  # F, I, W; M each
+        keys.append(partial(_fill, length, spots, base=base))
+    streams: list[Stream] = [(last, pos[last]["f"], last, pos[last]["F"])]
+    streams.append((last, pos[last]["I"], last, pos[last]["i"]))
+    queues: dict[tuple[int, int, str], Queue] = {}
+    for r in range(last):  # link r: both chunks' activations and gradients
+        up, down = pos[r], pos[r + 1]
+        streams += [(r + 1, down["F"], r, up["F"]), (r, up["f"], r + 1, down["f"])]
+        streams += [(r + 1, down["i"], r, up["i"]), (r, up["I"], r + 1, down["I"])]
+        queues[r, r + 1, "act"] = (down["F"], None, up["F"], None)
+        queues[r + 1, r, "act"] = (up["f"], None, down["f"], None)
+        queues[r + 1, r, "grad"] = (up["I"], None, down["I"], None)
+        queues[r, r + 1, "grad"] = (down["i"], None, up["i"], None)
+    length = 6 * m
+    split = 2 if s_ == 1 else length  # one rank: where it runs its first backward, as plans do
+    return _planned(s_, split, length, streams, queues, links, keys, [2 * s_] * s_, True)
