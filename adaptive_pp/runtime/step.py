@@ -25,7 +25,7 @@ from ..core.report import StepReport, append_jsonl
 from ..observability.telemetry import Telemetry
 from .driver import run_actions
 from .local import LocalStage
-from .stepreport import PendingReport, ReportMeta, local_part, merge_parts
+from .stepreport import GatheredReport, PendingReport, ReportMeta, local_part
 from .twobw import run_window, settle
 from .versions import AsyncState
 
@@ -34,6 +34,9 @@ log = structlog.get_logger("adaptive_pp.pipeline")
 
 class StepOutput:
     """What Pipeline.step returns: the mini-batch loss (same on every rank) and the report.
+
+    A flushed step gathers every rank's share at its end; the report is merged from them
+    when first read (at once when telemetry, a run directory or configured logging want it).
 
     PipeDream-2BW without a controller: the step returns without waiting for its peers. The
     loss comes from the last stage, which posts it right after its last forward; reading
@@ -50,7 +53,9 @@ class StepOutput:
 
     __slots__ = ("_loss", "_report")
 
-    def __init__(self, loss: float | None, report: StepReport | PendingReport) -> None:
+    def __init__(
+        self, loss: float | None, report: StepReport | PendingReport | GatheredReport
+    ) -> None:
         """``loss`` None: the pending report's (``PendingReport.loss``)."""
         self._loss = loss
         self._report = report
@@ -60,7 +65,7 @@ class StepOutput:
         """The mini-batch loss (taken now if it is still on its way)."""
         if self._loss is None:
             pending = self._report
-            loss = pending.loss() if isinstance(pending, PendingReport) else pending.loss
+            loss = pending.loss if isinstance(pending, StepReport) else pending.loss()
             assert loss is not None  # a merged report's loss is the last stage's share's
             self._loss = loss
         return self._loss
@@ -68,7 +73,7 @@ class StepOutput:
     @property
     def report(self) -> StepReport:
         """The step's report (merged now if it is still pending)."""
-        if isinstance(self._report, PendingReport):
+        if not isinstance(self._report, StepReport):
             self._report = self._report.result()
         return self._report
 
@@ -159,17 +164,19 @@ def run(
             optimizer=(t_opt - t0, t_done - t0),
         )
     meta = ReportMeta.of(local)
+    wanted = run_dir is not None or telemetry.enabled or structlog.is_configured()
     if local.stream is not None and late:
-        wanted = run_dir is not None or telemetry.enabled or structlog.is_configured()
         publish = partial(_publish, stage, None, run_dir, telemetry) if wanted else None
         return _posted(local, local.stream, meta, part, t0, publish)
     if local.stream is not None:
         settle(local.stream)  # reports posted before a controller was set
-    report = merge_parts(meta, local.control.all_gather(part), time.perf_counter() - t0)
+    gathered = GatheredReport(meta, local.control.all_gather(part), time.perf_counter() - t0)
     local.finish_step()
+    if not wanted:  # merged when read (a controller reads it at once)
+        return StepOutput(gathered.loss(), gathered)
+    report = gathered.result()
     _publish(stage, span, run_dir, telemetry, report)
-    assert report.loss is not None
-    return StepOutput(report.loss, report)
+    return StepOutput(gathered.loss(), report)
 
 
 def _posted(

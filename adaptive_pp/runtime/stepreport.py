@@ -165,6 +165,26 @@ def merge_parts(meta: ReportMeta, parts: list[dict[str, Any]], wall: float) -> S
     )
 
 
+class GatheredReport:
+    """A flushed step's report: every rank's share, gathered at the step's end, merged when
+    first read (``result``; the merge costs the step nothing when no one reads the report)."""
+
+    def __init__(self, meta: ReportMeta, parts: list[dict[str, Any]], wall: float) -> None:
+        self.meta, self.parts, self.wall = meta, parts, wall
+        self._report: StepReport | None = None
+
+    def loss(self) -> float:
+        """The step's loss: the last stage's share's."""
+        loss = next(p["loss"] for p in self.parts if p["loss"] is not None)
+        return float(loss)
+
+    def result(self) -> StepReport:
+        """The merged report (merged at the first call)."""
+        if self._report is None:
+            self._report = merge_parts(self.meta, self.parts, self.wall)
+        return self._report
+
+
 class PendingReport:
     """A PipeDream-2BW step's report, merged from the shares its ranks post without waiting.
 
