@@ -37,7 +37,7 @@ from functools import partial
 from .actions import Kind, Schedule, _actions_of, _check_sizes, _gc_paused
 from .compiled import Compiled, hand_over
 from .plans import Queue, Stream, _planned
-from .zerobubble import _fill
+from .zerobubble import Segment, _fill, _layout
 
 NAME = "zb-v"
 
@@ -102,7 +102,7 @@ def zb_v(num_stages: int, microbatches: int) -> Schedule:
     if n == microbatches:  # nothing to drop: build each rank's lists from its segments
         ids = list(range(microbatches))  # micro-batch ids, shared by every rank's list
         for r in range(num_stages):
-            tokens, length, spots = _layout(_segments(num_stages, n, r))
+            tokens, length, spots = _layout(_segments(num_stages, n, r), TOKENS)
             chunks = tokens.encode().translate(_CHUNK_OF)
             stages.append(_actions_of(r, tokens.upper(), _fill(length, spots, ids), chunks))
         sched = Schedule(tuple(stages), microbatches, NAME, 2, "v")
@@ -118,8 +118,7 @@ def zb_v(num_stages: int, microbatches: int) -> Schedule:
 #
 # Tokens name a kind and a chunk: upper case chunk 0 (F, I, W), lower case chunk 1 (f, i, w).
 
-Segment = tuple[str, int, dict[str, int]]  # tokens repeated n times, first micro-batch per token
-Spots = dict[str, list[tuple[range, int]]]  # per token: (positions, first micro-batch) pieces
+TOKENS = "FIWfiw"
 
 _CHUNK_OF = bytes(int(chr(c).islower()) for c in range(256))  # token byte -> its chunk
 
@@ -142,19 +141,6 @@ def _segments(s_: int, n: int, r: int) -> list[Segment]:
     return [seg for seg in segs if seg[1] > 0]
 
 
-def _layout(segs: list[Segment]) -> tuple[str, int, Spots]:
-    """The token string, its length and where each token stands (in micro-batch order)."""
-    tokens, pos = [], 0
-    spots: Spots = {t: [] for t in "FIWfiw"}
-    for pattern, n, first in segs:
-        q = len(pattern)
-        for i, token in enumerate(pattern):
-            spots[token].append((range(pos + i, pos + q * n, q), first[token]))
-        tokens.append(pattern * n)
-        pos += q * n
-    return "".join(tokens), pos, spots
-
-
 def _plan_zb_v(s_: int, m: int) -> Compiled:
     """zb_v's compiled form for ``M >= 2S - 1``: one pass over the columns, ranks ascending.
 
@@ -167,7 +153,7 @@ def _plan_zb_v(s_: int, m: int) -> Compiled:
     pos: list[dict[str, list[range]]] = []
     links, keys = [], []
     for r in range(s_):
-        _, length, spots = _layout(_segments(s_, m, r))
+        _, length, spots = _layout(_segments(s_, m, r), TOKENS)
         pos.append({t: [where for where, _ in pieces] for t, pieces in spots.items()})
         hop = {  # the link each token's input crosses (S: none; -1: the same rank)
             "F": r - 1 if r else s_,

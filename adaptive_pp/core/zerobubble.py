@@ -1,4 +1,4 @@
-"""Chunked and split-backward schedules: interleaved 1F1B and ZB-H1 (core only; ZB-V later).
+"""Chunked and split-backward schedules: interleaved 1F1B and ZB-H1 (ZB-V: core/zbv.py).
 
 The runtime runs both: ZB-H1 (split backward, one chunk per rank) and interleaved 1F1B
 (``Schedule.chunks > 1``: one StageWorker per chunk, see runtime/local.py).
@@ -231,10 +231,11 @@ def _zb_segments(s_: int, m: int, r: int) -> list[Segment]:
     return [seg for seg in segs if seg[1] > 0]
 
 
-def _layout(segs: list[Segment]) -> tuple[str, int, Spots]:
-    """The kinds string, its length and where each kind stands (in micro-batch order)."""
+def _layout(segs: list[Segment], tokens: str = "FBIW") -> tuple[str, int, Spots]:
+    """The string of ``segs``' tokens (kinds here; kinds and chunks in ZB-V's, see zbv), its
+    length and where each token stands (in micro-batch order)."""
     kinds, pos = [], 0
-    spots: Spots = {"F": [], "B": [], "I": [], "W": []}
+    spots: Spots = {t: [] for t in tokens}
     for pattern, n, first in segs:
         q = len(pattern)
         for i, kind in enumerate(pattern):
