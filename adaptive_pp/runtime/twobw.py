@@ -49,11 +49,9 @@ def run_window(
     *,
     post_loss: bool = False,
 ) -> tuple[StageLog, tuple[float, float]]:
-    """Step ``local.step_count``: its window, beside it the version update of the step it
-    completes; returns the log and when the window's wait for that update started and ended
-    (perf_counter seconds: the optimizer's share of the step). ``post_loss``: the last stage
-    posts the loss to every peer (slot ``LOSS`` of this round) once its last forward has
-    run."""
+    """Step ``local.step_count``: its window, then the version its completed step makes (when
+    it started and ended, perf_counter seconds). ``post_loss``: the last stage posts the loss
+    to every peer (slot ``LOSS`` of this round) once its last forward has run."""
     s, num, m = local.stage, local.num_stages, local.microbatches
     t = local.step_count
     actions = twobw.window(num, m, s, spill=state.spill)
