@@ -3,11 +3,10 @@
 ``core.twobw`` gives the actions: step t's forwards F(0..M-1) and the backwards due in it, the
 previous step's last ones (spilled, ids m - M) first. Weights come from ``WeightVersions``:
 step t's micro-batches run forward and backward on W(t-1), each step on leaf tensors of its
-own, so gradients of different steps never mix. Once a rank has every backward of step t-1,
-it makes W(t) from its gradients on a thread beside the window (``AsyncState.start_update``),
-joined at the window's end: the last stage, which spills nothing, from the start of window t;
-the others once window t's spilled backwards have run (or in the drain). The update is the
-same optimizer step on the same tensors as inline, off the stream's critical path.
+own, so gradients of different steps never mix. Once a rank has every backward of a step, it
+makes the next version at the end of the window: the last stage, which spills nothing, makes
+W(t+1) from step t's gradients after window t; the others make W(t) from step t-1's after the
+window its spill ran in (or after the drain).
 
 Messages: a forward's activation and a backward's gradient carry the version the micro-batch
 ran on, checked on arrival against the receiver's stash (VersionMismatch otherwise). Each
@@ -66,30 +65,21 @@ def run_window(
     worker.microbatches_of_step = m
     params = state.versions.params
     on = {id(params[n]): leaf for n, leaf in leaves.items()}  # the modules run on W(t-1)
-    # Step t-1 is complete on the last stage since its window, elsewhere once this window's
-    # spilled backwards (its last) have run: W(t) is made from it then, beside the rest of the
-    # window (``AsyncState.start_update``; W(t) goes where W(t-2) was, which nothing needs any
-    # more), and joined at the window's end. The last stage posts the loss after its last
-    # forward.
-    spilled = [i for i, a in enumerate(actions) if a.kind == "B" and a.microbatch < 0]
-    if local.is_last or not state.spill:
-        cut = max(i for i, a in enumerate(actions) if a.kind == "F") + 1
-    else:
-        cut = spilled[-1] + 1 if spilled else 0
-    try:
-        with swapped_in((seg.module for seg in worker.segments), on):
-            if local.is_last and state.spill:
-                _start_update(local, state, t, state.pending)
+    with swapped_in((seg.module for seg in worker.segments), on):
+        if post_loss and local.is_last:  # the loss is known after the last forward
+            cut = max(i for i, a in enumerate(actions) if a.kind == "F") + 1
             log = _run(local, actions[:cut], inputs, targets, t0, t - 1, flush=False)
-            if local.is_last and post_loss:  # the loss is known after the last forward
-                local.control.post(local.control.round, LOSS, log.loss_sum / m)
-            elif not local.is_last and state.spill:
-                _start_update(local, state, t, state.pending)
+            local.control.post(local.control.round, LOSS, log.loss_sum / m)
             log = _joined(log, _run(local, actions[cut:], inputs, targets, t0, t - 1))
-        t_opt = time.perf_counter()
-    finally:
-        state.join()  # W(t) is made (a failed window waits for it too: nothing outlives it)
-    state.pending = leaves  # W(t+1) is made from step t's gradients
+        else:
+            log = _run(local, actions, inputs, targets, t0, t - 1)
+    t_opt = time.perf_counter()
+    if local.is_last:  # nothing spills: step t is complete
+        _update(local, state, t + 1, leaves)
+    else:
+        if state.spill:
+            _update(local, state, t, state.pending)
+        state.pending = leaves
     state.spill = True  # on every rank alike: a drain is due (the last stage's is empty)
     return log, (t_opt, time.perf_counter())
 
@@ -107,8 +97,8 @@ def run_drain(local: LocalStage, state: AsyncState, t0: float) -> StageLog | Non
     worker.prepare(actions, t - 1, carry=m, versions=state.versions.storage_ptrs())
     worker.grads_for_next_step = frozenset()
     log = _run(local, actions, None, None, t0, t - 1)
-    _start_update(local, state, t, state.pending)
-    state.join()
+    if not local.is_last:  # the last stage made its version after its window
+        _update(local, state, t, state.pending)
     state.pending, state.spill = {}, False
     settle(state)
     return log
@@ -168,13 +158,11 @@ def _joined(log: StageLog, rest: StageLog) -> StageLog:
     return log
 
 
-def _start_update(
+def _update(
     local: LocalStage, state: AsyncState, version: int, leaves: dict[str, torch.Tensor]
 ) -> None:
-    """Start making W(``version``) from the gradients on ``leaves`` beside the stage thread
-    (the step that ran on W(v-2) is complete: its storage takes the new version; no stash may
-    still need it). ``local.version`` follows when it is joined (``AsyncState.join``, at the
-    end of the window or drain that started it)."""
+    """Make W(``version``) from the gradients on ``leaves`` (the step that ran on W(v-2)
+    is complete: its storage takes the new version; no stash may still need it)."""
     freed = version - 2
     for w in local.workers:
         if freed in w.stashed_versions():
@@ -184,9 +172,5 @@ def _start_update(
                 stage=local.stage,
             )
     grads = {n: leaf.grad for n, leaf in leaves.items()}
-    versions, optimizer = state.versions, local.optimizer
-
-    def done() -> None:
-        local.version = version
-
-    state.start_update(lambda: versions.update(version, grads, optimizer), done)
+    state.versions.update(version, grads, local.optimizer)
+    local.version = version

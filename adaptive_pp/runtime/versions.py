@@ -17,8 +17,7 @@ that is not there (VersionMismatch), so a step can never run on overwritten weig
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -120,44 +119,13 @@ class WeightVersions:
 @dataclass
 class AsyncState:
     """Where a rank stands in the 2BW stream: its versions, whether the last window left
-    backwards for the next (no drain since), the leaves of the step they belong to, the
-    reports whose shares may still be on their way (settled by the next step or the drain),
-    and the version update running beside the stage thread, if any (``start_update``)."""
+    backwards for the next (no drain since), the leaves of the step they belong to, and the
+    reports whose shares may still be on their way (settled by the next step or the drain)."""
 
     versions: WeightVersions
     spill: bool = False
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
     unsettled: list[Settles] = field(default_factory=list)
-    updating: threading.Thread | None = None
-    _done: Callable[[], None] | None = None
-    _error: BaseException | None = None
-
-    def start_update(self, make: Callable[[], None], done: Callable[[], None]) -> None:
-        """Run ``make`` (a version update) on a thread of its own, after the one running;
-        ``done`` runs on the joining thread once it succeeded (``join``)."""
-        self.join()
-
-        def run() -> None:
-            try:
-                make()
-            except BaseException as exc:  # re-raised by join, on the stage's thread
-                self._error = exc
-
-        self._done, self._error = done, None
-        self.updating = threading.Thread(target=run, name="2bw-version-update", daemon=True)
-        self.updating.start()
-
-    def join(self) -> None:
-        """Wait for the running version update, if any; raise what it raised."""
-        if self.updating is None:
-            return
-        self.updating.join()
-        done, error = self._done, self._error
-        self.updating, self._done, self._error = None, None, None
-        if error is not None:
-            raise error
-        if done is not None:
-            done()
 
 
 class Settles(Protocol):
