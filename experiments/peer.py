@@ -39,7 +39,8 @@ def torch_pipeline_walls(
     inferred on the first step, MSE loss, then ``optimizer``, timed by ``timed_steps`` (the
     schedule's step and the optimizer's); ``before_step(k)`` runs untimed. Under ``"zb-h1"``
     and ``"zb-v"`` torch's input- and weight-gradient passes are marked like ours
-    (``splitgrad.phase``), so the emulated kernels split their backward time the same way for both runtimes.
+    (``splitgrad.phase``), so the emulated kernels split their backward time the same way for
+    both runtimes.
     ``timeline``, if given, gets per step this rank's (kind, micro-batch, start, end) of every
     forward and backward chunk, seconds from the step's start, and its model chunk (the timing
     wraps the stage instances' chunk methods; the schedule's sends and receives fall between

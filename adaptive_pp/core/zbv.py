@@ -150,6 +150,7 @@ def _plan_zb_v(s_: int, m: int) -> Compiled:
     on a lower rank (the order's whole length is its ascending part: split = length).
     """
     last = s_ - 1
+    base = {"F": 0, "f": 0, "I": m, "i": m, "W": 2 * m, "w": 2 * m}  # cost table: F, I, W; M each
     pos: list[dict[str, list[range]]] = []
     links, keys = [], []
     for r in range(s_):
@@ -166,7 +167,6 @@ def _plan_zb_v(s_: int, m: int) -> Compiled:
             for where, _ in spots[token]:
                 link[where.start : where.stop : where.step] = [h] * len(where)
         links.append(link)
-        base = {"F": 0, "f": 0, "I": m, "i": m, "W": 2 * m, "w": 2 * m}  # F, I, W; M each
         keys.append(partial(_fill, length, spots, base=base))
     streams: list[Stream] = [(last, pos[last]["f"], last, pos[last]["F"])]
     streams.append((last, pos[last]["I"], last, pos[last]["i"]))
