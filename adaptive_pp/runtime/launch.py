@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import reduction
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
 GRACE_S = 10.0
+# How ranks start. "forkserver": each rank is forked from a server process that imported
+# _PRELOAD once (at the first start in this process), so a rank starts in well under a second
+# instead of importing torch for seconds of CPU; "spawn" where there is no forkserver.
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+# Imports only: importing these starts no torch, OpenMP or gloo state (numpy's OpenBLAS starts
+# a thread, which it stops and restarts around a fork itself). Not "__main__": the server must
+# not run the parent's script.
+_PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "adaptive_pp.runtime.launch",
+    "adaptive_pp.runtime.pipeline",
+    "adaptive_pp.observability.otel",
+)
 # torchrun's variables besides those _serve sets: a spawned rank of one host must not inherit
 # its parent's node count, agent store or restart count (it would wait on that store).
 _INHERITED_PREFIXES = ("GROUP_", "ROLE_", "TORCHELASTIC_")
@@ -79,6 +96,57 @@ def _call(rank: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[int
         return rank, False, failure
 
 
+class _Inherited:
+    """What a spawned rank takes from its parent at its start and a forkserver's child would take
+    from the server (as they were when the server started): the environment, stdout and stderr
+    (pytest's capfd sees the ranks' output) and the CPU priority (tests/conftest.py's nice)."""
+
+    def __init__(self, env: dict[str, str], priority: int, fds: dict[int, Any]) -> None:
+        self.env = env
+        self.priority = priority
+        self.fds = fds  # target fd -> an fd here or, once sent, a handle to detach() one
+
+    @classmethod
+    def here(cls) -> _Inherited:
+        """This process's, now."""
+        fds: dict[int, Any] = {}
+        for fd in (1, 2):
+            try:
+                os.fstat(fd)
+                fds[fd] = fd
+            except OSError:
+                pass  # closed here: the rank keeps what it has
+        return cls(dict(os.environ), os.getpriority(os.PRIO_PROCESS, 0), fds)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Called as the Process is pickled for its start: DupFd sends each fd with the child.
+        sent = {t: reduction.DupFd(fd) if isinstance(fd, int) else fd for t, fd in self.fds.items()}
+        return (_Inherited, (self.env, self.priority, sent))
+
+    def apply(self) -> None:
+        """In the rank, before anything else."""
+        os.environ.clear()
+        os.environ.update(self.env)
+        if os.getpriority(os.PRIO_PROCESS, 0) != self.priority:
+            # An unprivileged rank cannot raise its priority over the server's: it stays lower.
+            with contextlib.suppress(PermissionError):
+                os.setpriority(os.PRIO_PROCESS, 0, self.priority)
+        for target, handle in self.fds.items():
+            fd = handle if isinstance(handle, int) else handle.detach()
+            if fd != target:
+                (sys.stdout if target == 1 else sys.stderr).flush()
+                os.dup2(fd, target)
+                os.close(fd)
+
+
+def _context(method: str | None) -> Any:
+    method = method or START_METHOD
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(list(_PRELOAD))  # no effect once this process's server runs
+    return ctx
+
+
 def _serve(
     rank: int,
     nprocs: int,
@@ -87,8 +155,11 @@ def _serve(
     results: Any,
     threads: int,
     init_group: bool,
+    inherited: _Inherited,
 ) -> None:
-    """A spawned rank: set torchrun's env vars, then run jobs until told to stop."""
+    """A rank: take the parent's environment, set torchrun's env vars, then run jobs until told
+    to stop."""
+    inherited.apply()
     for key in [k for k in os.environ if k.startswith(_INHERITED_PREFIXES)]:
         del os.environ[key]  # a parent under torchrun: its nodes, store and restarts are not ours
     os.environ.update(
@@ -123,17 +194,25 @@ def _serve(
 
 
 class WorkerPool:
-    """``nprocs`` spawned ranks sharing one process group, running jobs together.
+    """``nprocs`` ranks sharing one process group, running jobs together.
 
-    Spawning a rank costs seconds (each imports torch); a pool pays that once for many runs
-    (tests, parameter sweeps). A failed job breaks the pool: it is shut down, and ``run``
-    raises LaunchError.
+    Starting a rank costs CPU (a spawned one imports torch: seconds; see START_METHOD); a pool
+    pays that once for many runs (tests, parameter sweeps). A failed job breaks the pool: it is
+    shut down, and ``run`` raises LaunchError. ``start_method`` ("spawn", "forkserver") overrides
+    START_METHOD.
     """
 
-    def __init__(self, nprocs: int, threads: int = 1, _init_group: bool = True) -> None:
+    def __init__(
+        self,
+        nprocs: int,
+        threads: int = 1,
+        _init_group: bool = True,
+        start_method: str | None = None,
+    ) -> None:
         if nprocs < 1:
             raise ValueError(f"nprocs must be >= 1, got {nprocs}")
-        ctx = mp.get_context("spawn")
+        ctx = _context(start_method)
+        inherited = _Inherited.here()
         self.nprocs = nprocs
         self._results = ctx.Queue()
         self._jobs = [ctx.Queue() for _ in range(nprocs)]
@@ -141,7 +220,16 @@ class WorkerPool:
         self._procs = [
             ctx.Process(
                 target=_serve,
-                args=(r, nprocs, port, self._jobs[r], self._results, threads, _init_group),
+                args=(
+                    r,
+                    nprocs,
+                    port,
+                    self._jobs[r],
+                    self._results,
+                    threads,
+                    _init_group,
+                    inherited,
+                ),
             )
             for r in range(nprocs)
         ]
@@ -231,8 +319,9 @@ def launch(
     *args: Any,
     threads: int = 1,
     timeout: float | None = None,
+    start_method: str | None = None,
 ) -> list[Any]:
-    """Run ``fn(*args)`` on ``nprocs`` spawned ranks; return their results in rank order.
+    """Run ``fn(*args)`` on ``nprocs`` new ranks; return their results in rank order.
 
     ``fn`` must be importable (defined at module level). The ranks run on this host: each gets
     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (127.0.0.1) and MASTER_PORT as under a one-node
@@ -240,9 +329,11 @@ def launch(
     ``threads`` torch threads; several hosts are torchrun's job (docs/MULTIHOST.md).
     ``fn`` creates the process group (Pipeline does). If a rank fails, the others get
     ``GRACE_S`` seconds to exit, then are killed, and a LaunchError leads with the root cause
-    (a peer's "stage N is gone" comes after it).
+    (a peer's "stage N is gone" comes after it). Ranks start by ``start_method`` (default
+    START_METHOD) and, either way, with this process's environment, stdout, stderr and CPU
+    priority as they are now.
     """
-    pool = WorkerPool(nprocs, threads, _init_group=False)
+    pool = WorkerPool(nprocs, threads, _init_group=False, start_method=start_method)
     try:
         return pool.run(fn, *args, timeout=timeout)
     finally:
