@@ -28,11 +28,14 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, wraps
 from itertools import compress, repeat
 from operator import lt
-from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, TypeVar, cast
+
+import numpy as np
+from numpy.typing import NDArray
 
 Kind = Literal["F", "B", "I", "W"]
 KINDS: tuple[Kind, ...] = ("F", "B")  # the kinds of a full-backward schedule
@@ -148,11 +151,73 @@ def _placements(num_ranks: int, chunks: int, placement: Placement) -> list[tuple
     return out
 
 
+_D = TypeVar("_D", bound="Deferred")
+
+
+class Deferred:
+    """Lets a frozen dataclass build fields on first access: ``deferring`` makes an instance
+    whose named fields are functions, called once when read. Equality, hashing, ``repr``,
+    ``replace`` and pickling read the fields, so they see the built values (pickling keeps
+    no function). A deferred field must not be a class attribute (a dataclass default is:
+    delete it from the class after the decorator; __init__ keeps it)."""
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Any:
+            build = self.__dict__.get("_deferred", {}).get(name)
+            if build is None:
+                if name in self.__dict__:  # built by another thread meanwhile
+                    return self.__dict__[name]
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            value = build()
+            object.__setattr__(self, name, value)
+            return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k != "_deferred"}
+        for name in self.__dict__.get("_deferred", {}):
+            state[name] = getattr(self, name)
+        return state
+
+    @classmethod
+    def deferring(cls: type[_D], deferred: dict[str, Callable[[], Any]], /, **values: Any) -> _D:
+        """An instance with fields ``values`` and, built on first access, ``deferred``."""
+        obj = object.__new__(cls)
+        for name, value in values.items():
+            object.__setattr__(obj, name, value)
+        object.__setattr__(obj, "_deferred", deferred)
+        return obj
+
+
+Ints = NDArray[np.int64]
+
+
 @dataclass(frozen=True)
-class Schedule:
+class Rows:
+    """A generator's lists in compact form: per rank, one letter per action (its kind), the
+    micro-batch ids and the chunks (None: all 0)."""
+
+    kinds: tuple[str, ...]
+    microbatches: tuple[Ints, ...]
+    chunks: tuple[Ints, ...] | None = None
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def stages(self) -> tuple[tuple[Action, ...], ...]:
+        """The Action lists."""
+        out = []
+        for r, kinds in enumerate(self.kinds):
+            mbs = self.microbatches[r].tolist()
+            chs = repeat(0) if self.chunks is None else self.chunks[r].tolist()
+            out.append(_actions_of(r, kinds, mbs, chs))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Schedule(Deferred):
     """Actions per rank (``stages[s]`` runs in order on rank ``s``) over ``microbatches``.
 
-    ``chunks`` model chunks per rank, placed on virtual stages by ``placement``.
+    ``chunks`` model chunks per rank, placed on virtual stages by ``placement``. A generator's
+    schedule (``generated``) builds ``stages`` from its compact form on first access.
     """
 
     stages: tuple[tuple[Action, ...], ...]
@@ -161,19 +226,48 @@ class Schedule:
     chunks: int = 1
     placement: Placement = "loop"
 
+    @classmethod
+    def generated(
+        cls,
+        rows: Rows,
+        microbatches: int,
+        name: str,
+        chunks: int = 1,
+        placement: Placement = "loop",
+    ) -> Schedule:
+        """A schedule whose ``stages`` are ``rows``' (built when first read)."""
+        return cls.deferring(
+            {"stages": rows.stages},
+            microbatches=microbatches,
+            name=name,
+            chunks=chunks,
+            placement=placement,
+            _rows=rows,
+        )
+
+    @property
+    def rows(self) -> Rows | None:
+        """The compact form of a generator's schedule (None for any other)."""
+        rows: Rows | None = self.__dict__.get("_rows")
+        return rows
+
     @property
     def num_stages(self) -> int:
         """Number of pipeline stages (ranks)."""
-        return len(self.stages)
+        rows = self.rows
+        return len(self.stages) if rows is None else len(rows.kinds)
 
     @property
     def num_virtual_stages(self) -> int:
         """Ranks x chunks."""
-        return len(self.stages) * self.chunks
+        return self.num_stages * self.chunks
 
     @cached_property
     def split_backward(self) -> bool:
         """Whether any action is an I or a W (the runtime runs only F and B today)."""
+        rows = self.rows
+        if rows is not None:
+            return any("I" in k or "W" in k for k in rows.kinds)
         return any(a.kind in "IW" for acts in self.stages for a in acts)
 
     def virtual_stage(self, rank: int, chunk: int = 0) -> int:

@@ -141,6 +141,12 @@ def hand_over(schedule: Schedule, build: Callable[[], Compiled]) -> Schedule:
     return schedule
 
 
+def handed_over(schedule: Schedule) -> bool:
+    """Whether a generator handed over ``schedule``'s run plan (see hand_over)."""
+    hint = _HINTS.get(id(schedule))
+    return hint is not None and hint[0]() is schedule
+
+
 def _link(a: int, b: int, num_stages: int) -> int:
     if a == b:
         return -1

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypedDict, cast
 
+from .actions import Deferred
 from .schedules import Action, Kind
 
 
@@ -29,8 +30,10 @@ class ActionTiming(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Timeline:
-    """Per stage, the actions it ran in order with their start and end times (columnar)."""
+class Timeline(Deferred):
+    """Per stage, the actions it ran in order with their start and end times (columnar).
+
+    The simulator's fields are built when first read (``Deferred``)."""
 
     actions: tuple[tuple[Action, ...], ...] = ()
     start: tuple[Sequence[float], ...] = ()
@@ -69,9 +72,17 @@ class Timeline:
         )
 
 
+# The fields' defaults live in __init__; off the class, a deferred field is looked up on first
+# read (Deferred.__getattr__) instead of finding the class's default.
+for _name in ("actions", "start", "end"):
+    delattr(Timeline, _name)
+
+
 @dataclass(frozen=True)
-class QueueTrace:
+class QueueTrace(Deferred):
     """Messages on one directed link: when each arrived and when the receiver consumed it.
+
+    The simulator's ``arrived`` and ``consumed`` are built when first read (``Deferred``).
 
     ``kind`` is "act" (activations, src = dst - 1) or "grad" (gradients, src = dst + 1).
     ``arrived[i]`` and ``consumed[i]`` belong to the same message.

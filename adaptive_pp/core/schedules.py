@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
+
 from .actions import (
     ALL_KINDS,
     ASYNC_SCHEDULES,
@@ -33,9 +35,9 @@ from .actions import (
     Action,
     Kind,
     Placement,
+    Rows,
     Schedule,
     ScheduleError,
-    _actions,
     _check_sizes,
     _gc_paused,
     virtual_stage,
@@ -44,7 +46,7 @@ from .compiled import Compiled, compile_schedule, hand_over, peak_stash
 from .flow import Replay, replay, validate
 from .plans import _chained, _planned
 from .zbv import zb_v
-from .zerobubble import _steady, interleaved_1f1b, zb_h1
+from .zerobubble import _steady, _steady_array, interleaved_1f1b, zb_h1
 
 __all__ = [
     "ALL_KINDS",
@@ -82,9 +84,9 @@ def gpipe(num_stages: int, microbatches: int) -> Schedule:
     """GPipe: every stage runs all forwards, then all backwards (in micro-batch order)."""
     _check_sizes(num_stages, microbatches)
     kinds = "F" * microbatches + "B" * microbatches
-    mbs = [*range(microbatches), *range(microbatches)]
-    stages = tuple(_actions(s, kinds, mbs) for s in range(num_stages))
-    sched = Schedule(stages, microbatches, "gpipe")
+    mbs = np.tile(np.arange(microbatches), 2)  # shared by every rank's list
+    rows = Rows((kinds,) * num_stages, (mbs,) * num_stages)
+    sched = Schedule.generated(rows, microbatches, "gpipe")
     return hand_over(
         sched, partial(_plan_1f1b, num_stages, microbatches, [microbatches] * num_stages)
     )
@@ -101,12 +103,14 @@ def _one_f_one_b_order(warmup: int, mbs: list[int]) -> tuple[str, list[int]]:
 def one_f_one_b(num_stages: int, microbatches: int) -> Schedule:
     """Non-interleaved 1F1B: min(S-s-1, M) warm-up forwards, then alternate F and B, then drain."""
     _check_sizes(num_stages, microbatches)
-    stages, warmups = [], [min(num_stages - s - 1, microbatches) for s in range(num_stages)]
-    ids = list(range(microbatches))
-    for s in range(num_stages):
-        kinds, mbs = _one_f_one_b_order(warmups[s], ids)
-        stages.append(_actions(s, kinds, mbs))
-    sched = Schedule(tuple(stages), microbatches, "1f1b")
+    warmups = [min(num_stages - s - 1, microbatches) for s in range(num_stages)]
+    ids = np.arange(microbatches)
+    kinds, mbs = [], []
+    for w in warmups:
+        p = microbatches - w
+        kinds.append("F" * w + "FB" * p + "B" * w)
+        mbs.append(_steady_array(ids, ids, w, p))
+    sched = Schedule.generated(Rows(tuple(kinds), tuple(mbs)), microbatches, "1f1b")
     return hand_over(sched, partial(_plan_1f1b, num_stages, microbatches, warmups))
 
 

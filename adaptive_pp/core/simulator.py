@@ -13,13 +13,16 @@ or gradient between two chunks of one rank is free. See ``schedules.replay``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import repeat
-from operator import mul
+from operator import itemgetter, mul
+from typing import Any
 
 from .actions import _gc_paused
-from .flow import _replay
+from .flow import _hops, _replay, _Times, grid_for
+from .grid import GridTimes, run_grid
 from .report import QueueTrace, StageStats, StepReport, Timeline
 from .schedules import Compiled, Schedule, compile_schedule
 
@@ -177,8 +180,14 @@ def simulate(
         from .twobw import simulate_window
 
         return simulate_window(schedule, costs, step=step)
+    grid = grid_for(schedule) if compiled is None else None
+    if grid is not None:  # a generator's schedule as a grid: the report's lists on demand
+        w_table = W_SHARE if costs.tau_w is None else costs.tau_w  # W = B * W_SHARE, as w_table
+        hops = _hops(costs.tau_c, costs.tau_wrap)
+        run = run_grid(grid, costs.tau_f, costs.tau_b, w_table, schedule.chunks, hops)
+        return _report(schedule, costs, step, run, grid.peak, grid.queues, run.queue_parts())
     code = compiled if compiled is not None else compile_schedule(schedule)
-    run = _replay(
+    done = _replay(
         schedule,
         costs.tau_f,
         costs.tau_b,
@@ -188,33 +197,51 @@ def simulate(
         costs.tau_wrap,
         queues=True,
     )
-    step_time = max((en[-1] for en in run.end if en), default=0.0)
+    parts = [(partial(itemgetter(0), q), partial(itemgetter(1), q)) for q in done.queue_times()]
+    return _report(schedule, costs, step, done, code.peak, code.queues, parts)
+
+
+def _report(
+    schedule: Schedule,
+    costs: Costs,
+    step: int,
+    run: _Times | GridTimes,
+    peak: Sequence[int],
+    names: Sequence[tuple[int, int, str]],
+    parts: Sequence[tuple[Callable[[], Any], Callable[[], Any]]],
+) -> StepReport:
+    """The StepReport of a replay: queues ``names`` with ``parts`` giving each one's arrivals
+    and consumers' starts; the timeline's lists built when first read."""
+    step_time = run.step_time()
     stages = tuple(
         StageStats(
             stage=s,
             compute=math.fsum(costs.tau_f[s]) + math.fsum(costs.tau_b[s]),
             wait=run.waited[s],
             wall=step_time,
-            peak_stash=code.peak[s],
+            peak_stash=peak[s],
         )
-        for s in range(num_stages)
+        for s in range(schedule.num_stages)
     )
     # One trace per directed link and kind: "act" feeds F, "grad" feeds B or I, messages in
     # (chunk, micro-batch) order; chunks on one rank exchange no messages.
     queues = tuple(
-        QueueTrace(src, dst, kind, arrived, consumed)
-        for (src, dst, kind), (arrived, consumed) in zip(
-            code.queues, run.queue_times(), strict=True
-        )
+        QueueTrace.deferring({"arrived": arrived, "consumed": consumed}, src=src, dst=dst, kind=k)
+        for (src, dst, k), (arrived, consumed) in zip(names, parts, strict=True)
     )
+    timeline = Timeline.deferring({
+        "actions": lambda: schedule.stages,
+        "start": lambda: tuple(run.start),
+        "end": lambda: tuple(run.end),
+    })  # fmt: skip
     return StepReport(
         step=step,
         schedule=schedule.name,
-        microbatches=m_count,
+        microbatches=schedule.microbatches,
         step_time=step_time,
         stages=stages,
         queues=queues,
-        timeline=Timeline(schedule.stages, tuple(run.start), tuple(run.end)),
+        timeline=timeline,
         source="simulator",
     )
 

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from .actions import Kind, Schedule, _actions_of, _check_sizes, _gc_paused
+import numpy as np
+
+from .actions import Ints, Kind, Rows, Schedule, _check_sizes, _gc_paused
 from .compiled import Compiled, hand_over
 from .plans import Queue, Stream, _planned
-from .zerobubble import Segment, _fill, _layout
+from .zerobubble import Segment, _fill, _fill_array, _layout
 
 NAME = "zb-v"
 
@@ -98,20 +100,28 @@ def zb_v(num_stages: int, microbatches: int) -> Schedule:
     """
     _check_sizes(num_stages, microbatches, 2)
     n = max(microbatches, min_microbatches(num_stages))
-    stages = []
+    kinds: list[str] = []
+    mbs: list[Ints] = []
+    chs: list[Ints] = []
     if n == microbatches:  # nothing to drop: build each rank's lists from its segments
-        ids = list(range(microbatches))  # micro-batch ids, shared by every rank's list
+        ids = np.arange(microbatches)  # micro-batch ids, shared by every rank's list
         for r in range(num_stages):
             tokens, length, spots = _layout(_segments(num_stages, n, r), TOKENS)
-            chunks = tokens.encode().translate(_CHUNK_OF)
-            stages.append(_actions_of(r, tokens.upper(), _fill(length, spots, ids), chunks))
-        sched = Schedule(tuple(stages), microbatches, NAME, 2, "v")
+            kinds.append(tokens.upper())
+            mbs.append(_fill_array(length, spots, ids))
+            chs.append(
+                np.frombuffer(tokens.encode().translate(_CHUNK_OF), np.uint8).astype(np.int64)
+            )
+        rows = Rows(tuple(kinds), tuple(mbs), tuple(chs))
+        sched = Schedule.generated(rows, microbatches, NAME, 2, "v")
         return hand_over(sched, partial(_plan_zb_v, num_stages, microbatches))
     for r in range(num_stages):
         order = [a for a in _rank_order(r, num_stages, n) if a[1] < microbatches]
-        kinds, mbs, chs = zip(*order, strict=True)
-        stages.append(_actions_of(r, kinds, mbs, chs))
-    return Schedule(tuple(stages), microbatches, NAME, 2, "v")
+        kinds.append("".join(a[0] for a in order))
+        mbs.append(np.array([a[1] for a in order], np.int64))
+        chs.append(np.array([a[2] for a in order], np.int64))
+    rows = Rows(tuple(kinds), tuple(mbs), tuple(chs))
+    return Schedule.generated(rows, microbatches, NAME, 2, "v")
 
 
 # --- the layout from segments and the run plan (M >= 2S - 1: nothing dropped) --------------------

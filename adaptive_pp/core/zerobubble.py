@@ -14,7 +14,9 @@ from functools import partial
 from operator import itemgetter
 from typing import Any, TypeVar
 
-from .actions import Schedule, ScheduleError, _actions, _actions_of, _check_sizes, _gc_paused
+import numpy as np
+
+from .actions import Ints, Rows, Schedule, ScheduleError, _check_sizes, _gc_paused
 from .compiled import Compiled, Pick, Row, _getter, _link, hand_over
 from .plans import Queue, Stream, _chained, _planned
 
@@ -37,13 +39,15 @@ def interleaved_1f1b(num_stages: int, microbatches: int, chunks: int = 2) -> Sch
             f"interleaved 1F1B needs micro-batches ({microbatches}) to be a multiple of the "
             f"stages ({num_stages})"
         )
-    fc, fm, bc = _interleaved_order(num_stages, microbatches, chunks)
-    stages = []
+    fc, fm, bc = map(np.array, _interleaved_order(num_stages, microbatches, chunks))
+    kinds, mbs, chs = [], [], []
     for r in range(num_stages):
         warmup, n = _interleaved_warmup(num_stages, microbatches, chunks, r)
-        kinds = "F" * warmup + "FB" * n + "B" * warmup
-        stages.append(_actions_of(r, kinds, _steady(fm, fm, warmup, n), _steady(fc, bc, warmup, n)))
-    sched = Schedule(tuple(stages), microbatches, "interleaved-1f1b", chunks, "loop")
+        kinds.append("F" * warmup + "FB" * n + "B" * warmup)
+        mbs.append(_steady_array(fm, fm, warmup, n))
+        chs.append(_steady_array(fc, bc, warmup, n))
+    rows = Rows(tuple(kinds), tuple(mbs), tuple(chs))
+    sched = Schedule.generated(rows, microbatches, "interleaved-1f1b", chunks, "loop")
     return hand_over(sched, partial(_plan_interleaved, num_stages, microbatches, chunks))
 
 
@@ -73,6 +77,16 @@ def _steady(fwd: Sequence[T], bwd: Sequence[T], warmup: int, n: int) -> list[T]:
     body[0::2] = fwd[warmup:]
     body[1::2] = bwd[:n]
     return [*fwd[:warmup], *body, *bwd[n:]]
+
+
+def _steady_array(fwd: Ints, bwd: Ints, warmup: int, n: int) -> Ints:
+    """_steady of two int arrays, as an array."""
+    out = np.empty(len(fwd) + len(bwd), np.int64)
+    out[:warmup] = fwd[:warmup]
+    out[warmup : warmup + 2 * n : 2] = fwd[warmup:]
+    out[warmup + 1 : warmup + 2 * n : 2] = bwd[:n]
+    out[warmup + 2 * n :] = bwd[n:]
+    return out
 
 
 def _steady_pick(
@@ -203,11 +217,13 @@ def zb_h1(num_stages: int, microbatches: int) -> Schedule:
     delayed W's fill the cool-down bubble.
     """
     _check_sizes(num_stages, microbatches)
-    stages, ids = [], list(range(microbatches))  # micro-batch ids, shared by every rank's list
+    ids = np.arange(microbatches)  # micro-batch ids, shared by every rank's list
+    kinds, mbs = [], []
     for r in range(num_stages):
-        kinds, length, spots = _layout(_zb_segments(num_stages, microbatches, r))
-        stages.append(_actions(r, kinds, _fill(length, spots, ids)))
-    sched = Schedule(tuple(stages), microbatches, "zb-h1")
+        order, length, spots = _layout(_zb_segments(num_stages, microbatches, r))
+        kinds.append(order)
+        mbs.append(_fill_array(length, spots, ids))
+    sched = Schedule.generated(Rows(tuple(kinds), tuple(mbs)), microbatches, "zb-h1")
     return hand_over(sched, partial(_plan_zb_h1, num_stages, microbatches))
 
 
@@ -254,6 +270,15 @@ def _fill(
         for where, first in pieces:
             lo = (base or {}).get(kind, 0) + first
             row[where.start : where.stop : where.step] = table[lo : lo + len(where)]
+    return row
+
+
+def _fill_array(length: int, spots: Spots, ids: Ints) -> Ints:
+    """_fill of micro-batch ids (no bases), as an array."""
+    row = np.zeros(length, np.int64)
+    for pieces in spots.values():
+        for where, first in pieces:
+            row[where.start : where.stop : where.step] = ids[first : first + len(where)]
     return row
 
 
