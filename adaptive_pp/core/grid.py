@@ -30,6 +30,7 @@ from .compiled import _queues
 Floats = NDArray[np.float64]
 Ints = NDArray[np.int64]
 Messages = list[tuple[tuple[float, ...], tuple[float, ...]]]
+Serial = tuple[list[int], list[int], int]  # a row's rank order, same-row producers, depth
 
 _KIND = np.full(256, -1, np.int64)  # letter -> its block in a rank's cost table (F, B or I, W)
 _KIND[[ord("F"), ord("B"), ord("I"), ord("W")]] = [0, 1, 1, 2]
@@ -44,10 +45,11 @@ class Grid:
     ``dep[p, s]``: where the input of rank s's p-th action is made, as a flat index into the
     (L + 1) x S ends (row L: no input, ends -1.0); ``link``: the link it crosses (-1: same rank,
     S: no input, as ``flow``'s hops); ``key``: its cost in the rank's table (block * M + m);
-    ``serial``: the rows with an input from the same row, with their ranks in a runnable order
-    and each rank's same-row producer (-1: none). ``queues``: report order (see compiled);
-    ``took``/``gave``: per message, flat indices of its consumer (starts) and producer (ends),
-    queue after queue (``bounds``); ``peak``: the stash peak per rank.
+    ``serial``: the rows with an input from the same row, with their ranks in a runnable order,
+    each rank's same-row producer (-1: none) and how deep those chain. ``queues``: report
+    order (see compiled); ``took``/``gave``: per message, flat indices of its consumer
+    (starts) and producer (ends), queue after queue (``bounds``); ``peak``: the stash peak
+    per rank.
     """
 
     num_stages: int
@@ -56,7 +58,7 @@ class Grid:
     dep: Ints
     link: Ints
     key: Ints
-    serial: dict[int, tuple[list[int], list[int]]]
+    serial: dict[int, Serial]
     queues: tuple[tuple[int, int, str], ...]
     took: Ints
     gave: Ints
@@ -74,19 +76,21 @@ def grid_of(
     length = len(rows.kinds[0]) if s_ else 0
     if not length or any(len(k) != length for k in rows.kinds):
         return None
+    # Every array below is L x S (row p: the ranks' p-th actions), as the replay reads them.
     code = np.frombuffer("".join(rows.kinds).encode(), np.uint8).reshape(s_, length)
+    code = np.ascontiguousarray(code.T)
     counts = np.bincount(code.reshape(-1), minlength=256)
     split = bool(counts[ord("I")] or counts[ord("W")])
     if split and counts[ord("B")]:
         return None
     block = _KIND[code]
-    mbs = np.stack(rows.microbatches).astype(np.int64)
-    chs = np.zeros_like(mbs) if rows.chunks is None else np.stack(rows.chunks).astype(np.int64)
-    rank = np.arange(s_)[:, None]
+    mbs = np.stack(rows.microbatches, axis=1).astype(np.int64, copy=False)
+    chs = np.zeros_like(mbs) if rows.chunks is None else np.stack(rows.chunks, axis=1)
+    rank = np.arange(s_)[None, :]
     # Where each (block, chunk, micro-batch) stands on each rank.
     unit = (block * chunks + chs) * m_count + mbs
     pos = np.full((s_, 3 * chunks * m_count), -1, np.int64)
-    pos[rank, unit] = np.arange(length)
+    pos[rank.T, unit.T] = np.arange(length)  # rank by rank: writes close together
     if (pos[:, : 2 * chunks * m_count] < 0).any():
         return None
     vs_count = s_ * chunks
@@ -98,7 +102,7 @@ def grid_of(
     src_v = np.where(has, np.where(fwd, v - 1, v + 1), 0)
     src, src_chunk = where[src_v, 0], where[src_v, 1]
     at = pos[src, (block * chunks + src_chunk) * m_count + mbs]
-    here = np.arange(length)[None, :]
+    here = np.arange(length)[:, None]
     if (has & (at > here)).any():
         return None
     serial = _serial(has & (at == here), src)
@@ -109,14 +113,14 @@ def grid_of(
     link = np.where(src == rank, -1, np.where(near, np.minimum(src, rank), s_ - 1))
     link = np.where(has, link, s_)
     queues, took, gave, bounds = _messages(pos, vstage, where, m_count)
-    peak = np.cumsum(_STASH[code], axis=1).max(axis=1)
+    peak = np.cumsum(_STASH[code], axis=0).max(axis=0)
     return Grid(
         s_,
         length,
         split,
-        np.ascontiguousarray(dep.T),
-        np.ascontiguousarray(link.T),
-        np.ascontiguousarray((block * m_count + mbs).T),
+        dep,
+        link,
+        block * m_count + mbs,
         serial,
         queues,
         took,
@@ -150,11 +154,11 @@ def _messages(
     return queues, took.reshape(-1), gave.reshape(-1), list(accumulate(sizes))
 
 
-def _serial(same: NDArray[np.bool_], src: Ints) -> dict[int, tuple[list[int], list[int]]] | None:
-    """Per row with a same-row input: its ranks, each after its same-row producer, and per
-    rank that producer (-1: none); None if they make a cycle."""
-    rows = np.flatnonzero(same.any(axis=0))
-    on, prod = same[:, rows].T, src[:, rows].T
+def _serial(same: NDArray[np.bool_], src: Ints) -> dict[int, Serial] | None:
+    """Per row with a same-row input: its ranks, each after its same-row producer, per rank
+    that producer (-1: none), and the longest chain of them; None if they make a cycle."""
+    rows = np.flatnonzero(same.any(axis=1))
+    on, prod = same[rows], src[rows]
     depth = np.zeros(on.shape, np.int64)
     for _ in range(on.shape[1] + 1):
         deeper = np.where(on, np.take_along_axis(depth, prod, axis=1) + 1, 0)
@@ -165,7 +169,8 @@ def _serial(same: NDArray[np.bool_], src: Ints) -> dict[int, tuple[list[int], li
         return None
     order = np.argsort(depth, axis=1, kind="stable").tolist()
     producer = np.where(on, prod, -1).tolist()
-    return dict(zip(rows.tolist(), zip(order, producer, strict=True), strict=True))
+    deepest = depth.max(axis=1, initial=0).tolist()
+    return dict(zip(rows.tolist(), zip(order, producer, deepest, strict=True), strict=True))
 
 
 def _table(
@@ -293,10 +298,19 @@ def _run_grid(
     plain = _plain(table, np.delete(hop, s_))
     serial = grid.serial
     for p, (d, h, c, st, en) in enumerate(zip(grid.dep, arrive, cost, starts, ends, strict=False)):
-        np.take(flat, d, out=r)
+        flat.take(d, out=r)
         r += h
         if p in serial:
-            _serial_row(serial[p], r, h, c, free, st, en)
+            order, prod, depth = serial[p]
+            if depth > _SWEEPS:
+                _serial_row(order, prod, r, h, c, free, st, en)
+                free = en
+                continue
+            for _ in range(depth):  # sweep the row again while a same-row input changed
+                _step(plain, r, free, c, st, en, mask)
+                flat.take(d, out=r)
+                r += h
+            _step(plain, r, free, c, st, en, mask)
         elif plain:
             np.maximum(free, r, out=st)
             np.add(st, c, out=en)
@@ -312,8 +326,27 @@ def _run_grid(
     return GridTimes(grid, starts, ends, waited, hop)
 
 
+# A row whose same-row inputs chain at most this deep is swept (depth + 1) times as a whole
+# (each sweep's inputs are final one level further); deeper, it runs rank by rank.
+_SWEEPS = 6
+
+
+def _step(
+    plain: bool, r: Floats, free: Floats, c: Floats, st: Floats, en: Floats, mask: NDArray[np.bool_]
+) -> None:
+    """A row's starts and ends from its arrivals ``r`` (see run_grid)."""
+    if plain:
+        np.maximum(free, r, out=st)
+    else:
+        np.greater(r, free, out=mask)
+        np.copyto(st, free)
+        np.copyto(st, r, where=mask)
+    np.add(st, c, out=en)
+
+
 def _serial_row(
-    ranks: tuple[list[int], list[int]],
+    order: list[int],
+    prod: list[int],
     r: Floats,
     h: Floats,
     c: Floats,
@@ -321,8 +354,7 @@ def _serial_row(
     st: Floats,
     en: Floats,
 ) -> None:
-    """One row rank by rank (``ranks``: the order, and each rank's same-row producer)."""
-    order, prod = ranks
+    """One row rank by rank (``order``; ``prod``: each rank's same-row producer, -1: none)."""
     arrive, hop, cost, was = r.tolist(), h.tolist(), c.tolist(), free.tolist()
     start, end = [0.0] * len(arrive), [0.0] * len(arrive)
     for s in order:
