@@ -37,9 +37,11 @@ odd = st.sampled_from([-0.0, -1.5, math.inf, math.nan, 0.0, 1.0])
 
 
 def bits(values: Any) -> Any:
-    """Nested lists/tuples of floats as their bit patterns (NaN, -0.0 told apart exactly)."""
+    """Nested lists/tuples of floats as their bit patterns (-0.0 and 0.0 told apart); every NaN
+    alike (the sign of inf - inf's NaN is the hardware's, and no cost Costs.build accepts makes
+    one)."""
     if isinstance(values, float):
-        return struct.pack("<d", values)
+        return b"nan" if math.isnan(values) else struct.pack("<d", values)
     return [bits(v) for v in values]
 
 

@@ -195,11 +195,13 @@ Ints = NDArray[np.int64]
 @dataclass(frozen=True)
 class Rows:
     """A generator's lists in compact form: per rank, one letter per action (its kind), the
-    micro-batch ids and the chunks (None: all 0)."""
+    micro-batch ids and the chunks (None: all 0); ``rowwise``: worth a try as a grid (GPipe's
+    rows all chain down the ranks: no)."""
 
     kinds: tuple[str, ...]
     microbatches: tuple[Ints, ...]
     chunks: tuple[Ints, ...] | None = None
+    rowwise: bool = True
     memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def stages(self) -> tuple[tuple[Action, ...], ...]:

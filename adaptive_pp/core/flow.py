@@ -236,7 +236,9 @@ def grid_for(schedule: Schedule) -> Grid | None:
     flat form (no input: ready at -1.0), an action without input never waits: the same times
     unless costs below zero take a rank's times below -1.0."""
     rows = schedule.rows
-    if rows is None or len(rows.kinds) < GRID_MIN_STAGES or not handed_over(schedule):
+    if rows is None or not rows.rowwise or len(rows.kinds) < GRID_MIN_STAGES:
+        return None
+    if not handed_over(schedule):
         return None
     if "grid" not in rows.memo:
         rows.memo["grid"] = grid_of(

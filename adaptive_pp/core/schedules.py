@@ -85,7 +85,7 @@ def gpipe(num_stages: int, microbatches: int) -> Schedule:
     _check_sizes(num_stages, microbatches)
     kinds = "F" * microbatches + "B" * microbatches
     mbs = np.tile(np.arange(microbatches), 2)  # shared by every rank's list
-    rows = Rows((kinds,) * num_stages, (mbs,) * num_stages)
+    rows = Rows((kinds,) * num_stages, (mbs,) * num_stages, rowwise=False)  # rows all serial
     sched = Schedule.generated(rows, microbatches, "gpipe")
     return hand_over(
         sched, partial(_plan_1f1b, num_stages, microbatches, [microbatches] * num_stages)
