@@ -174,6 +174,7 @@ def test_a_generated_schedule_reads_compares_and_pickles_as_a_built_one() -> Non
         fresh = make_schedule(name, 4, 8)
         for other in (pickle.loads(pickle.dumps(fresh)), copy.deepcopy(make_schedule(name, 4, 8))):
             assert other == built and other.stages == built.stages
+            assert other.rows is None and "stages" in vars(other)  # a built copy
         assert dataclasses.replace(make_schedule(name, 4, 8), name="x") == dataclasses.replace(
             built, name="x"
         )

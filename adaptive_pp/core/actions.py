@@ -173,8 +173,8 @@ class Deferred:
             object.__setattr__(self, name, value)
             return value
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k != "_deferred"}
+    def __getstate__(self) -> dict[str, Any]:  # no private helper: a copy is a built one
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         for name in self.__dict__.get("_deferred", {}):
             state[name] = getattr(self, name)
         return state
