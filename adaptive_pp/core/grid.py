@@ -262,6 +262,7 @@ class GridTimes:
         return out
 
 
+@np.errstate(all="ignore")  # inf - inf and the like: NaN, silently, as in Python
 def run_grid(
     grid: Grid,
     tau_f: Sequence[Sequence[float]],
@@ -271,18 +272,6 @@ def run_grid(
     hops: Sequence[float],
 ) -> GridTimes:
     """Replay ``grid`` row by row (see the module docstring); ``hops`` by link as flow's."""
-    with np.errstate(all="ignore"):  # inf - inf and the like: NaN, silently, as in Python
-        return _run_grid(grid, tau_f, tau_b, tau_w, chunks, hops)
-
-
-def _run_grid(
-    grid: Grid,
-    tau_f: Sequence[Sequence[float]],
-    tau_b: Sequence[Sequence[float]],
-    tau_w: Sequence[Sequence[float]] | float | None,
-    chunks: int,
-    hops: Sequence[float],
-) -> GridTimes:
     s_, length = grid.num_stages, grid.length
     table = _table(grid.split, chunks, tau_f, tau_b, tau_w)
     cost = table[np.arange(s_)[None, :], grid.key]
