@@ -337,11 +337,6 @@ def _check_sizes(num_stages: int, microbatches: int, chunks: int = 1) -> None:
         raise ValueError(f"a rank needs at least 1 model chunk, got {chunks}")
 
 
-def _actions(stage: int, kinds: str, mbs: Sequence[int], chunk: int = 0) -> tuple[Action, ...]:
-    """Rank ``stage``'s actions from a kind string and micro-batch ids (generators' hot path)."""
-    return _actions_of(stage, kinds, mbs, repeat(chunk, len(mbs)))
-
-
 def _actions_of(
     stage: int, kinds: Sequence[str], mbs: Sequence[int], chs: Iterator[int] | Sequence[int]
 ) -> tuple[Action, ...]:

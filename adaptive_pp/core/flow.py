@@ -196,14 +196,11 @@ def _replay(
     any other (its run plan's scalar pass), the same times."""
     chunks = schedule.chunks
     hops = _hops(tau_c, tau_wrap)
-    grid = grid_for(schedule) if compiled is None and vectorised else None
-    if grid is not None:
+    grid = grid_for(schedule) if vectorised else None
+    if grid is not None and (compiled is None or _plan_of(compiled) is not None):
         return run_grid(grid, tau_f, tau_b, tau_w if grid.split else None, chunks, hops)
     code = compiled if compiled is not None else compile_schedule(schedule)
     plan = _plan_of(code)
-    grid = grid_for(schedule) if plan is not None and vectorised else None
-    if grid is not None:
-        return run_grid(grid, tau_f, tau_b, tau_w if code.split else None, chunks, hops)
     if plan is not None:
         costs = _run_costs(plan, code.split, chunks, tau_f, tau_b, tau_w)
         return _run_plan(plan, costs, hops, schedule.num_stages, queues)

@@ -33,6 +33,7 @@ from .actions import (
     SPLIT_BACKWARD_SCHEDULES,
     SPLIT_KINDS,
     Action,
+    Ints,
     Kind,
     Placement,
     Rows,
@@ -92,11 +93,11 @@ def gpipe(num_stages: int, microbatches: int) -> Schedule:
     )
 
 
-def _one_f_one_b_order(warmup: int, mbs: list[int]) -> tuple[str, list[int]]:
-    """Kinds and micro-batch ids of 1F1B with ``warmup`` leading forwards (``mbs``: the M ids,
+def _one_f_one_b_order(warmup: int, ids: Ints) -> tuple[str, Ints]:
+    """Kinds and micro-batch ids of 1F1B with ``warmup`` leading forwards (``ids``: the M ids,
     shared by every rank's list)."""
-    pairs = len(mbs) - warmup
-    return "F" * warmup + "FB" * pairs + "B" * warmup, _steady(mbs, mbs, warmup, pairs)
+    pairs = len(ids) - warmup
+    return "F" * warmup + "FB" * pairs + "B" * warmup, _steady_array(ids, ids, warmup, pairs)
 
 
 @_gc_paused
@@ -105,12 +106,8 @@ def one_f_one_b(num_stages: int, microbatches: int) -> Schedule:
     _check_sizes(num_stages, microbatches)
     warmups = [min(num_stages - s - 1, microbatches) for s in range(num_stages)]
     ids = np.arange(microbatches)
-    kinds, mbs = [], []
-    for w in warmups:
-        p = microbatches - w
-        kinds.append("F" * w + "FB" * p + "B" * w)
-        mbs.append(_steady_array(ids, ids, w, p))
-    sched = Schedule.generated(Rows(tuple(kinds), tuple(mbs)), microbatches, "1f1b")
+    kinds, mbs = zip(*(_one_f_one_b_order(w, ids) for w in warmups), strict=True)
+    sched = Schedule.generated(Rows(kinds, mbs), microbatches, "1f1b")
     return hand_over(sched, partial(_plan_1f1b, num_stages, microbatches, warmups))
 
 
