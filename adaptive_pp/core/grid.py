@@ -299,15 +299,7 @@ def run_grid(
                 _step(plain, r, free, c, st, en, mask)
                 flat.take(d, out=r)
                 r += h
-            _step(plain, r, free, c, st, en, mask)
-        elif plain:
-            np.maximum(free, r, out=st)
-            np.add(st, c, out=en)
-        else:  # the scalar pass's choice itself: r only where r > free
-            np.greater(r, free, out=mask)
-            np.copyto(st, free)
-            np.copyto(st, r, where=mask)
-            np.add(st, c, out=en)
+        _step(plain, r, free, c, st, en, mask)
         free = en
     before = np.concatenate((np.zeros((1, s_)), ends[: length - 1]))
     waits = np.where(starts > before, starts - before, 0.0)
@@ -326,7 +318,7 @@ def _step(
     """A row's starts and ends from its arrivals ``r`` (see run_grid)."""
     if plain:
         np.maximum(free, r, out=st)
-    else:
+    else:  # the scalar pass's choice itself: r only where r > free
         np.greater(r, free, out=mask)
         np.copyto(st, free)
         np.copyto(st, r, where=mask)
