@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from adaptive_pp.core import flow
 from adaptive_pp.core.compiled import handed_over
-from adaptive_pp.core.grid import grid_of, run_grid
+from adaptive_pp.core.grid import run_grid
+from adaptive_pp.core.gridform import grid_of
 from adaptive_pp.core.report import QueueTrace, StepReport, Timeline
 from adaptive_pp.core.schedules import (
     SCHEDULE_NAMES,

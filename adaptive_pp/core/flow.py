@@ -33,7 +33,8 @@ from .compiled import (
     handed_over,
 )
 from .eventreplay import _event_replay
-from .grid import Grid, GridTimes, grid_of, run_grid
+from .grid import GridTimes, run_grid
+from .gridform import Grid, grid_of
 from .plans import _plan_of, _rank_order, _transpose
 
 

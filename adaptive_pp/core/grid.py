@@ -1,4 +1,4 @@
-"""The grid form of a generator's schedule and its replay a row at a time, with numpy.
+"""The replay of a generator's schedule as a grid (``gridform``) a row at a time, with numpy.
 
 A schedule whose ranks run equally many actions (L each) is an L x S grid: row p holds the
 p-th action of every rank (a column of the run plans, see ``plans``). When every input comes
@@ -18,159 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import accumulate, pairwise
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from .actions import Placement, Rows, _placements, virtual_stage
-from .compiled import _queues
+from .gridform import Grid
 
 Floats = NDArray[np.float64]
-Ints = NDArray[np.int64]
 Messages = list[tuple[tuple[float, ...], tuple[float, ...]]]
-Serial = tuple[list[int], list[int], int]  # a row's rank order, same-row producers, depth
-
-_KIND = np.full(256, -1, np.int64)  # letter -> its block in a rank's cost table (F, B or I, W)
-_KIND[[ord("F"), ord("B"), ord("I"), ord("W")]] = [0, 1, 1, 2]
-_STASH = np.zeros(256, np.int64)  # letter -> change of the stash (see compiled._STASH)
-_STASH[[ord("F"), ord("B"), ord("W")]] = [1, -1, -1]
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A schedule as L x S arrays (row p: every rank's p-th action).
-
-    ``dep[p, s]``: where the input of rank s's p-th action is made, as a flat index into the
-    (L + 1) x S ends (row L: no input, ends -1.0); ``link``: the link it crosses (-1: same rank,
-    S: no input, as ``flow``'s hops); ``key``: its cost in the rank's table (block * M + m);
-    ``serial``: the rows with an input from the same row, with their ranks in a runnable order,
-    each rank's same-row producer (-1: none) and how deep those chain. ``queues``: report
-    order (see compiled); ``took``/``gave``: per message, flat indices of its consumer
-    (starts) and producer (ends), queue after queue (``bounds``); ``peak``: the stash peak
-    per rank.
-    """
-
-    num_stages: int
-    length: int
-    split: bool
-    dep: Ints
-    link: Ints
-    key: Ints
-    serial: dict[int, Serial]
-    queues: tuple[tuple[int, int, str], ...]
-    took: Ints
-    gave: Ints
-    bounds: list[int]
-    peak: tuple[int, ...]
-
-
-def grid_of(
-    rows: Rows, m_count: int, chunks: int, placement: Placement, max_serial: float = 0.25
-) -> Grid | None:
-    """The grid of a generator's lists, or None when ranks differ in length, a backward is
-    both full and split, an input comes from a later row, or more than ``max_serial`` of the
-    rows have an input from their own row (GPipe: all; the scalar pass is faster)."""
-    s_ = len(rows.kinds)
-    length = len(rows.kinds[0]) if s_ else 0
-    if not length or any(len(k) != length for k in rows.kinds):
-        return None
-    # Every array below is L x S (row p: the ranks' p-th actions), as the replay reads them.
-    code = np.frombuffer("".join(rows.kinds).encode(), np.uint8).reshape(s_, length)
-    code = np.ascontiguousarray(code.T)
-    counts = np.bincount(code.reshape(-1), minlength=256)
-    split = bool(counts[ord("I")] or counts[ord("W")])
-    if split and counts[ord("B")]:
-        return None
-    block = _KIND[code]
-    mbs = np.stack(rows.microbatches, axis=1).astype(np.int64, copy=False)
-    chs = np.zeros_like(mbs) if rows.chunks is None else np.stack(rows.chunks, axis=1)
-    rank = np.arange(s_)[None, :]
-    # Where each (block, chunk, micro-batch) stands on each rank.
-    unit = (block * chunks + chs) * m_count + mbs
-    pos = np.full((s_, 3 * chunks * m_count), -1, np.int64)
-    pos[rank.T, unit.T] = np.arange(length)  # rank by rank: writes close together
-    if (pos[:, : 2 * chunks * m_count] < 0).any():
-        return None
-    vs_count = s_ * chunks
-    vstage = [[virtual_stage(r, c, s_, placement) for c in range(chunks)] for r in range(s_)]
-    where = np.array(_placements(s_, chunks, placement), np.int64)  # (rank, chunk) per vstage
-    v = np.array(vstage, np.int64)[rank, chs]
-    fwd, back = block == 0, block == 1
-    has = (fwd & (v > 0)) | (back & (v < vs_count - 1))  # W: no input (its I is on the rank)
-    src_v = np.where(has, np.where(fwd, v - 1, v + 1), 0)
-    src, src_chunk = where[src_v, 0], where[src_v, 1]
-    at = pos[src, (block * chunks + src_chunk) * m_count + mbs]
-    here = np.arange(length)[:, None]
-    if (has & (at > here)).any():
-        return None
-    serial = _serial(has & (at == here), src)
-    if serial is None or len(serial) > max_serial * length:
-        return None
-    dep = np.where(has, at * s_ + src, length * s_)
-    near = np.abs(src - rank) == 1
-    link = np.where(src == rank, -1, np.where(near, np.minimum(src, rank), s_ - 1))
-    link = np.where(has, link, s_)
-    queues, took, gave, bounds = _messages(pos, vstage, where, m_count)
-    peak = np.cumsum(_STASH[code], axis=0).max(axis=0)
-    return Grid(
-        s_,
-        length,
-        split,
-        dep,
-        link,
-        block * m_count + mbs,
-        serial,
-        queues,
-        took,
-        gave,
-        bounds,
-        tuple(peak.tolist()),
-    )
-
-
-def _messages(
-    pos: Ints, vstage: list[list[int]], where: Ints, m_count: int
-) -> tuple[tuple[tuple[int, int, str], ...], Ints, Ints, list[int]]:
-    """The queues in report order (see compiled._queues) and, message after message (by
-    queue, then the consumer's chunk and micro-batch), where its consumer starts and its
-    producer ends (flat indices), and where each queue's messages begin (and the end)."""
-    s_, chunks, vs_count = len(vstage), len(vstage[0]), len(where)
-    groups: dict[tuple[int, int, str], list[tuple[int, int, int, int]]] = {}
-    for dst, row in enumerate(vstage):
-        for c, v in enumerate(row):
-            for blk, kind, sv in ((0, "act", v - 1), (1, "grad", v + 1)):
-                if 0 <= sv < vs_count and where[sv, 0] != dst:
-                    src, sc = int(where[sv, 0]), int(where[sv, 1])
-                    got = (dst, (blk * chunks + c) * m_count, src, (blk * chunks + sc) * m_count)
-                    groups.setdefault((src, dst, kind), []).append(got)
-    queues = _queues(groups)
-    blocks = np.array([b for q in queues for b in groups[q]], np.int64).reshape(-1, 4)
-    ids = np.arange(m_count)
-    took = pos[blocks[:, :1], blocks[:, 1:2] + ids] * s_ + blocks[:, :1]
-    gave = pos[blocks[:, 2:3], blocks[:, 3:4] + ids] * s_ + blocks[:, 2:3]
-    sizes = [0] + [len(groups[q]) * m_count for q in queues]
-    return queues, took.reshape(-1), gave.reshape(-1), list(accumulate(sizes))
-
-
-def _serial(same: NDArray[np.bool_], src: Ints) -> dict[int, Serial] | None:
-    """Per row with a same-row input: its ranks, each after its same-row producer, per rank
-    that producer (-1: none), and the longest chain of them; None if they make a cycle."""
-    rows = np.flatnonzero(same.any(axis=1))
-    on, prod = same[rows], src[rows]
-    depth = np.zeros(on.shape, np.int64)
-    for _ in range(on.shape[1] + 1):
-        deeper = np.where(on, np.take_along_axis(depth, prod, axis=1) + 1, 0)
-        if np.array_equal(deeper, depth):
-            break
-        depth = deeper
-    else:
-        return None
-    order = np.argsort(depth, axis=1, kind="stable").tolist()
-    producer = np.where(on, prod, -1).tolist()
-    deepest = depth.max(axis=1, initial=0).tolist()
-    return dict(zip(rows.tolist(), zip(order, producer, deepest, strict=True), strict=True))
 
 
 def _table(
@@ -274,7 +131,7 @@ def run_grid(
     """Replay ``grid`` row by row (see the module docstring); ``hops`` by link as flow's."""
     s_, length = grid.num_stages, grid.length
     table = _table(grid.split, chunks, tau_f, tau_b, tau_w)
-    cost = table[np.arange(s_)[None, :], grid.key]
+    cost = table.reshape(-1).take(grid.key)
     hop = np.asarray(hops, np.float64)
     arrive = hop[grid.link]
     starts = np.empty((length, s_))
