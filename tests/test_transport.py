@@ -102,9 +102,22 @@ def counted_job(case: rc.Case, ahead: int = AHEAD) -> dict[str, Any]:
         """A P2POp of torch's own isend or irecv (it refuses the counting ones)."""
         return real_op(real.get(op.__name__, op), *args)
 
+    def counted_pair(name: str) -> Any:
+        """The transport's own post on a pair group (``transport.isend`` / ``irecv``)."""
+        own = getattr(transport, name)
+
+        def call(tensor: torch.Tensor, peer: int, group: Any, at: int) -> Any:
+            note(name, tensor, peer, group, 0)
+            return own(tensor, peer, group, at)
+
+        return call
+
     real_op = dist.P2POp
+    real_pair = {name: getattr(transport, name) for name in ("isend", "irecv")}
     for name in ("isend", "irecv", "recv"):
         setattr(dist, name, counted(name))
+    for name in real_pair:
+        setattr(transport, name, counted_pair(name))
     dist.batch_isend_irecv = counted_batch  # type: ignore[assignment]
     dist.P2POp = own_op  # type: ignore[assignment,misc]
     kept, transport.AHEAD = transport.AHEAD, ahead
@@ -121,6 +134,8 @@ def counted_job(case: rc.Case, ahead: int = AHEAD) -> dict[str, Any]:
     finally:
         transport.AHEAD = kept
         dist.P2POp = real_op  # type: ignore[misc]
+        for name, fn in real_pair.items():
+            setattr(transport, name, fn)
         for name, fn in real.items():
             setattr(dist, name, fn)
     me = dist.get_rank()
