@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptive_pp.core import flow
+from adaptive_pp.core import grid as grid_module
 from adaptive_pp.core.compiled import handed_over
 from adaptive_pp.core.grid import run_grid
 from adaptive_pp.core.gridform import grid_of
@@ -122,6 +123,19 @@ def test_grid_is_the_scalar_pass_with_odd_costs(case: dict[str, Any]) -> None:
     """Negative zero, negative numbers, NaN, infinity: the grid's exact path (no np.maximum).
     Against a generator's run plan only: below zero, a flat form's "no input" (-1.0) counts."""
     check_grid_is_the_scalar_pass(case, flat_too=False)
+
+
+@settings(max_examples=150)
+@given(cases(st.one_of(plain, odd)))
+def test_rows_run_rank_by_rank_are_the_scalar_pass(case: dict[str, Any]) -> None:
+    """Every row with a same-row input run as the deep ones are (every rank at once, then the
+    chained ranks one by one), not swept: small cases chain too shallow to get there."""
+    sweeps = grid_module._SWEEPS
+    grid_module._SWEEPS = 0
+    try:
+        check_grid_is_the_scalar_pass(case, flat_too=False)
+    finally:
+        grid_module._SWEEPS = sweeps
 
 
 def test_grid_at_size_every_schedule() -> None:

@@ -70,7 +70,8 @@ def reference(
                 if d > s_:
                     return None  # a cycle
             depth.append(d)
-        serial[p] = (sorted(range(s_), key=depth.__getitem__), prod, max(depth))
+        chain = [r for r in sorted(range(s_), key=depth.__getitem__) if prod[r] >= 0]
+        serial[p] = (chain, prod, max(depth))
     if len(serial) > max_serial * length:
         return None
     groups: dict[tuple[int, int, str], list[tuple[int, int]]] = {}
@@ -163,7 +164,7 @@ def test_serial_orders_chains_and_refuses_cycles() -> None:
     dep[0, 1:3] = [0, 1]
     dep[2, :3] = [9, 10, 11]
     got = _serial(same, dep)
-    assert got == {0: ([0, 3, 1, 2], [-1, 0, 1, -1], 2), 2: ([3, 2, 1, 0], [1, 2, 3, -1], 3)}
+    assert got == {0: ([1, 2], [-1, 0, 1, -1], 2), 2: ([2, 1, 0], [1, 2, 3, -1], 3)}
     same[1, 1:3] = True
     dep[1, 1:3] = [6, 5]
     assert _serial(same, dep) is None

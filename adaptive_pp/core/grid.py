@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .gridform import Grid
+from .gridform import Grid, Ints, Serial
 
 Floats = NDArray[np.float64]
 Messages = list[tuple[tuple[float, ...], tuple[float, ...]]]
@@ -135,37 +135,37 @@ def run_grid(
     hop = np.asarray(hops, np.float64)
     arrive = hop[grid.link]
     starts = np.empty((length, s_))
-    ends = np.empty((length + 1, s_))
+    times = np.empty((length + 2, s_))  # a row of zeros (when ranks are free first), the ends
+    times[0] = 0.0
+    ends = times[1:]
     ends[length] = -1.0
     flat = ends.reshape(-1)
-    free = np.zeros(s_)
+    free = times[0]
     r = np.empty(s_)
     mask = np.empty(s_, np.bool_)
     plain = _plain(table, np.delete(hop, s_))
     serial = grid.serial
+    take, add, maximum = flat.take, np.add, np.maximum
     for p, (d, h, c, st, en) in enumerate(zip(grid.dep, arrive, cost, starts, ends, strict=False)):
-        flat.take(d, out=r)
-        r += h
+        take(d, out=r)
+        add(r, h, out=r)
         if p in serial:
-            order, prod, depth = serial[p]
-            if depth > _SWEEPS:
-                _serial_row(order, prod, r, h, c, free, st, en)
-                free = en
-                continue
-            for _ in range(depth):  # sweep the row again while a same-row input changed
-                _step(plain, r, free, c, st, en, mask)
-                flat.take(d, out=r)
-                r += h
-        _step(plain, r, free, c, st, en, mask)
+            _same_row(plain, serial[p], d, take, r, h, c, free, st, en, mask)
+        elif plain:
+            maximum(free, r, out=st)
+            add(st, c, out=en)
+        else:
+            _step(False, r, free, c, st, en, mask)
         free = en
-    before = np.concatenate((np.zeros((1, s_)), ends[: length - 1]))
-    waits = np.where(starts > before, starts - before, 0.0)
-    waited: list[float] = np.add.accumulate(waits, axis=0)[-1].tolist()
+    waits = np.zeros((length, s_))
+    before = times[:length]
+    np.subtract(starts, before, out=waits, where=starts > before)
+    waited: list[float] = np.add.accumulate(waits, axis=0, out=waits)[-1].tolist()
     return GridTimes(grid, starts, ends, waited, hop)
 
 
 # A row whose same-row inputs chain at most this deep is swept (depth + 1) times as a whole
-# (each sweep's inputs are final one level further); deeper, it runs rank by rank.
+# (each sweep's inputs are final one level further); deeper, its chains run rank by rank.
 _SWEEPS = 6
 
 
@@ -182,22 +182,35 @@ def _step(
     np.add(st, c, out=en)
 
 
-def _serial_row(
-    order: list[int],
-    prod: list[int],
+def _same_row(
+    plain: bool,
+    serial: Serial,
+    d: Ints,
+    take: Callable[..., Any],
     r: Floats,
     h: Floats,
     c: Floats,
     free: Floats,
     st: Floats,
     en: Floats,
+    mask: NDArray[np.bool_],
 ) -> None:
-    """One row rank by rank (``order``; ``prod``: each rank's same-row producer, -1: none)."""
-    arrive, hop, cost, was = r.tolist(), h.tolist(), c.tolist(), free.tolist()
-    start, end = [0.0] * len(arrive), [0.0] * len(arrive)
-    for s in order:
-        q = prod[s]
-        x = end[q] + hop[s] if q >= 0 else arrive[s]
+    """A row with same-row inputs: swept again while one changed (``_SWEEPS``), or every rank
+    at once and then, rank by rank in ``chain`` order, each one whose input is made in the row
+    (``prod``: that rank, -1: none) from its producer's end."""
+    chain, prod, depth = serial
+    if depth <= _SWEEPS:
+        for _ in range(depth):
+            _step(plain, r, free, c, st, en, mask)
+            take(d, out=r)
+            np.add(r, h, out=r)
+        _step(plain, r, free, c, st, en, mask)
+        return
+    _step(plain, r, free, c, st, en, mask)
+    start, end = st.tolist(), en.tolist()
+    hop, cost, was = h.tolist(), c.tolist(), free.tolist()
+    for s in chain:
+        x = end[prod[s]] + hop[s]
         t = was[s]
         if x > t:
             t = x

@@ -21,7 +21,7 @@ from .actions import Placement, Rows, _placements, virtual_stage
 from .compiled import _queues
 
 Ints = NDArray[np.int64]
-Serial = tuple[list[int], list[int], int]  # a row's rank order, same-row producers, depth
+Serial = tuple[list[int], list[int], int]  # a row's chained ranks in order, producers, depth
 
 _KIND = np.full(256, -1, np.int64)  # letter -> its block in a rank's cost table (F, B or I, W)
 _KIND[[ord("F"), ord("B"), ord("I"), ord("W")]] = [0, 1, 1, 2]
@@ -37,10 +37,11 @@ class Grid:
     (L + 1) x S ends (row L: no input, ends -1.0); ``link``: the link it crosses (-1: same rank,
     S: no input, as ``flow``'s hops); ``key``: its cost, a flat index into the ranks' cost
     tables (S x blocks * M: F, then B or I and W, M each); ``serial``: the rows with an input
-    from the same row, with their ranks in a runnable order, each rank's same-row producer
-    (-1: none) and how deep those chain. ``queues``: report order (see compiled);
-    ``took``/``gave``: per message, flat indices of its consumer (starts) and producer (ends),
-    queue after queue (``bounds``); ``peak``: the stash peak per rank.
+    from the same row, with the ranks that have one in a runnable order (each after its
+    producer), each rank's same-row producer (-1: none) and how deep those chain.
+    ``queues``: report order (see compiled); ``took``/``gave``: per message, flat indices of
+    its consumer (starts) and producer (ends), queue after queue (``bounds``); ``peak``: the
+    stash peak per rank.
     """
 
     num_stages: int
@@ -200,7 +201,9 @@ def _serial(same: NDArray[np.bool_], dep: Ints) -> dict[int, Serial] | None:
     if on.reshape(-1)[nxt].any():  # not at a chain's start: a cycle
         return None
     depth = links.reshape(on.shape)
-    order = np.argsort(depth, axis=1, kind="stable").tolist()
+    order = np.argsort(depth, axis=1, kind="stable").tolist()  # depth 0 (no such input) first
+    free = (s_ - on.sum(axis=1)).tolist()
+    chains = [ranks[f:] for ranks, f in zip(order, free, strict=True)]
     producer = np.where(on, prod, -1).tolist()
     deepest = depth.max(axis=1, initial=0).tolist()
-    return dict(zip(rows.tolist(), zip(order, producer, deepest, strict=True), strict=True))
+    return dict(zip(rows.tolist(), zip(chains, producer, deepest, strict=True), strict=True))
