@@ -20,6 +20,7 @@ MARK = "ADAPTIVE_PP_TEST_LAUNCH_MARK"
 
 def what_a_rank_sees(parent: int) -> dict[str, Any]:
     """Rank job: what it inherited, and whether torch came with the process."""
+    dynamo = "torch._dynamo" in sys.modules  # before anything here could import it
     import torch
 
     rank = int(os.environ["RANK"])
@@ -30,6 +31,7 @@ def what_a_rank_sees(parent: int) -> dict[str, Any]:
         "priority": os.getpriority(os.PRIO_PROCESS, 0),
         "threads": torch.get_num_threads(),
         "forked_from_parent": os.getppid() == parent,
+        "dynamo": dynamo,
         "sum": float(torch.ones(1000, 100).sum()),  # a parallel op: no OpenMP pool inherited
     }
 
@@ -69,6 +71,8 @@ def test_ranks_fork_from_a_server_by_default() -> None:
     assert launch_module.START_METHOD == "forkserver"
     (seen,) = launch(what_a_rank_sees, 1, os.getpid(), timeout=120)
     assert seen["forked_from_parent"] is False
+    # The server imported torch._dynamo too, which a rank's first optimizer would import.
+    assert seen["dynamo"] is True
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
