@@ -26,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,8 +178,7 @@ class Control(Exchanges):
         body = json.dumps(
             {"origin": notice.origin, "undone": undone, "error": notice.error}
         ).encode()
-        for p in self.peers:
-            self._send(p, Frame.NOTICE, self.round, 0, body)
+        self._send(self.peers, Frame.NOTICE, self.round, 0, body)
 
     def poison(self, why: BaseException) -> None:
         """Mark this rank poisoned and tell the peers (a step could not be undone here)."""
@@ -224,24 +224,34 @@ class Control(Exchanges):
 
     # --- frames ------------------------------------------------------------------------
 
-    def _send(self, peer: int, kind: Frame, rnd: int, ident: int, data: bytes) -> list[Any]:
-        """Post ``data`` to ``peer`` in frames of at most FRAME bytes (never waits)."""
+    def _send(
+        self, peers: Iterable[int], kind: Frame, rnd: int, ident: int, data: bytes
+    ) -> list[Any]:
+        """Post ``data`` to each of ``peers`` in frames of at most FRAME bytes, each frame built
+        once (never waits). Posted on the default group's own ``send``: without
+        ``torch.distributed.isend``'s checks (see ``transport.isend``)."""
         total = len(data)
         offsets = range(0, total, BODY) if total else range(1)
+        frames = []
+        for off in offsets:
+            chunk = data[off : off + BODY]
+            frame = torch.empty(HEAD * 8 + len(chunk), dtype=torch.uint8)
+            raw = frame.numpy()
+            raw[: HEAD * 8].view(np.int64)[:] = [MAGIC, kind, rnd, ident, total, off, 0, 0]
+            raw[HEAD * 8 :] = np.frombuffer(chunk, dtype=np.uint8)
+            frames.append(frame)
+        world = dist.group.WORLD
+        assert world is not None
         works = []
         with self._send_lock:
-            for off in offsets:
-                chunk = data[off : off + BODY]
-                frame = torch.empty(HEAD * 8 + len(chunk), dtype=torch.uint8)
-                raw = frame.numpy()
-                raw[: HEAD * 8].view(np.int64)[:] = [MAGIC, kind, rnd, ident, total, off, 0, 0]
-                raw[HEAD * 8 :] = np.frombuffer(chunk, dtype=np.uint8)
-                try:
-                    work = dist.isend(frame, peer, tag=CONTROL_TAG)
-                except RuntimeError:
-                    break  # a dead peer: the heartbeat names it, the links fail on it
-                self._posted.put((work, frame))
-                works.append(work)
+            for peer in peers:
+                for frame in frames:
+                    try:
+                        work = world.send([frame], peer, CONTROL_TAG)
+                    except RuntimeError:
+                        break  # a dead peer: the heartbeat names it, the links fail on it
+                    self._posted.put((work, frame))
+                    works.append(work)
         return works
 
     def _reap(self) -> None:
@@ -284,9 +294,7 @@ class Control(Exchanges):
         assert self.timeout is not None
         last = time.monotonic()
         while not self._stop.wait(self.interval):
-            for p in self.peers:
-                if p not in self._gone:
-                    self._send(p, Frame.BEAT, 0, 0, b"")
+            self._send([p for p in self.peers if p not in self._gone], Frame.BEAT, 0, 0, b"")
             now = time.monotonic()
             if now - last > self.timeout / 2:  # this process itself was stopped: start over
                 self._seen = {p: now for p in self.peers}
@@ -344,8 +352,7 @@ class Control(Exchanges):
         self.posted(timeout)  # what the posting thread holds goes before the goodbye
         self._outbox.put(None)
         self._poster = None
-        for p in self.peers:
-            self._send(p, Frame.BYE, 0, 0, b"")
+        self._send(self.peers, Frame.BYE, 0, 0, b"")
         sent = threading.Event()
         self._posted.put(sent)
         self._rx.join(max(0.0, deadline - time.monotonic()))

@@ -16,6 +16,7 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from enum import IntEnum
 from typing import Any, NamedTuple
 
@@ -68,15 +69,16 @@ class Exchanges:
     def fault(self) -> PipelineError | None:
         raise NotImplementedError
 
-    def _send(self, peer: int, kind: Frame, rnd: int, ident: int, data: bytes) -> list[Any]:
+    def _send(
+        self, peers: Iterable[int], kind: Frame, rnd: int, ident: int, data: bytes
+    ) -> list[Any]:
         raise NotImplementedError
 
     def all_gather(self, obj: Any, what: str | Wait = "the end-of-step exchange") -> list[Any]:
         """Every rank's JSON-able ``obj`` in rank order; raises a peer's failure meanwhile."""
         self._ident += 1
         data = json.dumps(obj).encode()
-        for p in self.peers:
-            self._send(p, Frame.EXCHANGE, self.round, self._ident, data)
+        self._send(self.peers, Frame.EXCHANGE, self.round, self._ident, data)
         got = self._collect(self._ident, self.peers, what)
         got[self.rank] = json.loads(data)
         return [got[r] for r in range(self.world)]
@@ -87,8 +89,7 @@ class Exchanges:
         if self.rank != src:
             return self._collect(self._ident, [src], what)[src]
         data = json.dumps(obj).encode()
-        for p in self.peers:
-            self._send(p, Frame.EXCHANGE, self.round, self._ident, data)
+        self._send(self.peers, Frame.EXCHANGE, self.round, self._ident, data)
         return json.loads(data)
 
     def barrier(self, what: str) -> None:
@@ -119,9 +120,7 @@ class Exchanges:
             done.wait(timeout)
 
     def _post_now(self, rnd: int, slot: int, obj: Any) -> None:
-        data = json.dumps(obj).encode()
-        for p in self.peers:
-            self._send(p, Frame.LATE, rnd, slot, data)
+        self._send(self.peers, Frame.LATE, rnd, slot, json.dumps(obj).encode())
 
     def _post_loop(self) -> None:
         while (item := self._outbox.get()) is not None:

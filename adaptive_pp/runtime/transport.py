@@ -127,7 +127,7 @@ class Transport:
         size = data.numel()
         first = min(size, self.ahead - HEAD)
         frame = torch.empty(HEAD + first, dtype=torch.uint8)
-        _HEADER.pack_into(frame.numpy(), 0, *values)
+        _HEADER.pack_into(frame.numpy().data, 0, *values)
         if first:
             frame[HEAD:].copy_(data[:first])
         group = self.data_group(self.me, peer)
