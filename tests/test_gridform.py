@@ -93,6 +93,7 @@ def reference(
         "link": link,
         "key": key,
         "serial": serial,
+        "idle": frozenset(np.flatnonzero((link == s_).all(axis=1)).tolist()),
         "queues": queues,
         "took": [t for q in queues for t, _ in groups[q]],
         "gave": [g for q in queues for _, g in groups[q]],

@@ -6,10 +6,12 @@ import math
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adaptive_pp.core.flow import grid_for
 from adaptive_pp.core.report import StepReport
 from adaptive_pp.core.schedules import (
     KINDS,
@@ -487,3 +489,27 @@ def test_step_number_and_compiled_reuse() -> None:
     assert fresh.step == 7
     assert reused.step_time == fresh.step_time
     assert reused.to_dict() == fresh.to_dict()
+
+
+@given(
+    tau_f=st.floats(0.0, 10.0),
+    tau_b=st.floats(0.0, 10.0),
+    slowdown=st.lists(st.floats(0.0, 4.0), min_size=3, max_size=3),
+)
+def test_costs_arrays_are_the_tables(tau_f: float, tau_b: float, slowdown: list[float]) -> None:
+    """The arrays Costs.build makes for single numbers hold the tables' numbers, bit for bit."""
+    costs = Costs.build(3, 5, tau_f, tau_b, slowdown=slowdown)
+    for array, table in zip(costs.arrays, (costs.tau_f, costs.tau_b), strict=True):
+        assert array.shape == (3, 5) and array.tobytes() == np.asarray(table).tobytes()
+    assert "arrays" not in vars(Costs.build(3, 5, [tau_f] * 3, tau_b))  # made when first read
+
+
+def test_simulate_on_the_grid_is_the_scalar_pass() -> None:
+    """16 ranks (the grid) with Costs.build's arrays: the report of the scalar pass."""
+    slowdown = [1.0 + (s % 5) / 7 for s in range(16)]
+    for name in ("1f1b", "zb-h1", "interleaved-1f1b", "zb-v"):
+        schedule = make_schedule(name, 16, 128)
+        costs = Costs.build(16, 128, 1.3, 2.9, [0.01 * s for s in range(15)], slowdown)
+        assert grid_for(schedule) is not None and "arrays" in vars(costs)
+        scalar = simulate(schedule, costs, compiled=validate(schedule))
+        assert simulate(schedule, costs).to_dict() == scalar.to_dict()

@@ -27,27 +27,33 @@ from numpy.typing import NDArray
 from .gridform import Grid, Ints, Serial
 
 Floats = NDArray[np.float64]
+Table = Sequence[Sequence[float]] | Floats  # per rank and micro-batch
 Messages = list[tuple[tuple[float, ...], tuple[float, ...]]]
 
 
 def _table(
-    split: bool,
-    chunks: int,
-    tau_f: Sequence[Sequence[float]],
-    tau_b: Sequence[Sequence[float]],
-    tau_w: Sequence[Sequence[float]] | float | None,
+    split: bool, chunks: int, tau_f: Table, tau_b: Table, tau_w: Table | float | None
 ) -> Floats:
     """Per rank its costs: F, then B (or I = B - W, then W), M each, divided by chunks;
     ``tau_w`` a number: W is that share of B (``b * share``)."""
     f, b = np.asarray(tau_f, np.float64), np.asarray(tau_b, np.float64)
+    s_, m = f.shape
+    table = np.empty((s_, (3 if split else 2) * m))
+    fwd, back, rest = table[:, :m], table[:, m : 2 * m], table[:, 2 * m :]
+    fwd[:] = f
     if split:
         if tau_w is None:
             raise ValueError("a split-backward schedule needs W times (tau_w)")
-        w = b * tau_w if isinstance(tau_w, float) else np.asarray(tau_w, np.float64)
-        table = np.concatenate((f, b - w, w), axis=1)
+        if isinstance(tau_w, float):
+            np.multiply(b, tau_w, out=rest)
+        else:
+            rest[:] = np.asarray(tau_w, np.float64)
+        np.subtract(b, rest, out=back)
     else:
-        table = np.concatenate((f, b), axis=1)
-    return table / chunks if chunks > 1 else table
+        back[:] = b
+    if chunks > 1:
+        table /= chunks
+    return table
 
 
 def _plain(*arrays: Floats) -> bool:
@@ -122,8 +128,8 @@ class GridTimes:
 @np.errstate(all="ignore")  # inf - inf and the like: NaN, silently, as in Python
 def run_grid(
     grid: Grid,
-    tau_f: Sequence[Sequence[float]],
-    tau_b: Sequence[Sequence[float]],
+    tau_f: Table,
+    tau_b: Table,
     tau_w: Sequence[Sequence[float]] | float | None,
     chunks: int,
     hops: Sequence[float],
@@ -144,9 +150,14 @@ def run_grid(
     r = np.empty(s_)
     mask = np.empty(s_, np.bool_)
     plain = _plain(table, np.delete(hop, s_))
-    serial = grid.serial
-    take, add, maximum = flat.take, np.add, np.maximum
+    serial, idle = grid.serial, grid.idle
+    take, add, maximum, copyto = flat.take, np.add, np.maximum, np.copyto
     for p, (d, h, c, st, en) in enumerate(zip(grid.dep, arrive, cost, starts, ends, strict=False)):
+        if p in idle:  # r = -1.0 + -inf: never later than free (nor NaN)
+            copyto(st, free)
+            add(free, c, out=en)
+            free = en
+            continue
         take(d, out=r)
         add(r, h, out=r)
         if p in serial:

@@ -38,10 +38,10 @@ class Grid:
     S: no input, as ``flow``'s hops); ``key``: its cost, a flat index into the ranks' cost
     tables (S x blocks * M: F, then B or I and W, M each); ``serial``: the rows with an input
     from the same row, with the ranks that have one in a runnable order (each after its
-    producer), each rank's same-row producer (-1: none) and how deep those chain.
-    ``queues``: report order (see compiled); ``took``/``gave``: per message, flat indices of
-    its consumer (starts) and producer (ends), queue after queue (``bounds``); ``peak``: the
-    stash peak per rank.
+    producer), each rank's same-row producer (-1: none) and how deep those chain; ``idle``:
+    the rows where no action has an input (ZB-V's W rows). ``queues``: report order (see
+    compiled); ``took``/``gave``: per message, flat indices of its consumer (starts) and
+    producer (ends), queue after queue (``bounds``); ``peak``: the stash peak per rank.
     """
 
     num_stages: int
@@ -51,6 +51,7 @@ class Grid:
     link: Ints
     key: Ints
     serial: dict[int, Serial]
+    idle: frozenset[int]
     queues: tuple[tuple[int, int, str], ...]
     took: Ints
     gave: Ints
@@ -90,7 +91,7 @@ def grid_of(
     at[spot] = np.arange(length * s_).reshape(length, s_)
     if (at[: s_ * unit_count].reshape(s_, -1)[:, : 2 * chunks * m_count] < 0).any():
         return None
-    tables[1].take(cls, out=spot)
+    tables[1].take(cls, out=spot, mode="clip")  # clip: no buffer (cls is in range)
     spot += mbs
     dep = at.take(spot)  # -1: no input
     ends = np.arange(s_, (length + 1) * s_, s_)[:, None]  # a row's first flat index past it
@@ -101,8 +102,10 @@ def grid_of(
     if serial is None or len(serial) > max_serial * length:
         return None
     np.copyto(dep, length * s_, where=dep < 0)
-    key = tables[2].take(cls, out=spot)
+    key = tables[2].take(cls, out=spot, mode="clip")
     key += mbs
+    link = tables[3][cls]
+    idle = frozenset(np.flatnonzero((link == s_).all(axis=1)).tolist())
     queues, took, gave, bounds = _messages(at, s_, chunks, placement, m_count)
     peak = np.cumsum(_STASH[code], axis=1, dtype=np.int32).max(axis=1)
     return Grid(
@@ -110,9 +113,10 @@ def grid_of(
         length,
         split,
         dep,
-        tables[3][cls],
+        link,
         key,
         serial,
+        idle,
         queues,
         took,
         gave,

@@ -15,10 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from itertools import repeat
 from operator import itemgetter, mul
 from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 from .actions import _gc_paused
 from .flow import _hops, _replay, _Times, grid_for
@@ -60,6 +63,12 @@ class Costs:
     def microbatches(self) -> int:
         """Number of micro-batches the costs describe."""
         return len(self.tau_f[0]) if self.tau_f else 0
+
+    @cached_property
+    def arrays(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """``tau_f`` and ``tau_b`` as S x M arrays, the same numbers (made once; ``build``
+        makes those of a single number directly)."""
+        return np.asarray(self.tau_f, np.float64), np.asarray(self.tau_b, np.float64)
 
     def w_table(self) -> tuple[tuple[float, ...], ...]:
         """W times per stage and micro-batch (``tau_w``, or ``W_SHARE`` of the backward)."""
@@ -112,7 +121,13 @@ class Costs:
             raise ValueError(f"tau_c: expected one value per hop ({hops}), got {len(c)}")
         for i, x in enumerate(c):
             _check_cost(f"tau_c[hop {i}]", x)
-        return cls(f, b, c, w, tau_wrap)
+        costs = cls(f, b, c, w, tau_wrap)
+        if isinstance(tau_f, int | float) and isinstance(tau_b, int | float):
+            per_stage = np.array(factors, np.float64)[:, None]  # x * k, as _table multiplies
+            shape = (num_stages, microbatches)
+            arrays = tuple(np.broadcast_to(float(x) * per_stage, shape) for x in (tau_f, tau_b))
+            costs.__dict__["arrays"] = arrays  # Costs.arrays, already made
+        return costs
 
 
 def _check_cost(name: str, x: float) -> None:
@@ -184,7 +199,8 @@ def simulate(
     if grid is not None:  # a generator's schedule as a grid: the report's lists on demand
         w_table = W_SHARE if costs.tau_w is None else costs.tau_w  # W = B * W_SHARE, as w_table
         hops = _hops(costs.tau_c, costs.tau_wrap)
-        run = run_grid(grid, costs.tau_f, costs.tau_b, w_table, schedule.chunks, hops)
+        tau_f, tau_b = costs.arrays
+        run = run_grid(grid, tau_f, tau_b, w_table, schedule.chunks, hops)
         return _report(schedule, costs, step, run, grid.peak, grid.queues, run.queue_parts())
     code = compiled if compiled is not None else compile_schedule(schedule)
     done = _replay(
