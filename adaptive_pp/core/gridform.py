@@ -12,6 +12,7 @@ lists' own order) and turned to L x S, the order the replay reads, at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 
 import numpy as np
@@ -40,8 +41,10 @@ class Grid:
     from the same row, with the ranks that have one in a runnable order (each after its
     producer), each rank's same-row producer (-1: none) and how deep those chain; ``idle``:
     the rows where no action has an input (ZB-V's W rows). ``queues``: report order (see
-    compiled); ``took``/``gave``: per message, flat indices of its consumer (starts) and
-    producer (ends), queue after queue (``bounds``); ``peak``: the stash peak per rank.
+    compiled); ``took``/``gave`` (made when first read, from ``at``, where each rank's
+    (kind, chunk, micro-batch) runs, and ``blocks``, each queue's runs of M messages): per
+    message, flat indices of its consumer (starts) and producer (ends), queue after queue
+    (``bounds``); ``peak``: the stash peak per rank.
     """
 
     num_stages: int
@@ -53,10 +56,25 @@ class Grid:
     serial: dict[int, Serial]
     idle: frozenset[int]
     queues: tuple[tuple[int, int, str], ...]
-    took: Ints
-    gave: Ints
+    at: Ints
+    blocks: Ints
     bounds: list[int]
     peak: tuple[int, ...]
+
+    @cached_property
+    def took(self) -> Ints:
+        """Per message, the flat index of its consumer's start."""
+        return self._ends(0)
+
+    @cached_property
+    def gave(self) -> Ints:
+        """Per message, the flat index of its producer's end."""
+        return self._ends(1)
+
+    def _ends(self, side: int) -> Ints:
+        m_count = (self.bounds[-1] // len(self.blocks)) if len(self.blocks) else 0
+        out: Ints = self.at.take(self.blocks[:, side : side + 1] + np.arange(m_count))
+        return out.reshape(-1)
 
 
 def grid_of(
@@ -106,7 +124,7 @@ def grid_of(
     key += mbs
     link = tables[3][cls]
     idle = frozenset(np.flatnonzero((link == s_).all(axis=1)).tolist())
-    queues, took, gave, bounds = _messages(at, s_, chunks, placement, m_count)
+    queues, blocks, bounds = _messages(s_, chunks, placement, m_count)
     peak = np.cumsum(_STASH[code], axis=1, dtype=np.int32).max(axis=1)
     return Grid(
         s_,
@@ -118,8 +136,8 @@ def grid_of(
         serial,
         idle,
         queues,
-        took,
-        gave,
+        at,
+        blocks,
         bounds,
         tuple(peak.tolist()),
     )
@@ -160,11 +178,11 @@ def _classes(
 
 
 def _messages(
-    at: Ints, s_: int, chunks: int, placement: Placement, m_count: int
-) -> tuple[tuple[tuple[int, int, str], ...], Ints, Ints, list[int]]:
-    """The queues in report order (see compiled._queues) and, message after message (by
-    queue, then the consumer's chunk and micro-batch), where its consumer starts and its
-    producer ends (flat indices), and where each queue's messages begin (and the end)."""
+    s_: int, chunks: int, placement: Placement, m_count: int
+) -> tuple[tuple[tuple[int, int, str], ...], Ints, list[int]]:
+    """The queues in report order (see compiled._queues); their messages (by queue, then the
+    consumer's chunk, M micro-batches each) as blocks: where the consumer's and the producer's
+    micro-batch 0 stand in ``at``; and where each queue's messages begin (and the end)."""
     where, vs_count = _placements(s_, chunks, placement), s_ * chunks
     unit_count = 3 * chunks * m_count
     groups: dict[tuple[int, int, str], list[tuple[int, int]]] = {}
@@ -181,11 +199,8 @@ def _messages(
                     groups.setdefault((src, dst, kind), []).append(got)
     queues = _queues(groups)
     blocks = np.array([b for q in queues for b in groups[q]], np.int64).reshape(-1, 2)
-    ids = np.arange(m_count)
-    took = at.take(blocks[:, :1] + ids).reshape(-1)
-    gave = at.take(blocks[:, 1:] + ids).reshape(-1)
     sizes = [0] + [len(groups[q]) * m_count for q in queues]
-    return queues, took, gave, list(accumulate(sizes))
+    return queues, blocks, list(accumulate(sizes))
 
 
 def _serial(same: NDArray[np.bool_], dep: Ints) -> dict[int, Serial] | None:
