@@ -75,12 +75,13 @@ def refused_switch(case: rc.Case, name: str) -> dict[str, Any]:
 
 def adaptive_emulated(steps: int) -> dict[str, Any]:
     """Rank job: 4 emulated layers (2 ms forward, 4.8 ms backward) on 2 stages, M = 2, 1F1B,
-    under the default AdaptivePolicy; returns each step's schedule and the events."""
+    under the default AdaptivePolicy; returns each step's schedule and partition, and the
+    events."""
     torch.manual_seed(0)
     model = emulated_mlp(4, 8, 2e-3, 4.8e-3)
     cfg = PipelineConfig(microbatches=2, partition=(0, 2, 4))
     x, y = torch.randn(4, 8), torch.randn(4, 8)
-    schedules, events = [], []
+    schedules, partitions, events = [], [], []
     with Pipeline(
         model,
         nn.functional.mse_loss,
@@ -91,5 +92,6 @@ def adaptive_emulated(steps: int) -> dict[str, Any]:
         for _ in range(steps):
             report = pipe.step(x, y).report
             schedules.append(report.schedule)
+            partitions.append(report.partition)
             events += list(report.events)
-    return {"schedules": schedules, "events": events}
+    return {"schedules": schedules, "partitions": partitions, "events": events}
