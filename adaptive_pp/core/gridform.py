@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .actions import Placement, Rows, _placements, virtual_stage
+from .compiled import _STASH as _STASH_OF
 from .compiled import _queues
 
 Ints = NDArray[np.int64]
@@ -26,8 +27,8 @@ Serial = tuple[list[int], list[int], int]  # a row's chained ranks in order, pro
 
 _KIND = np.full(256, -1, np.int64)  # letter -> its block in a rank's cost table (F, B or I, W)
 _KIND[[ord("F"), ord("B"), ord("I"), ord("W")]] = [0, 1, 1, 2]
-_STASH = np.zeros(256, np.int8)  # letter -> change of the stash (see compiled._STASH)
-_STASH[[ord("F"), ord("B"), ord("W")]] = [1, -1, -1]
+_STASH = np.zeros(256, np.int8)  # letter -> change of the stash, compiled._STASH's
+_STASH[[ord(kind) for kind in _STASH_OF]] = list(_STASH_OF.values())
 
 
 @dataclass(frozen=True)
