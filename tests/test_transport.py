@@ -106,9 +106,9 @@ def counted_job(case: rc.Case, ahead: int = AHEAD) -> dict[str, Any]:
         """The transport's own post on a pair group (``transport.isend`` / ``irecv``)."""
         own = getattr(transport, name)
 
-        def call(tensor: torch.Tensor, peer: int, group: Any, at: int) -> Any:
+        def call(tensor: torch.Tensor, peer: int, group: Any, me: int) -> Any:
             note(name, tensor, peer, group, 0)
-            return own(tensor, peer, group, at)
+            return own(tensor, peer, group, me)
 
         return call
 

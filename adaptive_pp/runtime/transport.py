@@ -46,16 +46,18 @@ Posted = tuple[dist.Work, torch.Tensor]
 _HEADER = struct.Struct(f"={HEAD // 8}q")  # a header's int64 values, as numpy views them
 
 
-def isend(tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, at: int) -> dist.Work:
-    """Post ``tensor`` to rank ``peer``, rank ``at`` in ``group`` (a pair group: its ranks
-    sorted, as ``new_group`` makes them). The group's own ``send``, without
-    ``torch.distributed.isend``'s checks (30-40 us of Python a call, more after a sleep)."""
-    return group.send([tensor], at, 0)
+def isend(tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, me: int) -> dist.Work:
+    """Post ``tensor`` from rank ``me`` to rank ``peer`` on ``group``, the pair's group (its
+    ranks sorted, as ``new_group`` makes them: ``peer`` is its rank ``peer > me``). The group's
+    own ``send``, without ``torch.distributed.isend``'s checks (30-40 us of Python a call,
+    more after a sleep)."""
+    return group.send([tensor], int(peer > me), 0)
 
 
-def irecv(tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, at: int) -> dist.Work:
-    """Post the receive of ``tensor`` from rank ``peer`` (``at`` in ``group``, as ``isend``)."""
-    return group.recv([tensor], at, 0)
+def irecv(tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, me: int) -> dist.Work:
+    """Post the receive of ``tensor`` from rank ``peer`` on the pair's ``group`` (as
+    ``isend``)."""
+    return group.recv([tensor], int(peer > me), 0)
 
 
 @dataclass(frozen=True)
@@ -131,9 +133,9 @@ class Transport:
         if first:
             frame[HEAD:].copy_(data[:first])
         group = self.data_group(self.me, peer)
-        posted = [(isend(frame, peer, group, int(peer > self.me)), frame)]
+        posted = [(isend(frame, peer, group, self.me), frame)]
         if size > first:
-            posted.append((isend(data[first:], peer, group, int(peer > self.me)), data))
+            posted.append((isend(data[first:], peer, group, self.me), data))
         return posted
 
 
@@ -166,9 +168,12 @@ class Inbound:
         """Post the receive of the next message ahead of it, unless posted (gloo; a no-op on
         NCCL)."""
         if self.transport.ahead and self._posted is None:
-            me, peer = self.transport.me, self.peer
-            group = self.transport.data_group(peer, me)
-            self._posted = [irecv(self._frame, peer, group, int(peer > me))]
+            self._posted = [self._irecv(self._frame)]
+
+    def _irecv(self, data: torch.Tensor) -> dist.Work:
+        """Post the receive of ``data`` from the peer on its data group (gloo)."""
+        me, peer = self.transport.me, self.peer
+        return irecv(data, peer, self.transport.data_group(peer, me), me)
 
     def header(self) -> np.ndarray:
         """Block until the next message is in (gloo) or its header (NCCL): its 16 values."""
@@ -196,9 +201,7 @@ class Inbound:
             self._posted = None
             if data.numel() > first:  # else all of it came and ``buffer`` copied it
                 data[:first].copy_(self._frame[HEAD:])
-                me, peer = self.transport.me, self.peer
-                group = self.transport.data_group(peer, me)
-                irecv(data[first:], peer, group, int(peer > me)).wait()
+                self._irecv(data[first:]).wait()
             return
         if not data.numel():
             return
