@@ -85,9 +85,13 @@ def drift(start: int, ramp: int, pipe: Any, step: int) -> None:
 
 
 def load_factor(pipe: Any, step: int) -> float | None:
-    """On the rank holding the MoE block: busiest expert's load / balanced load (last micro-batch)."""
+    """On the rank holding the MoE block: busiest expert's load / balanced load (last micro-batch).
+    None elsewhere, and where the block has not run yet (a move just brought it: its copy here
+    has routed no token)."""
     block = pipe.blocks[MOE_LAYER]
     if not isinstance(block, MoEBlock) or MOE_LAYER not in pipe.partition.layers(pipe.stage):
+        return None
+    if not any(block.last_load):
         return None
     return max(block.last_load) / block.balanced_load(sum(block.last_load) // TOP_K)
 
