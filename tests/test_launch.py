@@ -44,6 +44,26 @@ def die_on_rank_one() -> int:
     return rank
 
 
+def _divide_on(rank: int) -> float:
+    return 1.0 / (int(os.environ["RANK"]) - rank)
+
+
+def raise_on_rank_one() -> float:
+    """Rank job: rank 1 divides by zero two calls deep; rank 0 returns."""
+    return _divide_on(1)
+
+
+def test_a_raising_ranks_traceback_is_in_the_message() -> None:
+    with pytest.raises(LaunchError) as caught:
+        launch(raise_on_rank_one, 2, timeout=120)
+    text = str(caught.value)
+    assert text.startswith("rank 1 failed: ZeroDivisionError: float division by zero")
+    # A CI log shows only the message: it names the function and line that raised.
+    tail = text.split("rank 1's traceback:\n", 1)[1]
+    assert 'in _divide_on\n      return 1.0 / (int(os.environ["RANK"]) - rank)' in tail
+    assert "in raise_on_rank_one" in tail
+
+
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_a_rank_starts_with_the_parents_environment_and_output(
     method: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]

@@ -69,8 +69,17 @@ class LaunchError(RuntimeError):
         super().__init__(
             f"rank {root.rank} failed: {root.kind}: {root.message}"
             + (f"\nthen{others}" if others else "")
+            + _where(root)
         )
         self.root = root
+
+
+def _where(failure: RankFailure, lines: int = 40) -> str:
+    """The failed rank's traceback (its last lines), so a log shows where it raised."""
+    tail = failure.traceback.rstrip().splitlines()[-lines:]
+    if not tail:
+        return ""
+    return f"\nrank {failure.rank}'s traceback:\n" + "\n".join("  " + t for t in tail)
 
 
 def free_port() -> int:
