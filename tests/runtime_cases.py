@@ -31,6 +31,7 @@ class Case:
     steps: int
     per_microbatch: int = 2
     chunks: int = 2  # model chunks per rank of an interleaved schedule
+    lead: int = 1  # 2BW's forwards each rank runs ahead of the next
 
     @property
     def batch(self) -> int:
@@ -113,6 +114,7 @@ def case_pipeline(case: Case, **extra: Any) -> Pipeline:
         schedule=case.schedule,
         partition=case.bounds,
         chunks=case.chunks,
+        lead=case.lead,
     )
     return Pipeline(
         build_model(case), nn.functional.mse_loss, lambda p: make_optimizer(case, p), cfg, **extra

@@ -55,8 +55,11 @@ def test_2bw_equals_its_update_rule(pools: PoolFor, stages: int, optimizer: str)
 
 @st.composite
 def cases(draw: st.DrawFn) -> rc.Case:
-    """Random small MLPs on 1-4 stages, random partitions, M >= S - 1, SGD and Adam."""
-    return rc.draw_case(draw, ["2bw"], min_m=lambda s: max(1, s - 1), max_m=6, max_steps=5)
+    """Random small MLPs on 1-4 stages, random partitions, lead 1 or 2, M >= lead x (S - 1),
+    SGD and Adam."""
+    lead = draw(st.sampled_from([1, 2]))
+    case = rc.draw_case(draw, ["2bw"], min_m=lambda s: max(1, lead * (s - 1)), max_m=6, max_steps=5)
+    return replace(case, lead=lead)
 
 
 @pytest.mark.multiprocess
@@ -67,8 +70,8 @@ def cases(draw: st.DrawFn) -> rc.Case:
 def test_2bw_equals_its_update_rule_hypothesis(
     pools: PoolFor, case: rc.Case, flush_every: int
 ) -> None:
-    """Any stages, partition, M >= S - 1, optimizer; drained every ``flush_every`` steps (0:
-    only at the end): a drain ends the stream, the rule goes on."""
+    """Any stages, partition, lead, M >= lead x (S - 1), optimizer; drained every
+    ``flush_every`` steps (0: only at the end): a drain ends the stream, the rule goes on."""
     ranks = pools(len(case.bounds) - 1).run(tc.train_pipelined, case, flush_every, timeout=120)
     rc.assert_matches_reference(case, ranks, reference=tc.train_reference(case))
 

@@ -330,6 +330,6 @@ def _stream_of(schedule: Schedule) -> Schedule:
     any other schedule as it is."""
     if schedule.name != "2bw":
         return schedule
-    from .twobw import unrolled
+    from .twobw import lead_of, unrolled
 
-    return unrolled(schedule.num_stages, schedule.microbatches, 2)
+    return unrolled(schedule.num_stages, schedule.microbatches, 2, lead_of(schedule))

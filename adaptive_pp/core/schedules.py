@@ -18,6 +18,8 @@ GPipe runs every forward first, then every backward, so stage s stashes all M ac
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
@@ -101,14 +103,27 @@ def _one_f_one_b_order(warmup: int, ids: Ints) -> tuple[str, Ints]:
 
 
 @_gc_paused
-def one_f_one_b(num_stages: int, microbatches: int) -> Schedule:
-    """Non-interleaved 1F1B: min(S-s-1, M) warm-up forwards, then alternate F and B, then drain."""
+def one_f_one_b(
+    num_stages: int, microbatches: int, warmups: Sequence[int] | None = None
+) -> Schedule:
+    """Non-interleaved 1F1B: min(S-s-1, M) warm-up forwards (or ``warmups[s]``, at most M and
+    each below the one before unless both are M: the plan's order needs that), then alternate
+    F and B, then drain."""
     _check_sizes(num_stages, microbatches)
-    warmups = [min(num_stages - s - 1, microbatches) for s in range(num_stages)]
+    if warmups is None:
+        warmups = [min(num_stages - s - 1, microbatches) for s in range(num_stages)]
+    elif len(warmups) != num_stages or not all(
+        0 <= b < a or b == a == microbatches
+        for a, b in itertools.pairwise([microbatches + 1, *warmups])
+    ):
+        raise ValueError(
+            f"1F1B warm-ups must be at most M={microbatches} and fall down the ranks: "
+            f"{list(warmups)}"
+        )
     ids = np.arange(microbatches)
     kinds, mbs = zip(*(_one_f_one_b_order(w, ids) for w in warmups), strict=True)
     sched = Schedule.generated(Rows(kinds, mbs), microbatches, "1f1b")
-    return hand_over(sched, partial(_plan_1f1b, num_stages, microbatches, warmups))
+    return hand_over(sched, partial(_plan_1f1b, num_stages, microbatches, list(warmups)))
 
 
 def _plan_1f1b(num_stages: int, m: int, warmups: list[int]) -> Compiled:
@@ -129,13 +144,18 @@ def _plan_1f1b(num_stages: int, m: int, warmups: list[int]) -> Compiled:
     return _planned(num_stages, split, 2 * m, streams, queues, links, keys, peaks, False)
 
 
-def make_schedule(name: str, num_stages: int, microbatches: int, chunks: int = 2) -> Schedule:
+def make_schedule(
+    name: str, num_stages: int, microbatches: int, chunks: int = 2, *, lead: int = 1
+) -> Schedule:
     """Build a schedule by name (see SIMULATED_SCHEDULE_NAMES); ``chunks`` is V of interleaved
-    (zb-v always has 2 chunks per rank).
+    (zb-v always has 2 chunks per rank); ``lead``: 2BW's forwards each rank runs ahead of the
+    next (see core.twobw; 1 for every other schedule).
 
     Only SCHEDULE_NAMES run on the runtime today; the others are for validation and simulation.
     """
     key = name.lower().replace("-", "").replace("_", "")
+    if lead != 1 and key != "2bw":
+        raise ValueError(f"lead={lead} is for 2bw only (the schedule is {name})")
     if key == "1f1b":
         return one_f_one_b(num_stages, microbatches)
     if key == "gpipe":
@@ -149,7 +169,9 @@ def make_schedule(name: str, num_stages: int, microbatches: int, chunks: int = 2
     if key == "2bw":  # one step's window of the unflushed stream (core.twobw)
         from .twobw import NAME, window
 
-        stages = tuple(window(num_stages, microbatches, s, spill=True) for s in range(num_stages))
+        stages = tuple(
+            window(num_stages, microbatches, s, spill=True, lead=lead) for s in range(num_stages)
+        )
         return Schedule(stages, microbatches, NAME)
     raise ValueError(
         f"unknown schedule {name!r}; choose one of {', '.join(SIMULATED_SCHEDULE_NAMES)}"

@@ -22,7 +22,12 @@ class PipelineConfig:
     "interleaved-1f1b" (``chunks`` model chunks per rank; M must be a multiple of the stages),
     "zb-v" (ZB-V: 2 chunks per rank in V placement, split backward; see core.zbv), or "2bw":
     PipeDream-2BW, 1F1B without a flush between steps, each step's micro-batches on the
-    weights of two steps back (see runtime.twobw; M >= stages - 1)."""
+    weights of two steps back (see runtime.twobw; M >= lead x (stages - 1))."""
+    lead: int = 1
+    """"2bw" only: forwards each rank runs ahead of the next (its warm-up is lead x (S-1-s)).
+    1: PipeDream-2BW's order, the fewest activations in flight (S - s); each hop's latency then
+    adds to the step. 2: a message has one action's time to arrive, so hops are hidden, for
+    about twice the activations in flight (2(S-1-s) + 1). Same numbers trained either way."""
     chunks: int = 2
     """V, the model chunks (virtual stages) per rank of "interleaved-1f1b" (virtual stage
     v = chunk * S + rank: the S*V ranges of the partition loop over the ranks); "zb-v" holds 2
@@ -74,6 +79,10 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule)
+        if isinstance(self.lead, bool) or not isinstance(self.lead, int) or self.lead < 1:
+            raise ValueError(f"lead must be an int >= 1, got {self.lead!r}")
+        if self.lead != 1 and self.schedule != "2bw":
+            raise ValueError(f"lead={self.lead} is for schedule='2bw' only, not {self.schedule!r}")
         if self.schedule == "2bw" and self.activation_checkpointing:
             raise ValueError(
                 "2bw with activation_checkpointing is not supported: a spilled backward would "
@@ -89,8 +98,10 @@ class PipelineConfig:
             )
         if self.checkpoint_keep < 1:
             raise ValueError(f"checkpoint_keep must be >= 1, got {self.checkpoint_keep}")
-        if self.stages and self.chunks_per_rank() > 1:  # M % S, checked now if S is known
-            make_schedule(self.schedule, self.stages, self.microbatches, self.chunks)
+        if self.stages and (self.chunks_per_rank() > 1 or self.lead > 1):  # M, if S is known
+            make_schedule(
+                self.schedule, self.stages, self.microbatches, self.chunks, lead=self.lead
+            )
 
     def chunks_per_rank(self) -> int:
         """V: model chunks per rank (``chunks`` for a chunked schedule, else 1)."""

@@ -65,6 +65,8 @@ class LocalStage:
         self.pre, self.post = pre, post
         self.factory = factory
         self.schedule_name = config.schedule
+        #: 2BW's forwards ahead of the next rank (core.twobw; 1 for flushed schedules).
+        self.lead = config.lead
         self.recv_timeout = config.recv_timeout
         self.device = device
         #: V: model chunks (virtual stages) per rank.
@@ -150,7 +152,9 @@ class LocalStage:
         #: PipeDream-2BW's weight versions and stream position (None: a flushed schedule).
         self.stream: AsyncState | None = None
         if self.schedule_name == twobw.NAME:
-            self.stream = AsyncState(WeightVersions(named_params(self.modules()), stage))
+            self.stream = AsyncState(
+                WeightVersions(named_params(self.modules()), stage), lead=self.lead
+            )
 
     # --- reading --------------------------------------------------------------------------
 
@@ -339,6 +343,8 @@ class LocalStage:
         return segments
 
     def _make_schedule(self, microbatches: int) -> Schedule:
-        sched = make_schedule(self.schedule_name, self.num_stages, microbatches, self.num_chunks)
+        sched = make_schedule(
+            self.schedule_name, self.num_stages, microbatches, self.num_chunks, lead=self.lead
+        )
         validate(sched)  # a 2BW window: as the stream it belongs to
         return sched

@@ -53,15 +53,18 @@ def run_window(
     to every peer (slot ``LOSS`` of this round) once its last forward has run."""
     s, num, m = local.stage, local.num_stages, local.microbatches
     t = local.step_count
-    actions = twobw.window(num, m, s, spill=state.spill)
+    actions = twobw.window(num, m, s, spill=state.spill, lead=state.lead)
     leaves = state.versions.leaves(t - 1, f"the forwards of step {t}")
     worker = local.workers[0]
     worker.prepare(
         actions, t - 1, carry=m if state.spill else 0, versions=state.versions.storage_ptrs()
     )
-    # The upstream rank spills one backward more: it takes our last backward's gradient next.
-    last = m - 1 - twobw.warmup(num, m, s)
-    worker.grads_for_next_step = frozenset({last} if s > 0 and last >= 0 else ())
+    # The upstream rank spills more backwards: it takes the gradients of our last ones next.
+    worker.grads_for_next_step = frozenset(
+        range(m - twobw.warmup(num, m, s - 1, state.lead), m - twobw.warmup(num, m, s, state.lead))
+        if s > 0
+        else ()
+    )
     worker.microbatches_of_step = m
     params = state.versions.params
     on = {id(params[n]): leaf for n, leaf in leaves.items()}  # the modules run on W(t-1)
@@ -92,7 +95,7 @@ def run_drain(local: LocalStage, state: AsyncState, t0: float) -> StageLog | Non
         return None
     s, num, m = local.stage, local.num_stages, local.microbatches
     t = local.step_count  # windows run so far
-    actions = twobw.drain(num, m, s)
+    actions = twobw.drain(num, m, s, state.lead)
     worker = local.workers[0]
     worker.prepare(actions, t - 1, carry=m, versions=state.versions.storage_ptrs())
     worker.grads_for_next_step = frozenset()
