@@ -2,15 +2,19 @@
 
 bench_runtime's setup: 16-layer MLP (width 256), batch 64, S = 4 stages of 4 layers, M = 16,
 EMULATED kernels (a real Linear+tanh plus a sleep of 1 ms forward / 2 ms backward per layer,
-standing for accelerator time). Both schedules run on one pool of 4 ranks in alternating rounds;
-each run takes ``--warmup`` untimed steps (2BW's first window has no spilled backwards), then
+standing for accelerator time). 2BW runs twice: with lead 1 (PipeDream-2BW's order, S - s
+activations in flight on stage s) and with lead 2 (``PipelineConfig.lead``: each rank two
+forwards ahead of the next, so a message has an action's time to arrive; 2(S-1-s) + 1
+activations in flight). All three run on one pool of 4 ranks in alternating rounds; each run
+takes ``--warmup`` untimed steps (2BW's first window has no spilled backwards), then
 ``--steps`` steps back to back between two barriers (``common.back_to_back``: no barrier
 between steps, so 2BW's windows may overlap); a run's step time is that wall / steps, and the
 medians over runs are compared. Ideal ratio 2BW / 1F1B = M / (M + S - 1) = 0.84
-(no fill or drain per step); target <= 0.88. Printed next to it: the simulator's steady state
-of a 2BW window (``simulate(make_schedule("2bw", S, M), ...)``: consecutive windows overlap) and
+(no fill or drain per step); target <= 0.88 (for each lead). Printed next to it: the
+simulator's steady state of a 2BW window (``simulate(make_schedule("2bw", S, M), ...)``: consecutive windows overlap) and
 a model of a window whose ranks all start together (what a step that ends with a collective
-on every rank allowed: stage s waits s forwards for its first input). Then each 2BW run's
+on every rank allowed: stage s waits s forwards for its first input), and both leads simulated
+with a hop of ``HOP_S`` (bench_runtime's measured hop). Then each lead-1 2BW run's
 ``pipe.flush()`` is timed (barrier to return, slowest rank): a drain's cost in ms and in steps.
 """
 
@@ -34,18 +38,22 @@ from experiments import bench_runtime as br
 from experiments.common import back_to_back, pool, write_json
 
 NAME = "bench_2bw"
-SCHEDULES = ("2bw", "1f1b")
+#: What runs: (schedule, 2BW lead) by the name the results use.
+SCHEDULES = {"2bw": ("2bw", 1), "2bw-lead2": ("2bw", 2), "1f1b": ("1f1b", 1)}
 TARGET = 0.88
+HOP_S = 0.5e-3  # one hop's latency as bench_runtime measures it (0.44-0.57 ms), simulated
 
 
-def run_job(args: dict[str, Any], schedule: str, warmup: int, steps: int) -> dict[str, Any]:
-    """Rank job: ``warmup`` untimed steps of ``schedule``, ``steps`` back to back (one wall),
-    then a timed ``flush`` (a drain under 2BW).
+def run_job(
+    args: dict[str, Any], schedule: str, warmup: int, steps: int, lead: int = 1
+) -> dict[str, Any]:
+    """Rank job: ``warmup`` untimed steps of ``schedule`` (2BW: with ``lead``), ``steps`` back
+    to back (one wall), then a timed ``flush`` (a drain under 2BW).
 
     Returns this rank's wall per step, losses, the reports' step times and the flush's wall.
     """
     model = br._model(args)
-    cfg = PipelineConfig(microbatches=args["microbatches"], schedule=schedule)
+    cfg = PipelineConfig(microbatches=args["microbatches"], schedule=schedule, lead=lead)
     x, y = br._data(args)
     with Pipeline(
         model, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=1e-3), cfg
@@ -99,6 +107,11 @@ def predictions(args: dict[str, Any]) -> dict[str, float]:
     stream = simulate(make_schedule("2bw", s, m), costs).step_time
     flushed = simulate(make_schedule("1f1b", s, m), costs).step_time
     synced = synced_window_s(s, m, f, b)
+    hop = Costs.build(s, m, f, b, HOP_S)
+    hopped = {
+        lead: simulate(make_schedule("2bw", s, m, lead=lead), hop).step_time for lead in (1, 2)
+    }
+    hopped_flushed = simulate(make_schedule("1f1b", s, m), hop).step_time
     return {
         "2bw_stream_s": stream,
         "2bw_synced_window_s": synced,
@@ -107,6 +120,10 @@ def predictions(args: dict[str, Any]) -> dict[str, float]:
         "ratio_synced_window": synced / flushed,
         "ideal": m / (m + s - 1),
         "drain_s": (s - 1) * b,
+        "hop_s": HOP_S,
+        "with_hop_2bw_s": hopped[1],
+        "with_hop_2bw_lead2_s": hopped[2],
+        "with_hop_1f1b_s": hopped_flushed,
     }
 
 
@@ -127,8 +144,9 @@ def main() -> None:
     flushes: list[float] = []
     with pool(args["stages"]) as workers:
         for rnd in range(ns.rounds):
-            for kind in SCHEDULES if rnd % 2 == 0 else SCHEDULES[::-1]:
-                ranks = workers.run(run_job, args, kind, ns.warmup, ns.steps, timeout=600)
+            for kind in list(SCHEDULES)[:: 1 if rnd % 2 == 0 else -1]:
+                schedule, lead = SCHEDULES[kind]
+                ranks = workers.run(run_job, args, schedule, ns.warmup, ns.steps, lead, timeout=600)
                 walls[kind].append(ranks[0]["per_step"])
                 reported[kind] += ranks[0]["step_times"]
                 if kind == "2bw":
@@ -136,7 +154,8 @@ def main() -> None:
             print(f"round {rnd + 1}/{ns.rounds} done", flush=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
     med_reported = {k: statistics.median(v) for k, v in reported.items()}
-    ratio = med["2bw"] / med["1f1b"]
+    ratios = {k: med[k] / med["1f1b"] for k in SCHEDULES if k != "1f1b"}
+    ratio = ratios["2bw"]
     pred = predictions(args)
     flush_s = statistics.median(flushes)
     s, m = args["stages"], args["microbatches"]
@@ -150,18 +169,26 @@ def main() -> None:
     for kind in SCHEDULES:
         runs = ", ".join(f"{w * 1e3:.1f}" for w in walls[kind])
         print(
-            f"{kind:5s} median step {med[kind] * 1e3:7.1f} ms (runs: {runs}; report step_time "
+            f"{kind:9s} median step {med[kind] * 1e3:7.1f} ms (runs: {runs}; report step_time "
             f"{med_reported[kind] * 1e3:7.1f} ms)"
         )
-    print(
-        f"ratio 2bw/1f1b {ratio:.3f} (target <= {TARGET}: {'met' if ratio <= TARGET else 'MISSED'};"
-        f" ideal M/(M+S-1) = {pred['ideal']:.3f})"
-    )
+    for kind, r in ratios.items():
+        print(
+            f"ratio {kind}/1f1b {r:.3f} (target <= {TARGET}: {'met' if r <= TARGET else 'MISSED'};"
+            f" ideal M/(M+S-1) = {pred['ideal']:.3f})"
+        )
     print(
         f"simulator: 2bw window steady state {pred['2bw_stream_s'] * 1e3:.1f} ms vs 1f1b "
         f"{pred['1f1b_s'] * 1e3:.1f} ms -> ratio {pred['ratio_stream']:.3f}; a window with every "
         f"rank starting together {pred['2bw_synced_window_s'] * 1e3:.1f} ms -> ratio "
         f"{pred['ratio_synced_window']:.3f}"
+    )
+    print(
+        f"simulator with a {HOP_S * 1e3:.1f} ms hop: 2bw lead 1 {pred['with_hop_2bw_s'] * 1e3:.1f} ms"
+        f", lead 2 {pred['with_hop_2bw_lead2_s'] * 1e3:.1f} ms, 1f1b "
+        f"{pred['with_hop_1f1b_s'] * 1e3:.1f} ms -> ratios "
+        f"{pred['with_hop_2bw_s'] / pred['with_hop_1f1b_s']:.3f} and "
+        f"{pred['with_hop_2bw_lead2_s'] / pred['with_hop_1f1b_s']:.3f}"
     )
     print(
         f"drain: pipe.flush() {flush_s * 1e3:.1f} ms (median of {len(flushes)}, slowest rank) = "
@@ -175,8 +202,10 @@ def main() -> None:
         "median_report_step_s": med_reported,
         "runs_per_step_s": walls,
         "ratio": ratio,
+        "ratios": ratios,
         "target": TARGET,
         "target_met": ratio <= TARGET,
+        "targets_met": {k: r <= TARGET for k, r in ratios.items()},
         "simulator": pred,
         "flush_s": flushes,
         "flush_median_s": flush_s,

@@ -39,11 +39,13 @@ def test_bench_2bw_quick_writes_ratio_simulator_and_drain(
     assert set(data["median_step_s"]) == set(bench_2bw.SCHEDULES)
     assert all(v > 0 for v in data["median_step_s"].values())
     assert math.isfinite(data["ratio"]) and data["ratio"] > 0
+    assert set(data["ratios"]) == {"2bw", "2bw-lead2"} and data["ratios"]["2bw"] == data["ratio"]
     assert data["flush_median_s"] > 0 and data["flush_steps"] > 0
     sim = data["simulator"]
     s, m = data["setup"]["stages"], data["setup"]["microbatches"]
     assert sim["ratio_stream"] == pytest.approx(m / (m + s - 1))  # equal stages: no bubble
     assert sim["ratio_stream"] < sim["ratio_synced_window"] < 1
+    assert sim["with_hop_2bw_lead2_s"] < sim["with_hop_2bw_s"]  # lead 2 hides the hops
 
 
 def test_synced_window_model_on_the_benchmark_setup() -> None:
