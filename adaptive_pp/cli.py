@@ -46,6 +46,12 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--chunks", "-V", type=int, default=2, help="model chunks per rank (interleaved-1f1b)"
     )
+    p.add_argument(
+        "--lead",
+        type=int,
+        default=1,
+        help="2bw: forwards each rank runs ahead of the next (default 1; 2 hides the hops)",
+    )
     p.add_argument("--tau-f", type=float, default=1.0, help="forward ms per stage (default 1)")
     p.add_argument("--tau-b", type=float, default=2.0, help="backward ms per stage (default 2)")
     p.add_argument(
@@ -75,7 +81,9 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    sched = make_schedule(args.schedule, args.stages, args.microbatches, args.chunks)
+    sched = make_schedule(
+        args.schedule, args.stages, args.microbatches, args.chunks, lead=args.lead
+    )
     costs = Costs.build(
         args.stages,
         args.microbatches,

@@ -31,6 +31,15 @@ def test_simulate_prints_summary_and_timeline(capsys: pytest.CaptureFixture[str]
     assert "stage  1 |" in out
 
 
+def test_simulate_2bw_with_a_lead_hides_the_hops(capsys: pytest.CaptureFixture[str]) -> None:
+    times = {}
+    for lead in (1, 2):
+        argv = ["simulate", "-S", "4", "-M", "6", "--schedule", "2bw", "--tau-c", "0.5", "--json"]
+        assert main([*argv, "--lead", str(lead)]) == 0
+        times[lead] = json.loads(capsys.readouterr().out)["step_time"]
+    assert times[2] == pytest.approx(6 * 3e-3) and times[1] > times[2]
+
+
 def test_simulate_chrome_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "t" / "sim.json"
     assert main(["simulate", "-S", "3", "-M", "5", "--chrome-trace", str(path)]) == 0

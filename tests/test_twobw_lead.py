@@ -139,3 +139,15 @@ def test_moves_and_m_changes_keep_the_lead_and_the_rule(pools: PoolFor) -> None:
     assert ranks[0]["bounds"] == (0, 1, 5, 6) and ranks[0]["m"] == 6
     report = StepReport.from_dict(ranks[0]["report"])
     assert report.peak_stash[0] == 2 * 2 + 1
+
+
+@pytest.mark.parametrize(("lead", "m"), [(1, 3), (2, 6), (2, 7)])
+def test_the_simulated_window_is_a_period_of_the_long_stream(lead: int, m: int) -> None:
+    """At the smallest M a rank's warm-up fills a whole window: the window the simulator
+    reports is past the fill, one of the periods of a long stream (rank 0's window starts)."""
+    s_count, windows = 4, 9
+    costs = Costs.build(s_count, m * windows, 1.0, 2.0, 0.5)
+    starts = simulate(twobw.unrolled(s_count, m, windows, lead), costs).timeline.start[0]
+    periods = [starts[2 * m * (k + 1)] - starts[2 * m * k] for k in range(2, windows - 1)]
+    got = simulate(make_schedule("2bw", s_count, m, lead=lead), Costs.build(4, m, 1.0, 2.0, 0.5))
+    assert min(periods) - 1e-9 <= got.step_time <= max(periods) + 1e-9
