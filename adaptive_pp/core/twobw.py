@@ -98,8 +98,9 @@ def simulate_window(schedule: Schedule, costs: Costs, *, step: int = 0) -> StepR
     """A steady-state step of the stream: the fourth of five windows simulated back to back
     (costs repeat per step; the first windows fill the stream, which at the smallest M takes a
     whole window: rank 0's warm-up is as long as it), its actions by their ids in the window
-    and its times from its first start. Step time and every stage's wall: the longest span of one rank's window (the
-    period at which steps follow each other); compute: the window's action times."""
+    and its times from its first start. Step time and every stage's wall: the longest span of
+    one rank's window (the period at which steps follow each other); compute: the window's
+    action times."""
     from .simulator import Costs as CostsType
     from .simulator import simulate
 
