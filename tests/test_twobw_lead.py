@@ -151,3 +151,14 @@ def test_the_simulated_window_is_a_period_of_the_long_stream(lead: int, m: int) 
     periods = [starts[2 * m * (k + 1)] - starts[2 * m * k] for k in range(2, windows - 1)]
     got = simulate(make_schedule("2bw", s_count, m, lead=lead), Costs.build(4, m, 1.0, 2.0, 0.5))
     assert min(periods) - 1e-9 <= got.step_time <= max(periods) + 1e-9
+
+
+@pytest.mark.multiprocess
+def test_an_m_too_small_for_the_lead_is_refused_and_training_goes_on(pools: PoolFor) -> None:
+    """Lead 2 on 3 stages needs M >= 4: SetMicrobatches(2) is refused on every rank before
+    anything changes, and the run goes on as the rule says."""
+    case = rc.Case(11, (5, 4, 6, 3), (0, 1, 2, 3), 4, "2bw", "sgd", 3, lead=2)
+    ranks = pools(3).run(tc.train_refusing, case, SetMicrobatches(2), 1, timeout=120)
+    for r in ranks:
+        assert "2bw needs M >= 2 x (S - 1) (lead 2)" in r["refusal"] and r["m"] == 4
+    rc.assert_matches_reference(case, ranks, reference=tc.train_reference(case))

@@ -116,3 +116,22 @@ def train_through_checkpoint(
     result = {"losses": losses, **rc.snapshot(pipe)}
     pipe.close()
     return result
+
+
+def train_refusing(case: rc.Case, refused: Decision, at: int) -> dict[str, Any]:
+    """Rank job: ``case`` under 2BW, applying ``refused`` before step ``at`` (it must raise
+    ValueError on every rank and change nothing); losses, the refusal, this stage's snapshot."""
+    pipe = rc.case_pipeline(case)
+    losses, refusal = [], ""
+    for k, (x, y) in enumerate(rc.batches(case)):
+        if k == at:
+            try:
+                pipe.apply(refused)
+            except ValueError as exc:
+                refusal = str(exc)
+        losses.append(pipe.step(x, y).loss)
+    pipe.flush()
+    result = {"losses": losses, "refusal": refusal}
+    result.update(rc.snapshot(pipe))
+    pipe.close()
+    return result
