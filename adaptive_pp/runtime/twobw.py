@@ -9,10 +9,11 @@ W(t+1) from step t's gradients after window t; the others make W(t) from step t-
 window its spill ran in (or after the drain).
 
 Messages: a forward's activation and a backward's gradient carry the version the micro-batch
-ran on, checked on arrival against the receiver's stash (VersionMismatch otherwise). Each
-rank's first backward of the window that is not spilled sends its gradient to a rank that
-spills one more: that rank takes it in its next step, so it is filed under the next round with
-its id there (``StageWorker.grads_for_next_step``); every other message stays in its round.
+ran on, checked on arrival against the receiver's stash (VersionMismatch otherwise). The
+last ``lead`` backwards of its own step a rank runs in a window (ids M - w(s-1) .. M - 1 - w(s),
+w the warm-ups) send their gradients to a rank that spills ``lead`` more: that rank takes them
+in its next step, so they are filed under the next round with their ids there
+(``StageWorker.grads_for_next_step``); every other message stays in its round.
 Between a window and anything but the next window or a drain no round may start: ``Pipeline``
 drains first (moves, M changes, checkpoints, close).
 
