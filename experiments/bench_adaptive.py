@@ -207,7 +207,9 @@ def main() -> None:
     )
     p.add_argument("--quick", action="store_true")
     ns = p.parse_args()
-    m, fwd = (16, 1.0) if not ns.quick else (8, 0.3)
+    # --quick keeps the 1 ms kernels: at 0.3 ms on a loaded 2-core box the 2x stage's layers
+    # read within the noise of the framework's time and the rebalancer rightly keeps still.
+    m, fwd = (16, 1.0) if not ns.quick else (8, 1.0)
     steps = ns.steps if not ns.quick else 30
     rounds = ns.rounds if not ns.quick else 1
     initial = Partition.even(LAYERS, STAGES).bounds

@@ -65,12 +65,14 @@ def test_bench_adaptive_quick_moves_layers_off_the_slow_stage(
     }
     assert data["switch_final_schedules"][0] in ("1f1b", "zb-h1")
     assert data["switch_ratio_vs_torch"] > 0
-    # The rebalancer moves layers off the slow stage, alone or inside the default policy: at
-    # --quick's small kernels (0.3 ms a layer) under a loaded CI box one of the two 30-step runs
-    # may not see the skew through the noise; both missing it is a failure.
+    # The rebalancer moves layers off the slow stage, alone or inside the default policy: under
+    # a loaded CI box one of the two 30-step runs may not see the skew through the noise; both
+    # missing it is a failure. (At 0.3 ms kernels neither did in one fresh-clone CI run, and a
+    # loaded box made it move layers between even stages: any move passed then.)
     runs = data["events"] + data["switch_events"]
+    off = f"from stage {bench_adaptive.SLOW_STAGE} to"
     moves = [e for run in runs for step in run for e in step if e.startswith("moved")]
-    assert moves, runs
+    assert any(off in e for e in moves), (moves, runs)
     assert len(data["steps_to_converge"]) == data["rounds"] == 1
     assert data["ratio_vs_torch"] > 0 and data["ratio_vs_best"] > 0
 
