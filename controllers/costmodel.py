@@ -311,12 +311,15 @@ class CostModel(StageReadings):
         """Each layer's stage under ``part``."""
         return [s for s in range(part.num_stages) for _ in part.layers(s)]
 
-    def predict(self, part: Partition, microbatches: int, schedule: str, hop: float = 0.0) -> float:
-        """Simulated step time of ``part``: each layer's base x the speed of its stage there."""
+    def predict(
+        self, part: Partition, microbatches: int, schedule: str, hop: float = 0.0, lead: int = 1
+    ) -> float:
+        """Simulated step time of ``part``: each layer's base x the speed of its stage there
+        (``lead``: 2BW's)."""
         est, where = self.layers, self.stage_of(part)
         f = [x * self.speed[s] for x, s in zip(est.f, where, strict=True)]
         b = [x * self.speed[s] for x, s in zip(est.b, where, strict=True)]
-        return predict_step_time(part, microbatches, schedule, f, b, hop)
+        return predict_step_time(part, microbatches, schedule, f, b, hop, lead)
 
     def candidates(self, num_stages: int, slack: float, limit: int) -> list[Partition]:
         """Splits whose costliest stage (base x speed) is within ``slack`` of the optimum."""

@@ -306,9 +306,12 @@ class LayerEstimator:
 
 
 @lru_cache(maxsize=256)
-def compiled_schedule(name: str, num_stages: int, microbatches: int) -> tuple[Schedule, Compiled]:
-    """A schedule and its checked form (cached: predictions simulate the same ones often)."""
-    schedule = make_schedule(name, num_stages, microbatches)
+def compiled_schedule(
+    name: str, num_stages: int, microbatches: int, lead: int = 1
+) -> tuple[Schedule, Compiled]:
+    """A schedule and its checked form (cached: predictions simulate the same ones often);
+    ``lead``: 2BW's (see core.twobw)."""
+    schedule = make_schedule(name, num_stages, microbatches, lead=lead)
     return schedule, validate(schedule)
 
 
@@ -319,9 +322,11 @@ def predict_step_time(
     layer_f: Sequence[float],
     layer_b: Sequence[float],
     hop: float = 0.0,
+    lead: int = 1,
 ) -> float:
-    """Simulated step time with per-step layer times spread evenly over micro-batches."""
-    sched, code = compiled_schedule(schedule, partition.num_stages, microbatches)
+    """Simulated step time with per-step layer times spread evenly over micro-batches
+    (``lead``: 2BW's)."""
+    sched, code = compiled_schedule(schedule, partition.num_stages, microbatches, lead)
     tau_f = tuple(
         (math.fsum(layer_f[i] for i in partition.layers(s)) / microbatches,) * microbatches
         for s in range(partition.num_stages)

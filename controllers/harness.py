@@ -227,7 +227,7 @@ def _report(scenario: Scenario, plan: Plan, fwd: list[list[float]], step: int) -
     ]
     tau_b = [[x * ratio for x in row] for row in tau_f]
     hops = (scenario.hop(m),) * (part.num_stages - 1)
-    sched, code = compiled_schedule(plan.schedule, part.num_stages, m)
+    sched, code = compiled_schedule(plan.schedule, part.num_stages, m, plan.lead)
     tau_w = None
     if scenario.action_cost:
         o = scenario.action_cost
@@ -269,7 +269,7 @@ def best_plan(scenario: Scenario, plan: Plan, step: int) -> tuple[Plan, float]:
     """
     fwd = scenario.expected_forward(step, plan.microbatches)
     speeds = scenario.stage_speeds(step, plan.num_stages)
-    best = Plan(Partition.balanced(fwd, plan.num_stages, speeds), plan.microbatches, plan.schedule)
+    best = replace(plan, partition=Partition.balanced(fwd, plan.num_stages, speeds))
     return best, true_step_time(scenario, best, step)
 
 
@@ -286,7 +286,7 @@ def optimal_plan(scenario: Scenario, plan: Plan, step: int, limit: int = 10_000)
     if math.comb(n - 1, stages - 1) > limit:
         raise ValueError(f"{math.comb(n - 1, stages - 1)} splits to try: more than {limit}")
     splits = (Partition((0, *cut, n)) for cut in combinations(range(1, n), stages - 1))
-    plans = (Plan(p, plan.microbatches, plan.schedule) for p in splits)
+    plans = (replace(plan, partition=p) for p in splits)
     return min(plans, key=lambda p: (true_step_time(scenario, p, step), p.partition.bounds))
 
 

@@ -265,7 +265,7 @@ class Rebalancer(Proposer):
 
         def predict(p: Partition) -> float:
             if p.bounds not in times:
-                times[p.bounds] = model.predict(p, plan.microbatches, plan.schedule, hop)
+                times[p.bounds] = model.predict(p, plan.microbatches, plan.schedule, hop, plan.lead)
             return times[p.bounds]
 
         hop = self.config.hop_cost

@@ -213,7 +213,7 @@ class MicrobatchTuner(Proposer):
 
     def stash_bytes(self, plan: Plan, m: int) -> float:
         """Estimated peak activation bytes on one stage when running ``m`` micro-batches."""
-        _, code = compiled_schedule(plan.schedule, plan.num_stages, m)
+        _, code = compiled_schedule(plan.schedule, plan.num_stages, m, plan.lead)
         per_mb = self.config.activation_bytes_per_sample * self.global_batch / m
         return max(code.peak) * per_mb
 

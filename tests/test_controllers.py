@@ -307,6 +307,9 @@ def test_tuner_respects_the_memory_cap() -> None:
     plan = Plan(Partition.even(8, 4), 2)
     assert tuner.stash_bytes(plan, 4) == 64e6
     assert all(tuner.stash_bytes(plan, m) <= 32e6 for m in sets)
+    # 2BW stashes as 1F1B (4 in flight on stage 0 at M=8); with lead 2, 2 x 3 + 1 = 7.
+    assert tuner.stash_bytes(Plan(plan.partition, 8, "2bw"), 8) == 4 * 8e6
+    assert tuner.stash_bytes(Plan(plan.partition, 8, "2bw", 2), 8) == 7 * 8e6
 
 
 def test_tuner_bans_expire_unless_for_good() -> None:

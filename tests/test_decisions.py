@@ -42,7 +42,9 @@ decisions: st.SearchStrategy[Decision] = st.one_of(
 def plans(draw: st.DrawFn) -> Plan:
     sizes = draw(st.lists(st.integers(1, 5), min_size=1, max_size=5))
     m = draw(st.integers(1, 16))
-    return Plan(Partition.from_sizes(sizes), m, draw(st.sampled_from(["1f1b", "gpipe", "zb-h1"])))
+    schedule = draw(st.sampled_from(["1f1b", "gpipe", "zb-h1", "2bw"]))
+    lead = draw(st.integers(1, 3)) if schedule == "2bw" else 1
+    return Plan(Partition.from_sizes(sizes), m, schedule, lead)
 
 
 @given(decisions)
@@ -75,9 +77,22 @@ def test_apply_gives_a_valid_plan_or_a_clear_error(plan: Plan, d: Decision) -> N
         assert new.microbatches == d.microbatches and new.partition == plan.partition
     elif isinstance(d, SetSchedule):
         assert new == Plan(plan.partition, plan.microbatches, d.schedule)
-        assert d.schedule in SCHEDULE_NAMES
+        assert d.schedule in SCHEDULE_NAMES and plan.lead == 1  # a lead is 2BW's only
     else:
         assert new == plan
+    assert new.lead == plan.lead  # a move or an M change keeps 2BW's lead
+
+
+def test_a_plan_carries_2bws_lead_and_no_other_schedule_has_one() -> None:
+    plan = Plan(Partition((0, 3, 6, 9)), 4, "2bw", 2)
+    assert str(plan) == "[0-2 | 3-5 | 6-8] M=4 2bw lead 2"
+    assert plan.to_dict()["lead"] == 2 and "lead" not in Plan(plan.partition, 4).to_dict()
+    assert apply(plan, MoveLayers(1, 0, 1)).lead == apply(plan, SetMicrobatches(8)).lead == 2
+    for bad in (Plan(plan.partition, 4, "1f1b"), Plan(plan.partition, 4, "2bw")):
+        with pytest.raises(ValueError, match="lead must be 1, or an int >= 1 under 2bw"):
+            Plan(bad.partition, 4, bad.schedule, 2 if bad.schedule == "1f1b" else 0)
+    with pytest.raises(ValueError, match="lead must be 1"):
+        apply(plan, SetSchedule("1f1b"))
 
 
 @pytest.mark.parametrize(

@@ -161,4 +161,10 @@ def test_an_m_too_small_for_the_lead_is_refused_and_training_goes_on(pools: Pool
     ranks = pools(3).run(tc.train_refusing, case, SetMicrobatches(2), 1, timeout=120)
     for r in ranks:
         assert "2bw needs M >= 2 x (S - 1) (lead 2)" in r["refusal"] and r["m"] == 4
+        assert r["plan"] == {
+            "bounds": [0, 1, 2, 3],
+            "microbatches": 4,
+            "schedule": "2bw",
+            "lead": 2,
+        }
     rc.assert_matches_reference(case, ranks, reference=tc.train_reference(case))

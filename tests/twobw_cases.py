@@ -131,7 +131,7 @@ def train_refusing(case: rc.Case, refused: Decision, at: int) -> dict[str, Any]:
                 refusal = str(exc)
         losses.append(pipe.step(x, y).loss)
     pipe.flush()
-    result = {"losses": losses, "refusal": refusal}
+    result = {"losses": losses, "refusal": refusal, "plan": pipe.plan.to_dict()}
     result.update(rc.snapshot(pipe))
     pipe.close()
     return result

@@ -9,7 +9,7 @@ JSON-ready dicts for logs and checkpoints. Nothing here touches torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .partition import Partition
@@ -80,15 +80,19 @@ def _check_schedule(name: object, names: tuple[str, ...] = SCHEDULE_NAMES) -> st
 
 @dataclass(frozen=True)
 class Plan:
-    """What the pipeline runs: the partition, micro-batches per step and the schedule name."""
+    """What the pipeline runs: the partition, micro-batches per step, the schedule name and,
+    for 2BW, its lead (forwards each rank runs ahead of the next; see core.twobw)."""
 
     partition: Partition
     microbatches: int
     schedule: str = "1f1b"
+    lead: int = 1
 
     def __post_init__(self) -> None:
         _check_microbatches(self.microbatches)
         _check_schedule(self.schedule, SCHEDULE_NAMES + ASYNC_SCHEDULES)  # 2BW: not a switch
+        if not _is_int(self.lead) or self.lead < 1 or (self.lead != 1 and self.schedule != "2bw"):
+            raise ValueError(f"lead must be 1, or an int >= 1 under 2bw; got {self.lead!r}")
 
     @property
     def num_stages(self) -> int:
@@ -97,11 +101,14 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {
+        out: dict[str, Any] = {
             "bounds": list(self.partition.bounds),
             "microbatches": self.microbatches,
             "schedule": self.schedule,
         }
+        if self.lead != 1:
+            out["lead"] = self.lead
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
@@ -110,10 +117,12 @@ class Plan:
             Partition(tuple(data["bounds"])),
             int(data["microbatches"]),
             str(data.get("schedule", "1f1b")),
+            int(data.get("lead", 1)),
         )
 
     def __str__(self) -> str:
-        return f"[{self.partition}] M={self.microbatches} {self.schedule}"
+        lead = f" lead {self.lead}" if self.lead != 1 else ""
+        return f"[{self.partition}] M={self.microbatches} {self.schedule}{lead}"
 
 
 def apply(plan: Plan, decision: Decision) -> Plan:
@@ -122,15 +131,15 @@ def apply(plan: Plan, decision: Decision) -> Plan:
         return plan
     if isinstance(decision, SetMicrobatches):
         m = _check_microbatches(decision.microbatches)
-        return Plan(plan.partition, m, plan.schedule)
+        return replace(plan, microbatches=m)
     if isinstance(decision, MoveLayers):
         src, dst, count = decision.src, decision.dst, decision.count
         if not (_is_int(src) and _is_int(dst) and _is_int(count)):
             raise ValueError(f"MoveLayers needs int src, dst, count, got {decision!r}")
         # Partition.move checks neighbours, count >= 1 and that src keeps a layer.
-        return Plan(plan.partition.move(src, dst, count), plan.microbatches, plan.schedule)
+        return replace(plan, partition=plan.partition.move(src, dst, count))
     if isinstance(decision, SetSchedule):
-        return Plan(plan.partition, plan.microbatches, _check_schedule(decision.schedule))
+        return replace(plan, schedule=_check_schedule(decision.schedule))
     raise TypeError(f"not a decision: {decision!r}")
 
 

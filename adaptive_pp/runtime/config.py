@@ -28,8 +28,7 @@ class PipelineConfig:
     1: PipeDream-2BW's order, the fewest activations in flight (S - s); each hop's latency then
     adds to the step. 2: a message has one action's time to arrive, so hops are hidden, for
     about twice the activations in flight (2(S-1-s) + 1). Same numbers trained either way.
-    Controllers plan a 2BW run as lead 1: a ``TunerConfig.memory_cap`` estimate leaves out
-    lead 2's extra activations (the reports' ``peak_stash_bytes`` measure them)."""
+    ``Pipeline.plan`` carries it, so controllers plan with it (the tuner's memory estimate)."""
     chunks: int = 2
     """V, the model chunks (virtual stages) per rank of "interleaved-1f1b" (virtual stage
     v = chunk * S + rank: the S*V ranges of the partition loop over the ranks); "zb-v" holds 2

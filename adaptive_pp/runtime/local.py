@@ -179,7 +179,7 @@ class LocalStage:
     @property
     def plan(self) -> Plan:
         """The current partition, micro-batches and schedule."""
-        return Plan(self.partition, self.microbatches, self.schedule.name)
+        return Plan(self.partition, self.microbatches, self.schedule.name, self.lead)
 
     def modules(self) -> dict[str, nn.Module]:
         """Global name -> module of every segment this rank holds ("pre", "layers.3", "post")."""
