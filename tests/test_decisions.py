@@ -77,7 +77,7 @@ def test_apply_gives_a_valid_plan_or_a_clear_error(plan: Plan, d: Decision) -> N
         assert new.microbatches == d.microbatches and new.partition == plan.partition
     elif isinstance(d, SetSchedule):
         assert new == Plan(plan.partition, plan.microbatches, d.schedule)
-        assert d.schedule in SCHEDULE_NAMES and plan.lead == 1  # a lead is 2BW's only
+        assert d.schedule in SCHEDULE_NAMES and plan.schedule != "2bw"  # set at the start
     else:
         assert new == plan
     assert new.lead == plan.lead  # a move or an M change keeps 2BW's lead
@@ -91,8 +91,9 @@ def test_a_plan_carries_2bws_lead_and_no_other_schedule_has_one() -> None:
     for bad in (Plan(plan.partition, 4, "1f1b"), Plan(plan.partition, 4, "2bw")):
         with pytest.raises(ValueError, match="lead must be 1, or an int >= 1 under 2bw"):
             Plan(bad.partition, 4, bad.schedule, 2 if bad.schedule == "1f1b" else 0)
-    with pytest.raises(ValueError, match="lead must be 1"):
-        apply(plan, SetSchedule("1f1b"))
+    for lead in (1, 2):  # from 2bw: refused, by name, whatever its lead
+        with pytest.raises(ValueError, match="cannot switch schedule 2bw -> 1f1b: 2bw"):
+            apply(Plan(plan.partition, 4, "2bw", lead), SetSchedule("1f1b"))
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,13 @@ def apply(plan: Plan, decision: Decision) -> Plan:
         # Partition.move checks neighbours, count >= 1 and that src keeps a layer.
         return replace(plan, partition=plan.partition.move(src, dst, count))
     if isinstance(decision, SetSchedule):
-        return replace(plan, schedule=_check_schedule(decision.schedule))
+        to = _check_schedule(decision.schedule)
+        if plan.schedule in ASYNC_SCHEDULES:
+            raise ValueError(
+                f"cannot switch schedule {plan.schedule} -> {to}: {plan.schedule} (no flush "
+                "between steps) is chosen in PipelineConfig.schedule at the start"
+            )
+        return replace(plan, schedule=to)
     raise TypeError(f"not a decision: {decision!r}")
 
 
