@@ -152,9 +152,7 @@ class LocalStage:
         #: PipeDream-2BW's weight versions and stream position (None: a flushed schedule).
         self.stream: AsyncState | None = None
         if self.schedule_name == twobw.NAME:
-            self.stream = AsyncState(
-                WeightVersions(named_params(self.modules()), stage), lead=self.lead
-            )
+            self.stream = AsyncState(WeightVersions(named_params(self.modules()), stage))
 
     # --- reading --------------------------------------------------------------------------
 

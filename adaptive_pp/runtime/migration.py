@@ -76,7 +76,7 @@ def apply_decision(local: LocalStage, decision: Decision) -> str | None:
             "into that many equal micro-batches"
         )
     # Every rank runs the same checks on the same plan: all change, or all raise alike.
-    _simulate_plan(new, local.num_chunks, local.lead)
+    _simulate_plan(new, local.num_chunks)
     if isinstance(decision, SetMicrobatches):
         local.set_microbatches(decision.microbatches)
         log.info("microbatches.change", old=plan.microbatches, new=decision.microbatches)
@@ -123,7 +123,7 @@ def _agree(local: LocalStage, decision: Decision) -> None:
         )
 
 
-def _simulate_plan(plan: Plan, chunks: int = 1, lead: int = 1) -> None:
+def _simulate_plan(plan: Plan, chunks: int = 1) -> None:
     """Run the simulator on the new plan (unit costs): a schedule that cannot run is refused.
 
     ``chunks``: model chunks per rank (the partition has a range per virtual stage).
@@ -132,7 +132,7 @@ def _simulate_plan(plan: Plan, chunks: int = 1, lead: int = 1) -> None:
 
     s = plan.partition.num_stages // chunks
     simulate(
-        make_schedule(plan.schedule, s, plan.microbatches, chunks, lead=lead),
+        make_schedule(plan.schedule, s, plan.microbatches, chunks, lead=plan.lead),
         Costs.build(s, plan.microbatches, 1.0, 2.0),
     )
 

@@ -54,7 +54,7 @@ def run_window(
     to every peer (slot ``LOSS`` of this round) once its last forward has run."""
     s, num, m = local.stage, local.num_stages, local.microbatches
     t = local.step_count
-    actions = twobw.window(num, m, s, spill=state.spill, lead=state.lead)
+    actions = twobw.window(num, m, s, spill=state.spill, lead=local.lead)
     leaves = state.versions.leaves(t - 1, f"the forwards of step {t}")
     worker = local.workers[0]
     worker.prepare(
@@ -62,7 +62,7 @@ def run_window(
     )
     # The upstream rank spills more backwards: it takes the gradients of our last ones next.
     worker.grads_for_next_step = frozenset(
-        range(m - twobw.warmup(num, m, s - 1, state.lead), m - twobw.warmup(num, m, s, state.lead))
+        range(m - twobw.warmup(num, m, s - 1, local.lead), m - twobw.warmup(num, m, s, local.lead))
         if s > 0
         else ()
     )
@@ -96,7 +96,7 @@ def run_drain(local: LocalStage, state: AsyncState, t0: float) -> StageLog | Non
         return None
     s, num, m = local.stage, local.num_stages, local.microbatches
     t = local.step_count  # windows run so far
-    actions = twobw.drain(num, m, s, state.lead)
+    actions = twobw.drain(num, m, s, local.lead)
     worker = local.workers[0]
     worker.prepare(actions, t - 1, carry=m, versions=state.versions.storage_ptrs())
     worker.grads_for_next_step = frozenset()

@@ -123,8 +123,6 @@ class AsyncState:
     reports whose shares may still be on their way (settled by the next step or the drain)."""
 
     versions: WeightVersions
-    #: Forwards each rank runs ahead of the next (core.twobw.warmup).
-    lead: int = 1
     spill: bool = False
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
     unsettled: list[Settles] = field(default_factory=list)
