@@ -48,6 +48,7 @@ def test_bench_runtime_quick_writes_ratios_and_decomposition(
         assert row["forward_ms"] > 0 and row["backward_ms"] > 0 and row["hop_ms"] >= 0
         assert row["free_comm_step_ms"] > 0 and 0 < row["free_comm_bubble"] < 1
     for sched in ("1f1b", "gpipe"):
+        assert 0 < data["bubble"][sched]["torch"] < 1
         sim = data["simulator"][sched]
         assert sim["predicted_from_measured_durations_s"] > sim["predicted_nominal_s"] > 0
 
@@ -89,9 +90,11 @@ def test_bench_schedules_quick_times_every_configuration_with_torch_zbv(
     data = _run(bench_schedules.main, "bench_schedules", tmp_path, monkeypatch, pools)
     assert set(data["median_step_s"]) == set(bench_schedules.kinds_run())
     assert data["ratios"]["torch_over_torch_1f1b"]["zb-v"] > 0
+    assert 0 < data["ratios"]["ideal_over_1f1b"]["zb-v"] < 1  # fewer idle slots than 1F1B
     zbv = data["actions_ms"]["torch-zb-v"]  # split backward: F, I and W timed, no B
     assert {"F", "I", "W"} <= set(zbv) and "B" not in zbv
     ours = [s for s in bench_schedules.SCHEDULES if s in SCHEDULE_NAMES]
     assert set(data["bubble"]) == set(ours) and "best_over_torch_1f1b" in data["ratios"]
     for s in ours:
         assert data["ratios"][s] > 0 and 0 < data["bubble"][s]["measured"] < 1
+        assert 0 < data["bubble"][s]["torch"] < 1
