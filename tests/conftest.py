@@ -213,6 +213,7 @@ def drive_emulation(mp: pytest.MonkeyPatch, clock: FakeClock) -> FakeClock:
     mp.setattr(emulation, "time", clock)
     mp.setattr(emulation._clock, "woke", 0.0)
     mp.setattr(emulation._clock, "late", 0.0)
+    mp.setattr(emulation._clock, "owed", 0.0)
     return clock
 
 

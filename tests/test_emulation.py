@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from adaptive_pp.core.simulator import W_SHARE
 from adaptive_pp.emulation import kernels as emulation
 from adaptive_pp.emulation.kernels import Emulated, EmulatedFFN, EmulatedLayer, Window
+from adaptive_pp.runtime.splitgrad import phase
 
 
 class _Busy(torch.autograd.Function):
@@ -71,6 +73,27 @@ def test_a_call_takes_the_longer_of_host_work_and_kernel_time(
     assert f == pytest.approx(max(host_f, fwd), abs=1e-12)
     assert b == pytest.approx(max(host_b, 2 * fwd), abs=1e-12)
     assert all(s > 0 for s in clock.slept)  # no zero-length sleeps
+
+
+@settings(max_examples=40)
+@given(host_b=st.floats(0.0, 6e-3), fwd=st.floats(1e-4, 2e-3), layers=st.integers(1, 3))
+def test_an_i_pass_runs_its_host_work_inside_its_windows(
+    host_b: float, fwd: float, layers: int
+) -> None:
+    """Split backward: each layer's I-pass host work (the input-gradient math after the
+    gradient reached its output) runs inside that layer's share of the backward window, one
+    layer after the other, as in a full backward; the pass ends once the last window has."""
+    with pytest.MonkeyPatch.context() as mp:
+        clock = drive_emulation(mp, FakeClock())
+        model = nn.Sequential(*(_Probe(clock, (0.0, host_b), fwd) for _ in range(layers)))
+        x = torch.ones(2, 3, requires_grad=True)
+        y = model(x).sum()
+        t0 = clock.now
+        with phase("I"):
+            torch.autograd.grad(y, x, retain_graph=True)
+        took = clock.now - t0
+    assert took == pytest.approx(layers * max(host_b, (1 - W_SHARE) * 2 * fwd), abs=1e-12)
+    assert emulation._clock.owed == 0.0  # nothing left owed after the pass
 
 
 def test_time_before_the_window_is_not_hidden(fake_clock: FakeClock) -> None:

@@ -16,8 +16,11 @@ autograd computes for the module. A window opened before the thread's last emula
 counts from that wake-up instead, so recomputation under activation checkpointing (a forward
 window inside a backward one) is paid in full. Host work outside any window (the runtime's own:
 sends, receives, bookkeeping) is never hidden. Split backward (zero-bubble schedules, see
-``adaptive_pp.runtime.splitgrad``): the I pass reaches the output but not the anchor, and sleeps
-``1 - W_SHARE`` of the backward from the output; the W pass, which starts at the nodes next to
+``adaptive_pp.runtime.splitgrad``): the I pass reaches the output but not the anchor; its window,
+``1 - W_SHARE`` of the backward from the output, is slept once the layer's input-gradient math
+after the output is done (when the thread's next window opens, or when the pass ends:
+``settle``), so that math runs inside the window like any call's host work (it used to be
+slept at the output, the math after it, unhidden); the W pass, which starts at the nodes next to
 the weights (ours and torch's alike) and so never passes the output again, sleeps ``W_SHARE``
 of it at the anchor counted from the thread's last wake-up (``core.simulator``'s split), so
 I + W = one backward. A W that does start at the output (a segment whose input needs no
@@ -47,7 +50,7 @@ import torch
 from torch import nn
 
 from ..core.simulator import BACKWARD_RATIO, W_SHARE
-from ..runtime.splitgrad import backward_phase
+from ..runtime.splitgrad import backward_phase, on_phase_exit
 
 _PR_SET_TIMERSLACK = 29
 
@@ -58,6 +61,7 @@ class _ThreadClock(threading.local):
     woke = 0.0
     late = 0.0  # running mean of how much later than asked a sleep wakes up
     slack_set = False
+    owed = 0.0  # deadline of an I pass's window not slept yet (0: none)
 
 
 _clock = _ThreadClock()
@@ -72,12 +76,37 @@ def _set_timer_slack() -> None:
 
 
 def sleep_window(opened: float, duration: float) -> None:
-    """Sleep until ``duration`` s after the window ``opened`` (or after this thread last woke)."""
+    """Sleep until ``duration`` s after the window ``opened`` (or after this thread last woke,
+    an owed window slept first)."""
     if duration <= 0:
         return
+    settle()
+    _sleep_until(max(opened, _clock.woke) + duration)
+
+
+def owe_window(opened: float, duration: float) -> None:
+    """A window whose sleep waits for the host work after it: slept when this thread's next
+    window opens, or at ``settle`` (an I pass: the layer's input-gradient math comes after the
+    gradient reached its output, and runs inside the window as every call's host work does)."""
+    if duration <= 0:
+        return
+    settle()
+    _clock.owed = max(opened, _clock.woke) + duration
+
+
+def settle() -> None:
+    """Sleep out the window this thread owes, if any (the end of an I pass)."""
+    if _clock.owed:
+        deadline, _clock.owed = _clock.owed, 0.0
+        _sleep_until(deadline)
+
+
+on_phase_exit(settle)
+
+
+def _sleep_until(deadline: float) -> None:
     if not _clock.slack_set:
         _set_timer_slack()
-    deadline = max(opened, _clock.woke) + duration
     left = deadline - time.perf_counter()
     if left > 0:
         asked = max(left - _clock.late, left / 2)  # aim off by the mean lateness, at most half
@@ -125,7 +154,7 @@ class Window:
         phase = backward_phase()
         if phase == "I":
             self.input_paid = True
-            sleep_window(self.backward_opened, (1.0 - W_SHARE) * self.backward_s)
+            owe_window(self.backward_opened, (1.0 - W_SHARE) * self.backward_s)
         elif not self.anchored:
             sleep_window(self.backward_opened, self._share(phase))
 

@@ -48,11 +48,19 @@ Phase = Literal["I", "W"]
 Grads = tuple[torch.Tensor | None, ...]
 
 _phase: Phase | None = None
+_at_exit: list[Callable[[], None]] = []
 
 
 def backward_phase() -> Phase | None:
     """The split-backward pass running now: "I", "W", or None (full backward, or none)."""
     return _phase
+
+
+def on_phase_exit(fn: Callable[[], None]) -> None:
+    """Call ``fn`` in the calling thread whenever a split-backward pass ends (the emulated
+    kernels sleep out the window an I pass still owes)."""
+    if fn not in _at_exit:
+        _at_exit.append(fn)
 
 
 @contextmanager
@@ -64,6 +72,8 @@ def phase(which: Phase) -> Iterator[None]:
         yield
     finally:
         _phase = before
+        for fn in _at_exit:
+            fn()
 
 
 @dataclass
