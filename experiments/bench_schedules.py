@@ -77,7 +77,7 @@ def _per_action(
                 ms = 1e3 * statistics.median(xs)
                 over = ms + post - nominal[k] / scale
                 row[k] = {"ms": ms, "overhead_ms": over}
-                text.append(f"{k} {ms:5.2f} [{nominal[k] / scale:4.2f}] +{over:4.2f}")
+                text.append(f"{k} {ms:5.2f} [{nominal[k] / scale:4.2f}] {over:+5.2f}")
         if kind.endswith("-1f1b") and "interleaved" not in kind:  # one chunk per rank
             # The delay a waiting consumer saw: its start minus the producer's end (ours post
             # their sends inside the action, torch after it: its posting is in its hop).
