@@ -19,7 +19,7 @@ sends, receives, bookkeeping) is never hidden. Split backward (zero-bubble sched
 ``adaptive_pp.runtime.splitgrad``): the I pass reaches the output but not the anchor; its window,
 ``1 - W_SHARE`` of the backward from the output, is slept once the layer's input-gradient math
 after the output is done (when the thread's next window opens, or when the pass ends:
-``settle``), so that math runs inside the window like any call's host work (it used to be
+``sleep_owed``), so that math runs inside the window like any call's host work (it used to be
 slept at the output, the math after it, unhidden); the W pass, which starts at the nodes next to
 the weights (ours and torch's alike) and so never passes the output again, sleeps ``W_SHARE``
 of it at the anchor counted from the thread's last wake-up (``core.simulator``'s split), so
@@ -80,28 +80,28 @@ def sleep_window(opened: float, duration: float) -> None:
     an owed window slept first)."""
     if duration <= 0:
         return
-    settle()
+    sleep_owed()
     _sleep_until(max(opened, _clock.woke) + duration)
 
 
 def owe_window(opened: float, duration: float) -> None:
     """A window whose sleep waits for the host work after it: slept when this thread's next
-    window opens, or at ``settle`` (an I pass: the layer's input-gradient math comes after the
+    window opens, or at ``sleep_owed`` (an I pass: the layer's input-gradient math comes after the
     gradient reached its output, and runs inside the window as every call's host work does)."""
     if duration <= 0:
         return
-    settle()
+    sleep_owed()
     _clock.owed = max(opened, _clock.woke) + duration
 
 
-def settle() -> None:
+def sleep_owed() -> None:
     """Sleep out the window this thread owes, if any (the end of an I pass)."""
     if _clock.owed:
         deadline, _clock.owed = _clock.owed, 0.0
         _sleep_until(deadline)
 
 
-on_phase_exit(settle)
+on_phase_exit(sleep_owed)
 
 
 def _sleep_until(deadline: float) -> None:
