@@ -40,11 +40,16 @@ if TYPE_CHECKING:
 NAME = "2bw"
 
 
+def check_lead(lead: object) -> None:
+    """ValueError unless ``lead`` is an int >= 1 (not a bool)."""
+    if isinstance(lead, bool) or not isinstance(lead, int) or lead < 1:
+        raise ValueError(f"{NAME}'s lead must be an int >= 1, got {lead!r}")
+
+
 def check(num_stages: int, microbatches: int, lead: int = 1) -> None:
     """ValueError unless every spilled backward lands in the very next step (M >= lead x
     (S - 1)), the condition for the one-step delay of W(t+1) = W(t) - update(grad at W(t-1))."""
-    if isinstance(lead, bool) or not isinstance(lead, int) or lead < 1:
-        raise ValueError(f"{NAME}'s lead must be an int >= 1, got {lead!r}")
+    check_lead(lead)
     if num_stages < 1 or microbatches < max(1, lead * (num_stages - 1)):
         need = "S - 1" if lead == 1 else f"{lead} x (S - 1) (lead {lead})"
         raise ValueError(

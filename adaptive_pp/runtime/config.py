@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..core.partition import Partition
 from ..core.schedules import ASYNC_SCHEDULES, SCHEDULE_NAMES, make_schedule
+from ..core.twobw import check_lead
 
 
 @dataclass(kw_only=True)
@@ -80,8 +81,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule)
-        if isinstance(self.lead, bool) or not isinstance(self.lead, int) or self.lead < 1:
-            raise ValueError(f"lead must be an int >= 1, got {self.lead!r}")
+        check_lead(self.lead)
         if self.lead != 1 and self.schedule != "2bw":
             raise ValueError(f"lead={self.lead} is for schedule='2bw' only, not {self.schedule!r}")
         if self.schedule == "2bw" and self.activation_checkpointing:
